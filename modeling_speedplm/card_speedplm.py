@@ -1,0 +1,53 @@
+"""The model card (README.md) written beside every checkpoint."""
+
+from .configuration_speedplm import SpeedPLMConfig
+
+
+def model_card(config: SpeedPLMConfig, num_parameters: int, repo_id: str = "<checkpoint dir or hub id>",
+               training_summary: str | None = None) -> str:  # fmt: skip
+    switches = ", ".join(
+        name for name, on in [
+            ("U-Net skips", config.unet), (f"{config.value_embeddings} value-embedding tables", config.value_embeddings),
+            ("QK-norm", config.qk_norm), ("x0 mixing", config.x0_mixing),
+            (f"logit soft-cap {config.soft_logit_cap:g}", config.soft_logit_cap),
+            (f"sliding window {config.sliding_window}", config.sliding_window is not None),
+            ("tied embeddings", config.tie_word_embeddings),
+        ] if on
+    )  # fmt: skip
+    return f"""---
+library_name: transformers
+tags: [protein, masked-lm, speedplm, esm2]
+pipeline_tag: fill-mask
+---
+# SpeedPLM protein language model
+
+A masked-language-model encoder over amino-acid sequences (ESM2 vocabulary and tokenizer), trained with
+[speedplm](https://github.com/speedplm/speedplm).
+
+| | |
+|---|---|
+| parameters | {num_parameters:,} ({num_parameters / 1e6:.1f} M) |
+| blocks x hidden | {config.num_hidden_layers} x {config.hidden_size}, {config.num_attention_heads} heads of {config.head_dim} |
+| MLP | ReLU², width {config.intermediate_size} |
+| attention | rotary (theta {config.rope_theta:g}), bidirectional, per-protein document masking |
+| switches | {switches or "none"} |
+| max length | {config.max_position_embeddings} tokens (<cls> and <eos> included) |
+
+## Use
+
+```python
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
+model = AutoModelForMaskedLM.from_pretrained("{repo_id}", trust_remote_code=True)
+batch = tokenizer(["MQIFVKTLTGKTITLEVEPSDTIENVKAKIQDKEGIPPDQQRLIFAGKQLEDGRTLSDYNIQKESTLHLVLRLRGG"], return_tensors="pt")
+logits = model(**batch).logits  # (batch, length, 33)
+```
+
+Several proteins can share one row: pass `document_ids` (protein index per token, -1 on padding); positions and
+the attention mask are derived per protein. Embeddings: `AutoModel.from_pretrained(..., trust_remote_code=True)`
+with `output_hidden_states=True`.
+
+## Training data
+
+{training_summary or "See the training run's config.yaml."}
+"""

@@ -1,0 +1,29 @@
+import pytest
+import torch
+
+from modeling_speedplm import SpeedPLMConfig, SpeedPLMForMaskedLM
+
+# Real proteins (UniProt): human ubiquitin, insulin B chain region, GFP N-terminus, lysozyme C fragment.
+PROTEINS = [
+    "MQIFVKTLTGKTITLEVEPSDTIENVKAKIQDKEGIPPDQQRLIFAGKQLEDGRTLSDYNIQKESTLHLVLRLRGG",
+    "FVNQHLCGSHLVEALYLVCGERGFFYTPKT",
+    "MSKGEELFTGVVPILVELDGDVNGHKFSVSGEGEGDATYGKLTLKFICTTGKLPVPWPTLVTTF",
+    "KVFGRCELAAAMKRHGLDNYRGYSLGNWVCAAKFESNFNTQATNRNTDGSTDYGILQINSRWWCNDG",
+]
+
+
+@pytest.fixture
+def tokenizer():
+    from modeling_speedplm import build_tokenizer
+
+    return build_tokenizer()
+
+
+def randomized_tiny_model(seed: int = 0, **overrides) -> SpeedPLMForMaskedLM:
+    """A tiny model whose zero-initialised projections and scalars are randomised, so every path affects outputs."""
+    torch.manual_seed(seed)
+    model = SpeedPLMForMaskedLM(SpeedPLMConfig.from_preset("tiny", **overrides))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    return model
