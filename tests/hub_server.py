@@ -54,7 +54,7 @@ class Request:
     method: str
     path: str
     endpoint: str | None
-    headers: dict[str, str]
+    headers: dict[str, str]  # names lower-cased
     body_len: int
     status: int = 0
     t: float = field(default_factory=time.monotonic)
@@ -138,7 +138,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             body = self._read_body()
         except ValueError:
             return self._send(413, {"error": "payload too large"})
-        record = Request(self.command, self.path, endpoint, dict(self.headers.items()), len(body))
+        record = Request(self.command, self.path, endpoint, {k.lower(): v for k, v in self.headers.items()}, len(body))
         hub._record(record)
         fault = hub._take_fault(endpoint)
         if fault is not None and fault.hold is not None:

@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 # Network failures worth retrying: the same set huggingface_hub's own http_backoff retries.
 _NETWORK_ERRORS = (httpx2.TimeoutException, httpx2.NetworkError, httpx2.RemoteProtocolError)
+# A Retry-After beyond this is treated as this (a background push must still end within a run's lifetime).
+_MAX_RETRY_AFTER_S = 900.0
 # Snapshot noise that must never reach the Hub.
 _IGNORED = shutil.ignore_patterns(".git", ".cache", "__pycache__", "*.pyc", ".DS_Store")
 
@@ -112,6 +114,8 @@ class HubPusher:
         max_backoff_s: float = 120.0,
         tmp_dir: str | os.PathLike | None = None,
     ):
+        if constants.is_offline_mode():
+            raise HubPushError(f"hub push to {model_id}: HF_HUB_OFFLINE is set; unset it or turn hub.push off")
         token = get_token()
         if not token:
             raise HubPushError(
@@ -292,7 +296,9 @@ class HubPusher:
                         self._last_error = message
                     log.error("%s (gave up after %d retries)", message, attempt)
                     raise HubPushError(f"{message} (gave up after {attempt} retries)") from None
-                delay = min(self.max_backoff_s, max(self.backoff_s * 2**attempt, server_wait or 0.0))
+                # Our backoff is capped; a server's Retry-After is obeyed (up to a sanity bound) even above the cap.
+                backoff = min(self.max_backoff_s, self.backoff_s * 2**attempt)
+                delay = max(backoff, min(server_wait or 0.0, _MAX_RETRY_AFTER_S))
                 attempt += 1
                 with self._lock:
                     self._counts["retries"] += 1
@@ -309,11 +315,11 @@ class HubPusher:
             self._repo_ready = True
         # Fresh operations every attempt: huggingface_hub mutates them and refuses to reuse committed ones.
         prefix = job.path_in_repo.strip("/")
-        operations = [
-            CommitOperationAdd(path_in_repo=f"{prefix}/{rel}" if prefix else rel, path_or_fileobj=str(path))
-            for path in sorted(job.snapshot.rglob("*"))
-            if path.is_file() and (rel := path.relative_to(job.snapshot).as_posix())
-        ]
+        operations = []
+        for path in sorted(job.snapshot.rglob("*")):
+            if path.is_file():
+                rel = path.relative_to(job.snapshot).as_posix()
+                operations.append(CommitOperationAdd(f"{prefix}/{rel}" if prefix else rel, str(path)))
         info = self._api.create_commit(
             self.model_id,
             operations,
