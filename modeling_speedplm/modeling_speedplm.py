@@ -135,6 +135,7 @@ class SpeedPLMPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, training_summary: str | None = None, **kwargs):
         """Weights + config + remote code, plus the tokenizer and a model card, so the folder is self-contained."""
+        os.makedirs(save_directory, exist_ok=True)
         if isinstance(getattr(self, "model", None), SpeedPLMModel):  # auto_map gains AutoModel -> the base model
             custom_object_save(self.model, save_directory, config=self.config)
         super().save_pretrained(save_directory, *args, **kwargs)

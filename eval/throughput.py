@@ -1,0 +1,120 @@
+"""Train-step throughput: SpeedPLM (packed rows) vs transformers' EsmForMaskedLM (padded, as the HF Trainer batches).
+
+    python -m eval.throughput                      # CPU, fp32, esm2-8m-like vs ESM2-8M shape, built-in proteins
+    python -m eval.throughput --json out.json --steps 12 --max-length 512 --rows 8
+
+Both models see real protein length spread from the built-in set: ESM gets `rows` proteins per batch padded to the
+longest (DataCollatorForLanguageModeling with padding=True), SpeedPLM gets `rows` rows of `max-length` tokens with
+several proteins packed per row. tokens/s counts real (non-padding) tokens; each figure is the median of `steps`
+timed train steps (forward, backward, optimizer) after `warmup` untimed ones, measured side by side in one process.
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import EsmConfig, EsmForMaskedLM
+
+from modeling_speedplm import SpeedPLMConfig, SpeedPLMForMaskedLM
+from training.collator import MLMCollator
+from training.data import prepare_builtin
+from training.loader import build_loader
+
+
+def esm_twin(config: SpeedPLMConfig) -> EsmForMaskedLM:
+    """ESM2 at the same hidden size, depth and MLP width (ESM2-8M: 320 x 6, 20 heads, MLP 1280)."""
+    heads = 20 if config.hidden_size % 20 == 0 else config.num_attention_heads
+    return EsmForMaskedLM(EsmConfig(
+        vocab_size=33, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=heads, intermediate_size=config.intermediate_size, max_position_embeddings=1026,
+        position_embedding_type="rotary", pad_token_id=1, mask_token_id=32, token_dropout=False,
+        emb_layer_norm_before=False, attn_implementation="sdpa",
+    ))  # fmt: skip
+
+
+def builtin_train_dir(cache: Path) -> Path:
+    root = cache / "builtin"
+    if not (root / "test" / "manifest.json").exists():
+        prepare_builtin(root, overwrite=True, log=lambda *a: None)
+    return root / "train"
+
+
+def time_steps(model, batches, steps: int, warmup: int) -> tuple[float, int]:
+    """Median seconds per train step and real tokens per step (mean)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+    times, tokens = [], []
+    for i, batch in enumerate(batches[: warmup + steps]):
+        start = time.perf_counter()
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+            tokens.append(int(batch["attention_mask"].sum()))
+    return statistics.median(times), statistics.mean(tokens)
+
+
+def measure(preset: str, rows: int, max_length: int, steps: int, warmup: int, cache: Path) -> list[dict]:
+    torch.manual_seed(0)
+    shard_dir = builtin_train_dir(cache)
+    collator = MLMCollator(mask_rate=0.15, seed=0)
+    n = warmup + steps
+    common = dict(max_length=max_length, tokens_per_micro_batch=rows * max_length, collator=collator, seed=0)
+    packed = [b for b, _ in zip(build_loader(shard_dir, **common), range(n))]
+    padded_iter = build_loader(shard_dir, packing=False, **common)
+    padded = [{k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "labels")}
+              for b, _ in zip(padded_iter, range(n))]  # fmt: skip
+    config = SpeedPLMConfig.from_preset(preset)
+    speedplm = SpeedPLMForMaskedLM(config)
+    speedplm.config._attn_implementation = "sdpa"
+    esm = esm_twin(config)
+    results = []
+    for name, model, batches, layout in [("EsmForMaskedLM (HF)", esm, padded, "padded"),
+                                         ("SpeedPLMForMaskedLM", speedplm, packed, "packed")]:  # fmt: skip
+        seconds, tokens = time_steps(model, batches, steps, warmup)
+        slots = statistics.mean(b["input_ids"].numel() for b in batches[warmup:])
+        results.append(dict(model=name, params_m=round(model.num_parameters() / 1e6, 2), layout=layout,
+                            real_tokens_per_step=round(tokens), padding_waste=round(1 - tokens / slots, 3),
+                            step_s=round(seconds, 3), tokens_per_s=round(tokens / seconds)))  # fmt: skip
+    base = results[0]["tokens_per_s"]
+    for r in results:
+        r["speedup"] = round(r["tokens_per_s"] / base, 2)
+    return results
+
+
+def table(results: list[dict]) -> str:
+    cols = list(results[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in results]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="esm2-8m-like")
+    parser.add_argument("--rows", type=int, default=8, help="rows (ESM: proteins) per batch")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--cache", default="data", help="where the built-in proteins are prepared once")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = measure(args.preset, args.rows, args.max_length, args.steps, args.warmup, Path(args.cache))
+    print(f"train step, CPU fp32, {torch.get_num_threads()} threads, {args.rows} x {args.max_length}, "
+          f"median of {args.steps} steps")  # fmt: skip
+    print(table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,38 @@
+"""Train a SpeedPLM protein language model.
+
+    accelerate launch train_accelerate.py                                   # configs/default.yaml, built-in data
+    accelerate launch train_accelerate.py --config configs/speedrun-133m.yaml train.max_steps=2000 hub.push=true ...
+
+Overrides are `section.key=value` (sections: model, data, train, eval, hub, tracking). Topology and precision come
+from `accelerate launch --config_file accelerate_configs/<topology>.yaml`. Secrets (HF_TOKEN, WANDB_API_KEY) are
+read from the environment only.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from training.config import load_config
+from training.trainer import TrainingStopped, train
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="run recipe (YAML)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=50")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except (ValueError, OSError) as err:
+        parser.exit(2, f"train_accelerate.py: error: {err}\n")
+    try:
+        train(config)
+    except TrainingStopped as stopped:
+        return stopped.code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

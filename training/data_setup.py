@@ -1,0 +1,61 @@
+"""From the run config's data section to this rank's loaders: prepare the built-in set once, then build loaders."""
+
+import logging
+from pathlib import Path
+
+from .collator import EVAL_MASK_RATE, MaskRateSchedule, MLMCollator
+from .config import DataSection, RunConfig
+from .data import prepare_builtin
+from .loader import build_eval_loader as eval_loader_over
+from .loader import build_loader
+
+logger = logging.getLogger("speedplm")
+
+
+def resolve_splits(data: DataSection, accelerator) -> dict[str, Path | None]:
+    """Shard directories per split. "builtin" is prepared once (main process) into `data.cache_dir/builtin`."""
+    if data.train == "builtin":
+        root = Path(data.cache_dir) / "builtin"
+        if accelerator.is_main_process and not (root / "test" / "manifest.json").exists():
+            logger.info("preparing the built-in proteins into %s (once)", root)
+            prepare_builtin(root, overwrite=True, log=logger.info)
+        accelerator.wait_for_everyone()
+        return {name: root / name for name in ("train", "valid", "test")}
+    train = Path(data.train)
+    if (train / "train").is_dir():  # a directory prepared with split fractions: DIR/train, DIR/valid, DIR/test
+        found = {name: train / name if (train / name).is_dir() else None for name in ("train", "valid", "test")}
+    else:
+        found = {"train": train, "valid": None, "test": None}
+    for name in ("valid", "test"):
+        if getattr(data, name):
+            found[name] = Path(getattr(data, name))
+    return found
+
+
+def train_collator(config: RunConfig) -> MLMCollator:
+    data = config.data
+    rate = data.mask_rate
+    if data.mask_rate_end is not None and data.mask_schedule_steps > 0:
+        rate = MaskRateSchedule(data.mask_rate, data.mask_rate_end, data.mask_schedule_steps)
+    return MLMCollator(mask_rate=rate, replace=_replacement(data.replacement), seed=config.train.seed)
+
+
+def build_train_loader(config: RunConfig, shard_dir: Path, rank: int, world: int):
+    return build_loader(
+        shard_dir, max_length=config.data.max_length, tokens_per_micro_batch=config.train.micro_batch_tokens,
+        collator=train_collator(config), rank=rank, world_size=world, seed=config.train.seed,
+        num_workers=config.data.num_workers, global_batch_tokens=config.train.tokens_per_step,
+    )  # fmt: skip
+
+
+def build_eval_loader(config: RunConfig, shard_dir: Path, rank: int, world: int):
+    collator = MLMCollator(mask_rate=config.eval.mask_rate or EVAL_MASK_RATE, replace=_replacement(config.data.replacement),
+                           seed=config.eval.seed)  # fmt: skip
+    return eval_loader_over(
+        shard_dir, max_length=config.data.max_length, tokens_per_micro_batch=config.train.micro_batch_tokens,
+        collator=collator, rank=rank, world_size=world, seed=config.eval.seed,
+    )  # fmt: skip
+
+
+def _replacement(name: str) -> tuple[float, float, float]:
+    return (0.8, 0.1, 0.1) if name == "80/10/10" else (1.0, 0.0, 0.0)

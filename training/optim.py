@@ -1,0 +1,65 @@
+"""Muon for the hidden 2-D matrices, Adam for everything else, each group with its own learning rate.
+
+Why split: Muon's orthogonalised update suits dense hidden matrices; embeddings (sparse rows), the LM head and the
+scalar mixing weights are not matrices acting on a hidden state, so they keep Adam (modded-nanogpt, Jordan et al.).
+"""
+
+import torch
+from transformers.optimization import get_cosine_schedule_with_warmup, get_wsd_schedule
+
+from .config import TrainSection
+
+
+def parameter_groups(model: torch.nn.Module) -> dict[str, list[torch.nn.Parameter]]:
+    """Names are the SpeedPLM module paths; a tied LM head is listed once (as the embedding)."""
+    groups = {"muon": [], "embed": [], "head": [], "scalar": []}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim == 2 and ".layers." in f".{name}":
+            groups["muon"].append(param)
+        elif "embed" in name:
+            groups["embed"].append(param)
+        elif name.endswith("lm_head.weight"):
+            groups["head"].append(param)
+        else:
+            groups["scalar"].append(param)
+    return groups
+
+
+def build_optimizers(model: torch.nn.Module, cfg: TrainSection) -> list[torch.optim.Optimizer]:
+    groups = parameter_groups(model)
+    muon = torch.optim.Muon(
+        groups["muon"], lr=cfg.muon_lr, momentum=cfg.muon_momentum_start, weight_decay=cfg.weight_decay
+    )
+    adam_groups = [
+        {"params": groups["embed"], "lr": cfg.embed_lr},
+        {"params": groups["head"], "lr": cfg.head_lr},
+        {"params": groups["scalar"], "lr": cfg.scalar_lr},
+    ]
+    # betas (0.8, 0.95) and eps 1e-10 as in modded-nanogpt's Adam groups: faster to react than (0.9, 0.999).
+    adam = torch.optim.Adam([g for g in adam_groups if g["params"]], betas=(0.8, 0.95), eps=1e-10)
+    return [muon, adam]
+
+
+def build_schedulers(optimizers, cfg: TrainSection) -> list[torch.optim.lr_scheduler.LambdaLR]:
+    if cfg.schedule == "wsd":
+        decay = max(1, int(cfg.decay_fraction * cfg.max_steps))
+        make = lambda opt: get_wsd_schedule(  # noqa: E731
+            opt, num_warmup_steps=cfg.warmup_steps, num_decay_steps=decay, num_training_steps=cfg.max_steps,
+            decay_type="linear",
+        )  # fmt: skip
+    else:
+        make = lambda opt: get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.max_steps)  # noqa: E731
+    return [make(opt) for opt in optimizers]
+
+
+def muon_momentum(step: int, cfg: TrainSection) -> float:
+    """Linear warmup of Muon's momentum: low momentum early, while gradients change fast."""
+    frac = min(step / max(1, cfg.muon_momentum_warmup_steps), 1.0)
+    return (1 - frac) * cfg.muon_momentum_start + frac * cfg.muon_momentum_end
+
+
+def set_muon_momentum(optimizer: torch.optim.Optimizer, momentum: float) -> None:
+    for group in optimizer.param_groups:
+        group["momentum"] = momentum
