@@ -1,0 +1,368 @@
+"""GPU benchmark of the speedplm kernels: parity, per-kernel time, Newton-Schulz, end-to-end train step.
+
+    python -m eval.gpu_benchmark              # fresh H100/H200 with torch, triton, transformers: < 8 minutes
+    python -m eval.gpu_benchmark --dry-run    # tiny shapes on CPU (Triton interpreter): a smoke test, < 1 minute
+
+Nothing is installed or downloaded. All tables are printed at the end, after the progress log.
+Times are medians (triton.testing.do_bench on CUDA; perf_counter on CPU), compared side by side in one run.
+Shapes are the speedrun-133m ones: hidden 768, MLP 2048, 6 heads x 128, 8 x 8192 = 65536 tokens per step.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import traceback
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="tiny shapes, CPU allowed (Triton interpreter)")
+    parser.add_argument("--skip-e2e", action="store_true", help="skip the model train-step table")
+    parser.add_argument("--e2e-steps", type=int, default=10, help="timed train steps per variant")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak for MFU (default: by GPU)")
+    return parser.parse_args(argv)
+
+
+ARGS = parse_args() if __name__ == "__main__" else parse_args([])
+
+import torch  # noqa: E402  (torch does not import triton; the model's flex-attention import, via torch._dynamo, does)
+
+if ARGS.dry_run and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+import torch.nn.functional as F  # noqa: E402
+
+from modeling_speedplm import kernels_speedplm as K  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+START = time.perf_counter()
+BUDGET_S = 460  # the whole script must finish in < 8 minutes; later sections are skipped past this
+
+
+def log(msg):
+    print(f"[{time.perf_counter() - START:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def shapes(dry: bool) -> dict:
+    if dry:
+        return dict(batch=2, length=16, hidden=32, mlp=48, heads=2, head_dim=16, ns=[(32, 32), (32, 48), (48, 32)])
+    # speedrun-133m; Muon matrices per block: o (768x768), up (2048x768), down (768x2048), qkv (2304x768)
+    return dict(batch=8, length=8192, hidden=768, mlp=2048, heads=6, head_dim=128,
+                ns=[(768, 768), (2048, 768), (768, 2048), (2304, 768)])  # fmt: skip
+
+
+def bench_ms(fn) -> float:
+    """Median milliseconds of fn()."""
+    if CUDA:
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+    fn()
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def compiled(fn):
+    # --dry-run: aot_eager exercises the same tracing (fake kernels, autograd) without inductor's C++ build on CPU.
+    return torch.compile(fn, backend="inductor" if CUDA else "aot_eager", fullgraph=True, dynamic=False)
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
+
+
+def parity_ok(triton_err: float, torch_err: float) -> str:
+    # The Triton kernels round once where the twins round several times: they should never be clearly worse.
+    return "ok" if triton_err <= 2 * torch_err + 1e-3 else "CHECK"
+
+
+def table(title, headers, rows) -> str:
+    cells = [headers] + [[c if isinstance(c, str) else f"{c:.4g}" for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    fmt = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa
+    return "\n".join([f"\n## {title}", fmt(headers), fmt(["-" * w for w in widths])] + [fmt(r) for r in cells[1:]])
+
+
+# ------------------------------------------------------------------------------------------------------ inputs
+
+
+def rotary_tables(position_ids, dim):
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, device=position_ids.device, dtype=torch.float32) / dim))
+    freqs = position_ids[..., None].float() * inv_freq
+    return freqs.cos(), freqs.sin()
+
+
+def protein_lengths(total: int, gen: torch.Generator, max_len: int = 1024) -> list[int]:
+    """Protein-like lengths (log-normal, median ~300 residues, clipped to [30, max_len]) filling `total` tokens."""
+    lengths = []
+    while sum(lengths) < total:
+        n = int(torch.empty(1).log_normal_(mean=5.7, std=0.6, generator=gen).clamp(30, max_len).item())
+        lengths.append(min(n, total - sum(lengths)))
+    return lengths
+
+
+def document_ids(batch, length, gen):
+    """(B, L) document id per token (packed, no padding) and the list of all document lengths."""
+    rows, all_lengths = [], []
+    for _ in range(batch):
+        lengths = protein_lengths(length, gen)
+        rows.append(torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]))
+        all_lengths += lengths
+    return torch.stack(rows), all_lengths
+
+
+def positions(docs):
+    from modeling_speedplm.modeling_speedplm import positions_from
+
+    return positions_from(docs)
+
+
+def qk_fp64(q, k, cos, sin, eps):
+    cos, sin = cos.double()[:, :, None], sin.double()[:, :, None]
+
+    def one(x):
+        x = x.double()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+    return one(q), one(k)
+
+
+def ns_fp64(g, steps=5, coefficients=K.NS_COEFFICIENTS):
+    a, b, c = coefficients
+    x = g.double()
+    tall = x.size(0) > x.size(1)
+    x = x.T if tall else x
+    x = x / x.norm().clamp(min=1e-7)
+    for _ in range(steps):
+        A = x @ x.T
+        x = a * x + (b * A + c * A @ A) @ x
+    return x.T if tall else x
+
+
+# ------------------------------------------------------------------------------------------------------ sections
+
+
+def kernel_sections(s):
+    """(parity rows, timing rows) for linear_relu2 and qk_norm_rotary."""
+    gen = torch.Generator().manual_seed(0)
+    dt, eps = torch.bfloat16, 1e-6
+    n_tok = s["batch"] * s["length"]
+    x = torch.randn(n_tok, s["hidden"], generator=gen).to(DEVICE, dt).requires_grad_()
+    w = (torch.randn(s["mlp"], s["hidden"], generator=gen) * s["hidden"] ** -0.5).to(DEVICE, dt).requires_grad_()
+    g = torch.randn(n_tok, s["mlp"], generator=gen).to(DEVICE, dt)
+    qkv = torch.randn(s["batch"], s["length"], 3, s["heads"], s["head_dim"], generator=gen).to(DEVICE, dt)
+    q, k = (t.requires_grad_() for t in qkv.unbind(2)[:2])
+    docs = document_ids(s["batch"], s["length"], gen)[0].to(DEVICE)
+    cos, sin = rotary_tables(positions(docs), s["head_dim"])
+    gq, gk = (torch.randn(q.shape, generator=gen).to(DEVICE, dt) for _ in range(2))
+
+    log("parity: linear_relu2")
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    y64 = F.relu(x64 @ w64.T).square()
+    ref = (y64, *torch.autograd.grad(y64, (x64, w64), g.double()))
+    errs = []
+    for fn in (K.linear_relu2, K.linear_relu2_reference):
+        y = fn(x, w)
+        errs.append([rel_err(a, b) for a, b in zip((y, *torch.autograd.grad(y, (x, w), g)), ref)])
+    parity = [["linear_relu2", name, *e] for name, *e in zip(("out", "grad x", "grad w"), *errs)]
+    log("parity: qk_norm_rotary")
+    q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+    o64 = qk_fp64(q64, k64, cos, sin, eps)
+    ref = (*o64, *torch.autograd.grad(o64, (q64, k64), (gq.double(), gk.double())))
+    errs = []
+    for fn in (K.qk_norm_rotary, K.qk_norm_rotary_reference):
+        out = fn(q, k, cos, sin, eps)
+        errs.append([rel_err(a, b) for a, b in zip((*out, *torch.autograd.grad(out, (q, k), (gq, gk))), ref)])
+    parity += [["qk_norm_rotary", name, *e] for name, *e in zip(("q out", "k out", "grad q", "grad k"), *errs)]
+
+    timing = []
+    flops = 2 * n_tok * s["hidden"] * s["mlp"]
+    impls = [("triton", K.linear_relu2), ("torch eager", K.linear_relu2_reference),
+             ("torch.compile", compiled(K.linear_relu2_reference))]  # fmt: skip
+    for name, fn in impls:
+        log(f"time: linear_relu2 {name}")
+        fwd = bench_ms(lambda: fn(x.detach(), w.detach()))
+        fb = bench_ms(lambda: torch.autograd.grad(fn(x, w), (x, w), g))
+        timing.append(["linear_relu2", name, fwd, fb, f"{flops / fwd / 1e9:.4g} TFLOP/s",
+                       f"{3 * flops / fb / 1e9:.4g} TFLOP/s"])  # fmt: skip
+    qk_bytes = 4 * q.numel() * q.element_size()  # read q, k; write q, k
+    impls = [("triton", K.qk_norm_rotary), ("torch eager", K.qk_norm_rotary_reference),
+             ("torch.compile", compiled(K.qk_norm_rotary_reference))]  # fmt: skip
+    for name, fn in impls:
+        log(f"time: qk_norm_rotary {name}")
+        fwd = bench_ms(lambda: fn(q.detach(), k.detach(), cos, sin, eps))
+        fb = bench_ms(lambda: torch.autograd.grad(fn(q, k, cos, sin, eps), (q, k), (gq, gk)))
+        timing.append(["qk_norm_rotary", name, fwd, fb, f"{qk_bytes / fwd / 1e6:.4g} GB/s",
+                       f"{2.5 * qk_bytes / fb / 1e6:.4g} GB/s"])  # fmt: skip
+    return parity, timing
+
+
+def newton_schulz_rows(s):
+    rows, parity = [], []
+    compiled_ref = compiled(K.newton_schulz_reference)
+    for shape in s["ns"]:
+        if time.perf_counter() - START > BUDGET_S:
+            break
+        log(f"newton-schulz {shape}")
+        g = torch.randn(*shape, device=DEVICE)
+        ref = ns_fp64(g)
+        tri, tor = K.newton_schulz(g, use_triton=True), K.newton_schulz_reference(g)
+        x = g.bfloat16()
+        x64 = x.double() @ x.double().T
+        parity.append(["xxt", f"{shape[0]}x{shape[1]}", rel_err(K.xxt(x), x64), rel_err(K.xxt_reference(x), x64)])
+        parity.append(["newton_schulz", f"{shape[0]}x{shape[1]}", rel_err(tri, ref), rel_err(tor, ref)])
+        t_tri = bench_ms(lambda: K.newton_schulz(g, use_triton=True))
+        t_ref = bench_ms(lambda: K.newton_schulz_reference(g))
+        t_cmp = bench_ms(lambda: compiled_ref(g))
+        rows.append([f"{shape[0]}x{shape[1]}", t_tri, t_ref, t_cmp, t_ref / t_tri, t_cmp / t_tri])
+    if not ARGS.dry_run and len(rows) == 4:  # one speedrun-133m step: 24 blocks x (o, up, down, qkv)
+        total = [24 * sum(r[i] for r in rows) for i in (1, 2, 3)]
+        rows.append(["24 blocks (1 GPU)", *total, total[1] / total[0], total[2] / total[0]])
+        rows.append(["24 blocks / 8 ranks", *[t / 8 for t in total], total[1] / total[0], total[2] / total[0]])
+    return parity, rows
+
+
+def end_to_end_rows(s) -> tuple[list, list[str]]:
+    """HOOK (lead: adjust to the training loop): train-step tokens/s, MFU and peak memory, kernels on vs off.
+
+    SpeedPLMForMaskedLM(SpeedPLMConfig.from_preset("speedrun-133m", kernels=...)), bf16 autocast, AdamW, packed batches
+    of 8 x 8192 tokens with protein-like documents, 15% of tokens scored, each block compiled (regional torch.compile:
+    one compile serves all 24 blocks). FLOPs per token = 6 * N + 12 * n_layers * hidden * C, N = parameters outside
+    embedding tables (matmul weights), C = attended context = sum(doc_len^2) / tokens (document-masked attention).
+    """
+    import inspect
+
+    import modeling_speedplm.modeling_speedplm as modeling
+    from modeling_speedplm import SpeedPLMConfig, SpeedPLMForMaskedLM
+
+    notes = []
+    if "select_kernels" not in inspect.getsource(modeling):
+        notes.append("the model does not call select_kernels yet: 'triton' and 'torch' rows run the same code")
+    preset, (batch, length) = ("tiny", (2, 64)) if ARGS.dry_run else ("speedrun-133m", (s["batch"], s["length"]))
+    gen = torch.Generator().manual_seed(0)
+    docs, lengths = document_ids(batch, length, gen)
+    docs = docs.to(DEVICE)
+    context = sum(n * n for n in lengths) / sum(lengths)
+    input_ids = torch.randint(4, 24, (batch, length), generator=gen).to(DEVICE)
+    scored = torch.rand(batch, length, generator=gen).to(DEVICE) < 0.15
+    labels = torch.where(scored, input_ids, torch.full_like(input_ids, -100))
+    masked_ids = torch.where(scored, torch.full_like(input_ids, 32), input_ids)
+    peak = ARGS.peak_tflops or (989.0 if CUDA and any(n in torch.cuda.get_device_name() for n in ("H100", "H200"))
+                                else None)  # fmt: skip
+    rows = []
+    for kernels in ("torch", "triton"):
+        if time.perf_counter() - START > BUDGET_S - (20 if ARGS.dry_run else 120):
+            notes.append(f"kernels={kernels}: skipped, time budget")
+            continue
+        log(f"end-to-end: kernels={kernels}")
+        try:
+            rows.append(train_step_row(preset, kernels, batch, length, (masked_ids, docs, labels), context, peak))
+        except Exception as e:  # e.g. out of memory: keep the other rows and the tables
+            traceback.print_exc()
+            notes.append(f"kernels={kernels}: failed: {e!r}"[:300])
+        if CUDA:
+            torch.cuda.empty_cache()
+        torch._dynamo.reset()
+    if not ARGS.dry_run:
+        rows += [["SpeedrunningPLMs 1xH100 (published)", "275,900", "", "", "", ""],
+                 ["SpeedrunningPLMs 1xH200 (published)", "327,680", "", "", "", ""]]  # fmt: skip
+    return rows, notes
+
+
+def train_step_row(preset, kernels, batch, length, inputs, context, peak):
+    from modeling_speedplm import SpeedPLMConfig, SpeedPLMForMaskedLM
+
+    masked_ids, docs, labels = inputs
+    config = SpeedPLMConfig.from_preset(preset, kernels=kernels, max_position_embeddings=1024)
+    config._attn_implementation = "flex_attention" if CUDA else "sdpa"
+    torch.manual_seed(0)
+    model = SpeedPLMForMaskedLM(config).to(DEVICE).train()
+    n_matmul = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
+    if CUDA:
+        for block in model.model.layers:
+            block.compile()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=CUDA)
+
+    def step():
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=CUDA):
+            loss = model(input_ids=masked_ids, document_ids=docs, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3 if CUDA else 1):  # compile + warm-up
+        step()
+    if CUDA:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(ARGS.e2e_steps if CUDA else 2):
+        t0 = time.perf_counter()
+        step()
+        if CUDA:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    tokens_s = batch * length / statistics.median(times)
+    flops_token = 6 * n_matmul + 12 * config.num_hidden_layers * config.hidden_size * context
+    mfu = f"{100 * tokens_s * flops_token / (peak * 1e12):.1f}%" if peak else "n/a"
+    memory = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}" if CUDA else "n/a"
+    return [kernels, f"{tokens_s:,.0f}", f"{flops_token / 1e9:.3f}", mfu, memory, f"{context:.0f}"]
+
+
+def guarded(name, fn, empty, notes):
+    """Run one section; on failure keep going so the other tables still print."""
+    try:
+        return fn()
+    except Exception as e:
+        traceback.print_exc()
+        notes.append(f"{name} failed: {e!r}"[:300])
+        return empty
+
+
+def main():
+    s = shapes(ARGS.dry_run)
+    if not CUDA and not ARGS.dry_run:
+        sys.exit("no CUDA device: run with --dry-run for the CPU smoke test")
+    device_name = torch.cuda.get_device_name() if CUDA else "cpu (Triton interpreter)"
+    log(f"device {device_name}; torch {torch.__version__}; triton available: {K.HAS_TRITON}")
+    notes = []
+    parity, timing = guarded("kernels", lambda: kernel_sections(s), ([], []), notes)
+    ns_parity, ns_rows = guarded("newton-schulz", lambda: newton_schulz_rows(s), ([], []), notes)
+    e2e, e2e_notes = ([], ["end-to-end skipped (--skip-e2e)"]) if ARGS.skip_e2e else guarded(
+        "end-to-end", lambda: end_to_end_rows(s), ([], []), notes)  # fmt: skip
+    notes += e2e_notes
+    n_tok = s["batch"] * s["length"]
+    out = [f"# speedplm GPU benchmark on {device_name} ({'dry run, tiny shapes' if ARGS.dry_run else 'speedrun-133m'})"]
+    out.append(table(f"Parity: max |err| / max |fp64 reference|, bf16 inputs (linear {n_tok}x{s['hidden']} @ "
+                     f"{s['mlp']}x{s['hidden']}.T; q, k {s['batch']}x{s['length']}x{s['heads']}x{s['head_dim']})",
+                     ["kernel", "tensor", "triton", "torch twin", "ok"],
+                     [r + [parity_ok(r[2], r[3])] for r in parity + ns_parity]))  # fmt: skip
+    compile_note = "" if CUDA else "; dry run: torch.compile with backend aot_eager"
+    out.append(table(f"Per-kernel time, median ms{compile_note}",
+                     ["kernel", "impl", "fwd ms", "fwd+bwd ms", "fwd throughput", "fwd+bwd throughput"], timing))
+    out.append(table(f"Newton-Schulz, 5 steps bf16, median ms (xxt = Triton symmetric products){compile_note}",
+                     ["matrix", "xxt", "torch", "torch.compile", "speedup vs torch", "vs compile"], ns_rows))
+    out.append(table("End-to-end train step (bf16 autocast, AdamW, regional torch.compile)",
+                     ["kernels", "tokens/s", "GFLOP/token", "MFU", "peak GiB", "attended ctx"], e2e))
+    out += [f"note: {n}" for n in notes]
+    out.append(f"\ntotal {time.perf_counter() - START:.0f} s")
+    print("\n".join(out), flush=True)
+    bad = [r for r in parity + ns_parity if parity_ok(r[2], r[3]) != "ok"]
+    return 1 if notes_failed(notes) or bad or not parity else 0
+
+
+def notes_failed(notes) -> bool:
+    return any("failed" in n for n in notes)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Packed loader: packing, rank/epoch layout, exact resume with workers (training/loader.py)."""
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from training.collator import MLMCollator
+from training.data import prepare, prepare_builtin
+from training.loader import build_eval_loader, build_loader, pack_best_fit
+from training.sources import builtin_dir
+from training.validate import CLS, EOS
+
+N_PROTEINS, MAX_LEN, ROWS = 180, 128, 2  # 180 real proteins -> 44 batches per rank and epoch at world size 2
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory):
+    """The first 180 proteins of the aaanalysis SEQ_LOCATION benchmark (real UniProt sequences)."""
+    d = tmp_path_factory.mktemp("small")
+    with open(builtin_dir() / "SEQ_LOCATION.tsv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))[:N_PROTEINS]
+    with open(d / "proteins.tsv", "w", encoding="utf-8") as f:
+        f.write("entry\tsequence\n" + "".join(f"{r['entry']}\t{r['sequence']}\n" for r in rows))
+    prepare([str(d / "proteins.tsv")], d / "shards", log=lambda *a: None)
+    return d / "shards"
+
+
+def loader(shards, rank=0, workers=0, **kw):
+    return build_loader(shards, max_length=MAX_LEN, tokens_per_micro_batch=ROWS * MAX_LEN, rank=rank, world_size=2,
+                        seed=7, num_workers=workers, collator=MLMCollator(seed=3), **kw)  # fmt: skip
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def proteins_of(batch) -> list[tuple]:
+    """Each protein of a batch as its original token tuple (masked positions restored from the labels)."""
+    ids = torch.where(batch["labels"] != -100, batch["labels"], batch["input_ids"])
+    out = []
+    for r in range(ids.shape[0]):
+        doc = batch["document_ids"][r]
+        for k in range(int(doc.max()) + 1):
+            out.append(tuple(ids[r][doc == k].tolist()))
+    return out
+
+
+def test_pack_best_fit_places_every_item_once_within_capacity():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 1025, size=5000)
+    order, offsets = pack_best_fit(lengths, 1024)
+    assert sorted(order.tolist()) == list(range(5000))
+    fill = np.add.reduceat(lengths[order], offsets[:-1])
+    assert fill.max() <= 1024
+    assert 1 - lengths.sum() / (1024 * len(fill)) < 0.03
+    with pytest.raises(ValueError):
+        pack_best_fit([1025], 1024)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_state_restore_gives_identical_batches_across_epoch_boundary(small_shards, workers):
+    for rank in (0, 1):
+        first = loader(small_shards, rank, workers)
+        assert first.batches_per_epoch() == 44  # so batches 40..47 cross into epoch 1
+        it = iter(first)
+        take(it, 40)
+        state = first.state_dict()
+        expected = take(it, 8)
+        assert first.epoch == 1 and state["epoch"] == 0 and state["batch"] == 40
+        resumed = loader(small_shards, rank, workers)
+        resumed.load_state_dict(state)
+        got = take(iter(resumed), 8)
+        for a, b in zip(expected, got):
+            assert a.keys() == b.keys()
+            for key in a:
+                assert torch.equal(a[key], b[key]), (rank, workers, key)
+
+
+def test_workers_do_not_change_the_stream(small_shards):
+    a = take(iter(loader(small_shards, 1, 0)), 6)
+    b = take(iter(loader(small_shards, 1, 2)), 6)
+    assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+
+
+def test_ranks_get_disjoint_proteins_and_epochs_reshuffle(small_shards):
+    seen = []
+    for rank in (0, 1):
+        ld = loader(small_shards, rank)
+        seen.append([p for batch in take(iter(ld), ld.batches_per_epoch()) for p in proteins_of(batch)])
+    assert not set(seen[0]) & set(seen[1])
+    assert len(set(seen[0])) == len(seen[0])  # each protein at most once per epoch
+    assert len(seen[0]) + len(seen[1]) >= 0.95 * N_PROTEINS  # only the incomplete last round is dropped
+    ld = loader(small_shards, 0)
+    it = iter(ld)
+    e0 = take(it, ld.batches_per_epoch())
+    e1 = take(it, 3)
+    assert not torch.equal(e0[0]["input_ids"], e1[0]["input_ids"])  # new order (and crops) each epoch
+
+
+def test_rows_are_full_packed_sequences(small_shards):
+    batch = next(iter(loader(small_shards)))
+    assert batch["input_ids"].shape == (ROWS, MAX_LEN)
+    ids, pos, doc = batch["input_ids"], batch["position_ids"], batch["document_ids"]
+    starts = (pos == 0) & (doc >= 0)
+    assert (ids[starts] == CLS).all() and (ids[(pos > 0) & (doc >= 0)] != CLS).all()  # position 0 <=> <cls>
+    assert batch["attention_mask"].sum() > 0.9 * ROWS * MAX_LEN
+    for r in range(ROWS):
+        real = doc[r] >= 0
+        assert (ids[r][real] != 1).all() and (ids[r][~real] == 1).all()
+        ends = (doc[r][1:] != doc[r][:-1]) & real[:-1]
+        assert (ids[r][:-1][ends] == EOS).all()  # every protein, cropped or not, ends with <eos>
+
+
+def test_eval_loader_is_finite_repeatable_and_covers_everything(small_shards):
+    kw = dict(max_length=MAX_LEN, tokens_per_micro_batch=ROWS * MAX_LEN, world_size=2,
+              collator=MLMCollator(mask_rate=0.15, seed=1))  # fmt: skip
+    covered = []
+    for rank in (0, 1):
+        ev = build_eval_loader(small_shards, rank=rank, **kw)
+        first, second = list(ev), list(ev)
+        assert len(first) == len(second) == len(ev)
+        assert all(torch.equal(a[k], b[k]) for a, b in zip(first, second) for k in a)  # identical masks
+        covered += [p for batch in first for p in proteins_of(batch) if len(p) > 2]
+    assert len(covered) == N_PROTEINS == len(set(covered))
+
+
+def test_padded_mode_one_protein_per_row(small_shards):
+    ev = build_eval_loader(small_shards, max_length=MAX_LEN, tokens_per_micro_batch=4 * MAX_LEN, packing=False,
+                           collator=MLMCollator(mask_rate=0.15))  # fmt: skip
+    batch = next(iter(ev))
+    longest = int(batch["attention_mask"].sum(1).max())
+    assert batch["input_ids"].shape == (4, longest) and longest <= MAX_LEN
+    assert set(batch["document_ids"].unique().tolist()) <= {-1, 0}
+    assert ev.packing_stats()["padding_waste"] > 0
+
+
+def test_global_batch_sets_grad_accumulation(small_shards):
+    ld = loader(small_shards, global_batch_tokens=8 * ROWS * MAX_LEN)
+    assert ld.grad_accum_steps == 4
+    with pytest.raises(ValueError, match="multiple"):
+        loader(small_shards, global_batch_tokens=3 * MAX_LEN)
+    state = ld.state_dict()
+    with pytest.raises(ValueError, match="seed"):
+        build_loader(small_shards, max_length=MAX_LEN, tokens_per_micro_batch=ROWS * MAX_LEN, world_size=2,
+                     seed=8, collator=MLMCollator()).load_state_dict(state)  # fmt: skip
+
+
+def test_builtin_padding_waste_under_two_percent(tmp_path):
+    prepare_builtin(tmp_path, log=lambda *a: None)
+    ld = build_loader(tmp_path / "train", max_length=1024, tokens_per_micro_batch=8 * 1024, collator=MLMCollator())
+    stats = ld.packing_stats()
+    assert stats["padding_waste"] < 0.02 and stats["cropped_proteins"] > 0
+
+
+def test_too_little_data_for_one_round_is_an_error(small_shards):
+    ld = build_loader(small_shards, max_length=MAX_LEN, tokens_per_micro_batch=100 * MAX_LEN, world_size=2,
+                      collator=MLMCollator())  # fmt: skip
+    with pytest.raises(ValueError, match="too little data"):
+        next(iter(ld))

@@ -1,0 +1,188 @@
+"""Sources -> validation -> shards -> report.json (training/data.py, sources.py, shards.py) on the fixture set."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from training.data import builtin_attribution, hash_bucket, main, prepare, prepare_builtin
+from training.shards import ShardError, ShardSet
+from training.validate import UNK, ValidationPolicy, decode
+
+FIX = Path(__file__).parent / "fixtures"
+sys.path.insert(0, str(FIX))
+import make_data_fixtures as F  # noqa: E402  (real protein sequences of the fixture files)
+
+BAD = FIX / "bad_records.fasta"
+
+
+def header_line(path: Path, prefix: str) -> int:
+    """1-based line of the first header starting with `prefix` (so the test does not hard-code line numbers)."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return next(i for i, line in enumerate(lines, 1) if line.startswith(">" + prefix))
+
+
+def all_docs(directory: Path) -> list[str]:
+    shards = ShardSet(directory)
+    return [decode(shards.doc(i)) for i in range(shards.num_docs)]
+
+
+@pytest.fixture(scope="module")
+def parquet_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("pq") / "proteins.parquet"
+    table = pa.table({"accession": ["Q8NEW7", "P35070", "O43914"], "sequence": [F.TMIE, F.BTC[:30] + "42", F.TYROBP]})
+    pq.write_table(table, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def fixture_run(tmp_path_factory, parquet_file):
+    out = tmp_path_factory.mktemp("prepared")
+    inputs = [BAD, FIX / "crlf_bom.fasta", FIX / "proteins.fasta.gz", FIX / "proteins.csv", FIX / "proteins.tsv",
+              parquet_file]  # fmt: skip
+    report = prepare([str(p) for p in inputs], out, overwrite=True, log=lambda *a, **k: None)
+    return out, report
+
+
+def test_counts_add_up_and_match_report_json(fixture_run):
+    out, report = fixture_run
+    assert report["accepted"] + len(report["rejected"]) == report["read"]
+    # 14 FASTA records + 2 CRLF + 3 gz + 5 CSV rows + 2 TSV rows + 3 parquet rows
+    assert report["read"] == 29
+    assert json.loads((out / "report.json").read_text())["read"] == report["read"]
+    assert ShardSet(out).num_docs == report["accepted"]
+
+
+def test_each_bad_kind_is_rejected_with_file_line_id_reason(fixture_run):
+    _, report = fixture_run
+    got = {(Path(r["file"]).name, r["line"], r["id"]): r["reason"].split(":", 1)[0] for r in report["rejected"]}
+    for r in report["rejected"]:
+        assert r["file"] and r["line"] >= 1 and r["id"] and r["reason"]
+    expected = {
+        ("bad_records.fasta", header_line(BAD, "O43914"), "O43914"): "letter_J",
+        ("bad_records.fasta", header_line(BAD, "Q9Y6J6"), "Q9Y6J6"): "digit",
+        ("bad_records.fasta", header_line(BAD, "P15382"), "P15382"): "special_token_text",
+        ("bad_records.fasta", header_line(BAD, "P01135 TGFA empty"), "P01135"): "empty_sequence",
+        ("bad_records.fasta", header_line(BAD, "Q8NEW7 TMIE header"), "Q8NEW7"): "header_without_sequence",
+        ("bad_records.fasta", header_line(BAD, "P35070"), "P35070"): "non_ascii",
+        ("bad_records.fasta", header_line(BAD, "P01135 TGFA internal"), "P01135"): "internal_stop",
+        ("bad_records.fasta", header_line(BAD, "Q14802 FXYD3 aligned"), "Q14802"): "gap",
+        ("proteins.csv", 4, "O43914"): "letter_J",
+        ("proteins.csv", 5, "P01135"): "empty_sequence",
+        ("proteins.parquet", 2, "P35070"): "digit",
+    }
+    assert got == expected
+
+
+def test_accepted_sequences_are_normalized_and_hold_no_unk(fixture_run):
+    out, report = fixture_run
+    shards = ShardSet(out)
+    tokens = np.concatenate([shards.doc(i) for i in range(shards.num_docs)])
+    assert UNK not in tokens and tokens.min() >= 4 and tokens.max() <= 30
+    docs = all_docs(out)
+    assert docs[:6] == [F.UBIQUITIN, F.FXYD3, F.UBIQUITIN[:60], F.TLR7, F.APP_N, F.TMIE[:12] + "X" + F.TMIE[13:]]
+    assert docs[6:8] == [F.UBIQUITIN, F.KCNE1]  # CRLF + BOM file: no '\r', no BOM in the sequence
+    assert docs[8:11] == [F.KCNE2, F.TYROBP, F.BTC]  # gzip
+    assert docs[11:14] == [F.UBIQUITIN, F.FXYD3, F.BTC]  # CSV: lowercase upper-cased, terminal '*' stripped
+    assert report["normalized"] == {"uppercased": 2, "terminal_stop_stripped": 2}
+
+
+def test_over_long_is_kept_whole_and_counted_as_cropped(fixture_run):
+    out, report = fixture_run
+    assert report["cropped"] == 1 and report["max_length"] == 1024
+    assert max(ShardSet(out).lengths) == len(F.TLR7) == 1049
+
+
+def test_duplicate_ids_are_reported(fixture_run):
+    _, report = fixture_run
+    dup = [d for d in report["duplicate_ids"] if d["id"] == "sp|P0CG48|UBB_HUMAN"]
+    assert dup == [dict(file=str(BAD), line=header_line(BAD, "sp|P0CG48|UBB_HUMAN duplicate"), id="sp|P0CG48|UBB_HUMAN",
+                        first_file=str(BAD), first_line=1)]  # fmt: skip
+    first_crlf = next(d for d in report["duplicate_ids"] if d["id"] == "P0CG48")
+    assert Path(first_crlf["first_file"]).name == "crlf_bom.fasta"  # BOM is not part of the first id
+
+
+def test_duplicate_ids_can_be_rejected(tmp_path):
+    report = prepare([str(BAD)], tmp_path, log=lambda *a: None, policy=ValidationPolicy(duplicate_ids="reject"))
+    assert sum(r["reason"].startswith("duplicate_id") for r in report["rejected"]) == 1
+
+
+@pytest.mark.parametrize("name, needle", [("truncated.fasta.gz", "truncated.fasta.gz"),
+                                          ("no_sequence_column.csv", "no 'sequence' column"),
+                                          ("missing.fasta", "missing.fasta")])  # fmt: skip
+def test_unreadable_input_exits_nonzero_naming_the_file(tmp_path, capsys, name, needle):
+    out = tmp_path / "out"
+    assert main(["prepare", "--input", str(FIX / name), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert needle in err and str(FIX / name) in err
+    assert not out.exists()  # nothing half-written
+
+
+def test_existing_output_needs_overwrite(fixture_run, capsys):
+    out, _ = fixture_run
+    assert main(["prepare", "--input", str(FIX / "proteins.tsv"), "--out", str(out)]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_corrupted_shard_is_named_when_loaded(tmp_path, capsys):
+    prepare([str(FIX / "proteins.tsv")], tmp_path, log=lambda *a: None)
+    shard = tmp_path / "shard-00000.bin"
+    data = bytearray(shard.read_bytes())
+    data[70] ^= 1  # one residue byte
+    shard.write_bytes(data)
+    with pytest.raises(ShardError, match=f"{shard}.*sha256 mismatch"):
+        ShardSet(tmp_path)
+    assert main(["verify", str(tmp_path)]) == 1 and str(shard) in capsys.readouterr().err
+    ShardSet(tmp_path, verify="header")  # the header check alone cannot see a flipped residue
+    data[:8] = b"NOTASHRD"
+    shard.write_bytes(data)
+    with pytest.raises(ShardError, match=f"{shard}: bad magic"):
+        ShardSet(tmp_path, verify="header")
+    shard.write_bytes(bytes(data[:100]))
+    with pytest.raises(ShardError, match=f"{shard}"):
+        ShardSet(tmp_path, verify="header")
+
+
+def test_split_fractions_and_dedup_on_any_input(tmp_path):
+    report = prepare([str(FIX / "proteins.fasta.gz"), str(FIX / "proteins.tsv")], tmp_path, dedup=True,
+                     split_fractions=(98, 1, 1), log=lambda *a: None)  # fmt: skip
+    assert [r["reason"].split(":")[0] for r in report["rejected"]] == ["duplicate_sequence"]  # KCNE2 twice
+    assert sum(c["sequences"] for c in report["splits"].values()) == report["accepted"] == 4
+
+
+def test_cli_subprocess_prints_summary(tmp_path):
+    cmd = [sys.executable, "-m", "training.data", "prepare", "--input", str(BAD), "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "read 14  accepted 6  rejected 8  cropped 1" in proc.stdout
+    assert "letter_J" in proc.stdout and (tmp_path / "report.json").exists() and (tmp_path / "manifest.json").exists()
+
+
+def test_builtin_proteins(tmp_path, capsys):
+    report = prepare_builtin(tmp_path)
+    printed = capsys.readouterr().out
+    splits = report["splits"]
+    assert report["accepted"] + len(report["rejected"]) == report["read"]
+    assert sum(s["sequences"] for s in splits.values()) == report["accepted"] > 35000
+    assert f"train: {splits['train']['sequences']} sequences" in printed
+    assert 0.005 < splits["valid"]["sequences"] / report["accepted"] < 0.015
+    valid = all_docs(tmp_path / "valid")
+    assert all(9800 <= hash_bucket(s.encode()) < 9900 for s in valid)  # the documented split rule
+    test = set(all_docs(tmp_path / "test"))
+    assert not test & set(valid) and len(test) == splits["test"]["sequences"]
+    text = builtin_attribution()
+    assert all(word in text for word in ("BSD-3", "aaanalysis", "Breimann", "UniProt"))
+    assert report["attribution"] == text
+
+
+def test_fasta_edge_cases(tmp_path):
+    fasta = tmp_path / "edge.fa"
+    fasta.write_text(f"{F.UBIQUITIN[:20]}\n;old-style comment\n>P0CG48 ok\n{F.UBIQUITIN}\n\n>\n{F.KCNE1}\n")
+    report = prepare([str(fasta)], tmp_path / "out", log=lambda *a: None)
+    assert [(r["line"], r["reason"].split(":")[0]) for r in report["rejected"]] == [(1, "sequence_before_header")]
+    assert all_docs(tmp_path / "out") == [F.UBIQUITIN, F.KCNE1]  # an empty id is kept (nothing to compare)

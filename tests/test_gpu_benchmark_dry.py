@@ -1,0 +1,22 @@
+"""`python -m eval.gpu_benchmark --dry-run`: every section runs end to end on CPU (tiny shapes, Triton interpreter)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_benchmark_dry_run():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the script must set it itself
+    proc = subprocess.run([sys.executable, "-m", "eval.gpu_benchmark", "--dry-run"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = proc.stdout
+    assert proc.returncode == 0, out[-4000:] + proc.stderr[-4000:]
+    for title in ("## Parity", "## Per-kernel time", "## Newton-Schulz", "## End-to-end train step"):
+        assert title in out
+    assert out.rstrip().splitlines()[-1].startswith("total")  # tables come last
+    for kernel in ("linear_relu2", "qk_norm_rotary", "xxt", "newton_schulz"):
+        assert kernel in out
+    assert "CHECK" not in out and "failed" not in out

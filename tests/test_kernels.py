@@ -1,0 +1,272 @@
+"""Triton kernels vs their torch twins, forward and backward, fp32 and bf16, odd sizes.
+
+Without CUDA the kernels run under the Triton interpreter (~1000x slower). TRITON_INTERPRET=1 must be set before the
+first `import triton` anywhere in the process (importing torch first is fine). tests/conftest.py imports the model,
+whose flex-attention import pulls in torch._dynamo and with it triton; if that happened without the variable, this
+module re-runs itself in a fresh `pytest` subprocess with it set (test_in_fresh_interpreter) and skips in place.
+With CUDA the same tests run compiled on the GPU, plus the full-size `gpu` tests at the bottom.
+"""
+
+import os
+import subprocess
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from modeling_speedplm import kernels_speedplm as K  # noqa: E402
+from modeling_speedplm.modeling_speedplm import apply_rotary, positions_from, rms_norm  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# triton was imported (by conftest -> model -> torch._dynamo) before TRITON_INTERPRET was set: run in a subprocess.
+REEXEC = DEVICE == "cpu" and not K.INTERPRET
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_or_subprocess(request):
+    if REEXEC and request.node.name != "test_in_fresh_interpreter":
+        pytest.skip("triton imported before TRITON_INTERPRET=1: runs in test_in_fresh_interpreter's subprocess")
+
+
+def test_in_fresh_interpreter():
+    if not REEXEC:
+        pytest.skip("the kernels run in this process")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+
+# Relative to the largest reference value. bf16 has 8 mantissa bits (2^-8 = 0.004 per rounding); the twin rounds
+# intermediates the kernels keep in fp32, so allow a few roundings. A sign or index error is an O(1) error.
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def assert_matches(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype):
+    assert got.shape == want.shape and got.dtype == want.dtype
+    scale = want.abs().max().item() or 1.0
+    torch.testing.assert_close(got.float(), want.float(), rtol=TOL[dtype], atol=TOL[dtype] * scale)
+
+
+def rotary_tables(position_ids: torch.Tensor, dim: int):
+    """cos, sin (B, L, D/2) fp32, as the model's RotaryEmbedding computes them."""
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    freqs = position_ids[..., None].float() * inv_freq.to(position_ids.device)
+    return freqs.cos(), freqs.sin()
+
+
+def test_interpreter_is_on_without_cuda():
+    if DEVICE == "cpu":
+        assert triton.knobs.runtime.interpret and K.INTERPRET
+        assert sys.modules["torch"] and not REEXEC
+
+
+# ---------------------------------------------------------------- linear_relu2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead, k, m", [((37,), 48, 80), ((2, 13), 32, 24)])
+def test_linear_relu2(dtype, lead, k, m):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*lead, k, generator=gen).to(DEVICE, dtype).requires_grad_()
+    weight = (torch.randn(m, k, generator=gen) * k**-0.5).to(DEVICE, dtype).requires_grad_()
+    grad = torch.randn(*lead, m, generator=gen).to(DEVICE, dtype)
+    outs = []
+    for fn in (K.linear_relu2, K.linear_relu2_reference):
+        y = fn(x, weight)
+        gx, gw = torch.autograd.grad(y, (x, weight), grad)
+        outs.append((y, gx, gw))
+    for got, want in zip(*outs):
+        assert_matches(got, want, dtype)
+    assert (outs[1][0] == 0).any() and (outs[1][0] > 0).any()  # both ReLU branches are exercised
+
+
+def test_linear_relu2_strided_input_and_no_grad():
+    x = torch.randn(40, 64, device=DEVICE)[3:40:2, ::2]  # (19, 32), no unit stride anywhere
+    weight = torch.randn(24, 32, device=DEVICE)
+    with torch.no_grad():  # no pre-activation stored
+        assert_matches(K.linear_relu2(x, weight), K.linear_relu2_reference(x, weight), torch.float32)
+
+
+# ---------------------------------------------------------------- qk_norm_rotary
+
+
+def qk_inputs(dtype, batch=2, length=13, heads=3, dim=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    qkv = (torch.randn(batch, length, 3, heads, dim, generator=gen) * 3).to(DEVICE, dtype)
+    q, k, _ = qkv.unbind(2)  # strided views of a fused qkv output, as in SpeedPLMAttention
+    documents = torch.tensor([[0] * 5 + [1] * 6 + [2] * 2, [0] * 9 + [1] * 4], device=DEVICE)[:batch, :length]
+    cos, sin = rotary_tables(positions_from(documents), dim)  # positions restart at 0 for every protein
+    return q.detach().requires_grad_(), k.detach().requires_grad_(), cos, sin
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_qk_norm_rotary(dtype):
+    q, k, cos, sin = qk_inputs(dtype)
+    gen = torch.Generator().manual_seed(1)
+    gq, gk = (torch.randn(q.shape, generator=gen).to(DEVICE, dtype) for _ in range(2))
+    outs = []
+    for fn in (K.qk_norm_rotary, K.qk_norm_rotary_reference):
+        qo, ko = fn(q, k, cos, sin, 1e-6)
+        outs.append((qo, ko, *torch.autograd.grad((qo, ko), (q, k), (gq, gk))))
+    for got, want in zip(*outs):
+        assert_matches(got, want, dtype)
+
+
+def test_qk_twin_is_the_model_code():
+    q, k, cos, sin = qk_inputs(torch.float32)
+    want = [apply_rotary(rms_norm(t, 1e-6).transpose(1, 2), cos[:, None], sin[:, None]).transpose(1, 2) for t in (q, k)]
+    for got, w in zip(K.qk_norm_rotary_reference(q, k, cos[:, None], sin[:, None], 1e-6), want):
+        assert torch.equal(got, w)
+
+
+def test_qk_positions_restart_per_protein():
+    # The second protein of row 0 (tokens 5..10) must come out exactly as if it started its own row.
+    q, k, cos, sin = qk_inputs(torch.float32)
+    packed, _ = K.qk_norm_rotary(q, k, cos, sin, 1e-6)
+    alone_q, alone_k = q[:1, 5:11].detach(), k[:1, 5:11].detach()
+    c, s = rotary_tables(torch.arange(6, device=DEVICE)[None], q.shape[-1])
+    alone, _ = K.qk_norm_rotary(alone_q, alone_k, c, s, 1e-6)
+    torch.testing.assert_close(packed[:1, 5:11], alone, rtol=1e-6, atol=1e-6)
+
+
+def test_broken_kernels_are_caught():
+    """The comparisons are sharp enough to see a sign error: rotating the wrong way (sin -> -sin) or a wrong ReLU
+    side must fail (manually also checked by flipping a sign inside the Triton backward kernel)."""
+    q, k, cos, sin = qk_inputs(torch.float32)
+    wrong_q, _ = K.qk_norm_rotary(q, k, cos, -sin, 1e-6)
+    with pytest.raises(AssertionError):
+        assert_matches(wrong_q, K.qk_norm_rotary_reference(q, k, cos, sin, 1e-6)[0], torch.bfloat16)
+    x, weight = torch.randn(8, 16, device=DEVICE), torch.randn(32, 16, device=DEVICE)
+    with pytest.raises(AssertionError):
+        assert_matches(K.linear_relu2(x, -weight), K.linear_relu2_reference(x, weight), torch.bfloat16)
+
+
+# ---------------------------------------------------------------- torch.library registration / torch.compile
+
+
+def test_custom_ops_pass_opcheck():
+    x, weight = torch.randn(19, 32, device=DEVICE), torch.randn(24, 32, device=DEVICE)
+    torch.library.opcheck(torch.ops.speedplm.linear_relu2, (x.requires_grad_(), weight, True))
+    q, k, cos, sin = qk_inputs(torch.float32, batch=1, length=5, heads=2, dim=8)
+    torch.library.opcheck(torch.ops.speedplm.qk_norm_rotary, (q, k, cos, sin, 1e-6))
+    a = torch.randn(20, 12, device=DEVICE)
+    torch.library.opcheck(torch.ops.speedplm.xxt, (a, 1.0, 0.0, None))
+
+
+def test_compiles_fullgraph():
+    # aot_eager traces both ops with their fake kernels and autograd formulas (inductor is exercised on the GPU).
+    q, k, cos, sin = qk_inputs(torch.float32, batch=1, length=5, heads=2, dim=8)
+    weight = torch.randn(8, 16, device=DEVICE, requires_grad=True)
+
+    def f(q, k, weight):
+        qo, ko = K.qk_norm_rotary(q, k, cos, sin, 1e-6)
+        return K.linear_relu2((qo + ko).flatten(2), weight).sum()
+
+    loss = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, weight)
+    grads = torch.autograd.grad(loss, (q, k, weight))
+    want = torch.autograd.grad(f(q, k, weight), (q, k, weight))
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w)
+
+
+# ---------------------------------------------------------------- xxt and Newton-Schulz
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_xxt(dtype):
+    x = torch.randn(40, 72, device=DEVICE).to(dtype)  # 40 rows: 3 tile rows, the last one partial
+    assert_matches(K.xxt(x), K.xxt_reference(x), dtype)
+    a = K.xxt_reference(x) / 72
+    assert_matches(K.xxt(a, -4.775, 2.0315, a), K.xxt_reference(a, -4.775, 2.0315, a), dtype)
+    assert_matches(K.xxt(x.T[:, :30].T), K.xxt_reference(x[:30]), dtype)  # strided input (NS transposes)
+
+
+@pytest.mark.parametrize("shape", [(48, 80), (80, 48)])
+def test_newton_schulz(shape):
+    g = torch.randn(*shape, device=DEVICE)
+    got, want = K.newton_schulz(g, use_triton=True), K.newton_schulz_reference(g)
+    assert got.shape == g.shape and got.dtype == torch.bfloat16
+    # Different bf16 rounding of intermediates compounds over 5 iterations; the twin itself is ~2% off fp64.
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0.05 * want.abs().max().item())
+    singular = torch.linalg.svdvals(got.float())
+    assert 0.5 < singular.min() and singular.max() < 1.5  # orthogonalized: singular values pushed into ~[0.7, 1.2]
+
+
+def test_newton_schulz_twin_is_torch_muon():
+    zeropower = getattr(torch.optim._muon, "_zeropower_via_newtonschulz", None)
+    if zeropower is None:
+        pytest.skip("torch.optim._muon._zeropower_via_newtonschulz not in this torch")
+    for shape in [(48, 80), (80, 48)]:
+        g = torch.randn(*shape)
+        assert torch.equal(K.newton_schulz_reference(g), zeropower(g, K.NS_COEFFICIENTS, 5, 1e-7))
+
+
+# ---------------------------------------------------------------- selection
+
+
+def test_select_kernels(monkeypatch):
+    assert K.select_kernels("torch", DEVICE).linear_relu2 is K.linear_relu2_reference
+    assert K.select_kernels("triton", "cpu").qk_norm_rotary is K.qk_norm_rotary
+    assert K.select_kernels("auto", "cpu").name == "torch"
+    assert K.select_kernels("auto", DEVICE).name == ("triton" if DEVICE == "cuda" else "torch")
+    with pytest.raises(ValueError, match="choose"):
+        K.select_kernels("fast", DEVICE)
+    monkeypatch.setattr(K, "HAS_TRITON", False)
+    assert K.select_kernels("auto", DEVICE).name == "torch"
+    with pytest.raises(RuntimeError, match="needs the `triton` package"):
+        K.select_kernels("triton", DEVICE)
+
+
+# ---------------------------------------------------------------- full size, GPU only
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_full_size_linear_relu2():
+    x = torch.randn(8192, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(2048, 768, device="cuda") * 768**-0.5).bfloat16().requires_grad_()
+    grad = torch.randn(8192, 2048, device="cuda", dtype=torch.bfloat16)
+    outs = []
+    for fn in (K.linear_relu2, K.linear_relu2_reference):
+        y = fn(x, weight)
+        outs.append((y, *torch.autograd.grad(y, (x, weight), grad)))
+    for got, want in zip(*outs):
+        assert_matches(got, want, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_full_size_qk_norm_rotary_and_compile():
+    batch, length, heads, dim = 8, 1024, 6, 128
+    qkv = torch.randn(batch, length, 3, heads, dim, device="cuda", dtype=torch.bfloat16)
+    q, k, _ = qkv.unbind(2)
+    q, k = q.requires_grad_(), k.requires_grad_()
+    documents = torch.arange(length, device="cuda").div(300, rounding_mode="floor").expand(batch, length)
+    cos, sin = rotary_tables(positions_from(documents), dim)
+    grads = torch.randn(2, batch, length, heads, dim, device="cuda", dtype=torch.bfloat16)
+    compiled = torch.compile(K.qk_norm_rotary, fullgraph=True)
+    outs = []
+    for fn in (K.qk_norm_rotary, compiled, K.qk_norm_rotary_reference):
+        qo, ko = fn(q, k, cos, sin, 1e-6)
+        outs.append((qo, ko, *torch.autograd.grad((qo, ko), (q, k), tuple(grads))))
+    for i in (0, 1):
+        for got, want in zip(outs[i], outs[2]):
+            assert_matches(got, want, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shape", [(768, 768), (768, 2048), (2048, 768)])
+def test_full_size_newton_schulz(shape):
+    g = torch.randn(*shape, device="cuda")
+    x = g.bfloat16()
+    assert_matches(K.xxt(x), K.xxt_reference(x), torch.bfloat16)
+    got, want = K.newton_schulz(g, use_triton=True), K.newton_schulz_reference(g)
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0.05 * want.abs().max().item())

@@ -1,0 +1,102 @@
+"""Muon with its orthogonalization split across data-parallel ranks.
+
+Every rank holds the same (all-reduced) gradients, so every rank could run Newton-Schulz on every matrix; instead
+parameter i (in parameter-group order) is orthogonalized only by rank i % world_size and its bf16 update is broadcast
+to the others (modded-nanogpt splits Muon the same way). Works for any world size and any mix of shapes: no padding,
+no assumption that the parameter count divides the world size. Communication is one bf16 copy of every matrix per step,
+launched asynchronously so a rank's Newton-Schulz work overlaps the previous broadcasts.
+
+The update is exactly torch.optim.Muon's (torch 2.13): momentum buffer B <- lerp(B, g, 1 - mu); nesterov update
+lerp(g, B, mu); O = NS(update) in bf16 (tall matrices transposed); p <- p * (1 - lr * wd) - lr_adj * O with
+lr_adj = lr * sqrt(max(1, rows / cols)) ("original") or 0.2 * lr * sqrt(max(rows, cols)) ("match_rms_adamw").
+With one rank and kernels="torch" it is bit-identical to torch.optim.Muon (tests/test_muon.py).
+
+Momentum buffers are kept on every rank (elementwise, cheap), so any rank's state_dict resumes the run exactly.
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from modeling_speedplm.kernels_speedplm import NS_COEFFICIENTS, newton_schulz
+
+
+def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape) -> float:
+    rows, cols = shape[:2]
+    if adjust_lr_fn in (None, "original"):
+        return lr * math.sqrt(max(1, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    return lr
+
+
+class DistributedMuon(torch.optim.Optimizer):
+    """torch.optim.Muon's hyperparameters and update; plus `kernels` ("auto": Triton xxt Newton-Schulz on CUDA,
+    "triton", "torch") and `process_group` (default: the world group if torch.distributed is initialised).
+    Precondition: gradients are identical on all ranks when `step()` runs (DDP / accelerate all-reduce them)."""
+
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, ns_coefficients=NS_COEFFICIENTS, eps: float = 1e-7, ns_steps: int = 5,
+                 adjust_lr_fn: str | None = None, kernels: str = "auto", process_group=None):  # fmt: skip
+        if lr < 0 or momentum < 0 or weight_decay < 0:
+            raise ValueError(f"DistributedMuon: lr={lr}, momentum={momentum}, weight_decay={weight_decay} must be >= 0")
+        if adjust_lr_fn not in (None, "original", "match_rms_adamw"):
+            raise ValueError(f"DistributedMuon: adjust_lr_fn={adjust_lr_fn!r} is not supported")
+        if kernels not in ("auto", "triton", "torch"):
+            raise ValueError(f"DistributedMuon: kernels={kernels!r}: choose 'auto', 'triton' or 'torch'")
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim != 2:
+                    raise ValueError(f"DistributedMuon: only 2-D parameters, got one of shape {tuple(p.shape)}")
+        self.use_triton = {"auto": None, "triton": True, "torch": False}[kernels]
+        self.process_group = process_group
+
+    def _world(self):
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1, 0
+        return dist.get_world_size(self.process_group), dist.get_rank(self.process_group)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        world, rank = self._world()
+        pending = []  # (param, update buffer, async handle, hyperparameters)
+        index = 0  # running parameter index across groups: its owner is index % world
+        for group in self.param_groups:
+            mu, steps = group["momentum"], group["ns_steps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                buf.lerp_(grad, 1 - mu)  # every rank: identical state everywhere
+                owner = index % world
+                index += 1
+                if owner == rank:
+                    update = grad.lerp(buf, mu) if group["nesterov"] else buf
+                    update = newton_schulz(update, steps, group["ns_coefficients"], group["eps"],
+                                           use_triton=self.use_triton)  # fmt: skip
+                    update = update.contiguous()
+                else:
+                    update = torch.empty(p.shape, dtype=torch.bfloat16, device=p.device)
+                handle = None
+                if world > 1:
+                    handle = dist.broadcast(update, group_src=owner, group=self.process_group, async_op=True)
+                pending.append((p, update, handle, group))
+        for p, update, handle, group in pending:
+            if handle is not None:
+                handle.wait()
+            lr = float(group["lr"])
+            p.mul_(1 - lr * group["weight_decay"])
+            p.add_(update, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], p.shape))
+        return loss
