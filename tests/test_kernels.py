@@ -246,8 +246,7 @@ def test_full_size_linear_relu2():
 def test_full_size_qk_norm_rotary_and_compile():
     batch, length, heads, dim = 8, 1024, 6, 128
     qkv = torch.randn(batch, length, 3, heads, dim, device="cuda", dtype=torch.bfloat16)
-    q, k, _ = qkv.unbind(2)
-    q, k = q.requires_grad_(), k.requires_grad_()
+    q, k = (t.detach().requires_grad_() for t in qkv.unbind(2)[:2])  # strided views, as in the model
     documents = torch.arange(length, device="cuda").div(300, rounding_mode="floor").expand(batch, length)
     cos, sin = rotary_tables(positions_from(documents), dim)
     grads = torch.randn(2, batch, length, heads, dim, device="cuda", dtype=torch.bfloat16)

@@ -54,8 +54,8 @@ def run_training(tmp_path, shards, *overrides, config="configs/default.yaml", en
         port = 29600 + os.getpid() % 300
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(ranks),
                "--main_process_port", str(port), str(ROOT / "train_accelerate.py"), *args]  # fmt: skip
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    full_env.pop("HF_TOKEN", None) if env is None or "HF_TOKEN" not in env else None
+    full_env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}  # a token only where a test gives one
+    full_env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})})
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)  # fmt: skip
     if not wait:
@@ -207,8 +207,12 @@ def test_two_ranks_match_one_rank(tmp_path, shards):
     common = ["train.max_steps=6", "eval.every=3", "train.save_every=100"]
     code, out = run_training(tmp_path, shards, *common, name="one")
     assert code == 0, out[-3000:]
+    assert "1 rank(s) x 2 accumulation step(s)" in out
     code, out = run_training(tmp_path, shards, *common, name="two", ranks=2)
     assert code == 0, out[-3000:]
+    assert "2 rank(s) x 1 accumulation step(s)" in out  # a real 2-process gloo group, not 2 single runs
+    logged_steps = [r["step"] for r in rows(tmp_path, "two")]
+    assert logged_steps == sorted(set(logged_steps))  # only the main process writes metrics
     one, two = train_losses(tmp_path, "one"), train_losses(tmp_path, "two")
     assert one.keys() == two.keys() == set(range(1, 7))
     for step in one:

@@ -78,6 +78,8 @@ class HubSection:
     model_id: str | None = None
     push_every: int = 0  # steps; 0 = only at start and end
     private: bool = True
+    max_retries: int = 8  # per push, on 5xx / 429 / connection errors, with exponential backoff
+    backoff_s: float = 2.0  # first retry delay (doubles each time; a server's Retry-After wins)
 
 
 @dataclass

@@ -5,21 +5,25 @@ import logging
 import shutil
 from pathlib import Path
 
+from .config import HubSection
 from .hub import HubPusher
 
 logger = logging.getLogger("speedplm")
 
 
 class ModelPublisher:
-    def __init__(self, model_id: str, private: bool, staging_dir: Path, accelerator, model):
+    def __init__(self, hub: HubSection, staging_dir: Path, accelerator, model):
         self.accelerator, self.model = accelerator, model
         self.staging = Path(staging_dir)
-        self.pusher = HubPusher(model_id, private=private) if accelerator.is_main_process else None
+        self.pusher = None
+        if accelerator.is_main_process:
+            self.pusher = HubPusher(hub.model_id, private=hub.private, max_retries=hub.max_retries,
+                                    backoff_s=hub.backoff_s)  # fmt: skip
         if self.pusher is not None:
             start = self._stage("start")
             (start / "model.safetensors").unlink()  # the start push carries no weights yet
             self.pusher.push_folder(start, "speedplm: code, config, tokenizer and model card", step=0)
-            logger.info("hub: pushing code and config to %s in the background", model_id)
+            logger.info("hub: pushing code and config to %s in the background", hub.model_id)
 
     def _stage(self, name: str, summary: str | None = None) -> Path:
         directory = self.staging / name

@@ -8,6 +8,7 @@ token — the same with 1 rank or N, with or without accumulation.
 import contextlib
 import logging
 import math
+import os
 import signal
 import time
 
@@ -68,7 +69,11 @@ def attention_backend(config: RunConfig) -> str:
 
 def train(config: RunConfig) -> None:
     run_dir = config.run_dir
+    # accelerate 1.15 makes launched CPU processes a gloo group (MULTI_CPU) only when told cpu=True; without it,
+    # `accelerate launch --multi_gpu` on a GPU-less machine gives N independent single-process runs.
+    use_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
     accelerator = Accelerator(
+        cpu=use_cpu,
         log_with=tracker_names(config.tracking) or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir)),
     )
@@ -88,6 +93,9 @@ def train(config: RunConfig) -> None:
     world, rank = accelerator.num_processes, accelerator.process_index
     train_loader = build_train_loader(config, splits["train"], rank, world)
     accum = train_loader.grad_accum_steps
+    logger.info("%d rank(s) x %d accumulation step(s) x %d tokens = %d tokens per step; %s attention",
+                world, accum, config.train.micro_batch_tokens, config.train.tokens_per_step,
+                model.config._attn_implementation)  # fmt: skip
     optimizers = build_optimizers(model, config.train)
     schedulers = build_schedulers(optimizers, config.train)
     model, *optimizers = accelerator.prepare(model, *optimizers)
@@ -116,9 +124,9 @@ def train(config: RunConfig) -> None:
 
     pusher = None
     if config.hub.push:
-        pusher = ModelPublisher(config.hub.model_id, config.hub.private, run_dir / "hub_staging", accelerator, model)
+        pusher = ModelPublisher(config.hub, run_dir / "hub_staging", accelerator, model)
 
-    if accelerator.trackers:
+    if tracker_names(config.tracking):
         accelerator.init_trackers(
             config.tracking.project, config=flatten(config.to_dict()),
             init_kwargs=tracker_init_kwargs(config.tracking, run_dir, config.train.run_name),
@@ -205,11 +213,12 @@ def train(config: RunConfig) -> None:
                 _log_eval(evaluate(model, eval_loaders["valid"], accelerator, config.eval.max_tokens), "valid", step, tokens_seen, metrics, accelerator)
             stop_code = 128 + stop.signum if stop.signum else 0
             stop_code = int(accelerator.reduce(torch.tensor(stop_code, device=accelerator.device), "max").item())
+            last_step = step == config.train.max_steps
             save_now = (config.train.save_every and step % config.train.save_every == 0) or stop_code
-            if save_now or step == config.train.max_steps:
+            if save_now or last_step:
                 checkpoints.save(step, model, train_loader.state_dict(),
                                  {"step": step, "tokens": tokens_seen, "bad_steps": bad_total})  # fmt: skip
-            if pusher is not None and config.hub.push_every and step % config.hub.push_every == 0:
+            if pusher is not None and config.hub.push_every and step % config.hub.push_every == 0 and not last_step:
                 pusher.push_model(step, training_summary(config, step, tokens_seen))
             if stop_code:
                 progress.close()

@@ -1,0 +1,77 @@
+"""Training with Hub push against the loopback Hub peer: faults don't stop training, pushes land byte-identical,
+a failed last push exits non-zero, and the HF_TOKEN canary never leaks."""
+
+import secrets
+import threading
+from pathlib import Path
+
+import pytest
+
+from hub_server import HubServer
+from test_train_e2e import rows, run_training, shards  # noqa: F401  (shards is a fixture)
+
+pytestmark = pytest.mark.slow
+REPO = "speedplm-test/run"
+
+
+@pytest.fixture
+def canary():
+    return "hf_canary" + secrets.token_hex(12)
+
+
+def hub_env(server, canary, tmp_path):
+    return {"HF_TOKEN": canary, "HF_ENDPOINT": server.url, "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0",
+            "HF_HOME": str(tmp_path / "hf_home"), "WANDB_SILENT": "true"}  # fmt: skip
+
+
+def every_file_text(directory: Path):
+    for path in directory.rglob("*"):
+        if path.is_file():
+            yield path, path.read_bytes()
+
+
+def test_push_survives_faults_and_lands_identical(tmp_path, shards, canary):  # noqa: F811
+    with HubServer(canary) as server:
+        server.fail(503, endpoint="create")
+        server.fail(503, endpoint="commit")
+        server.fail(429, endpoint="commit", retry_after=1)
+        # refuse connections for a while once training is under way (the step-4 push meets a dead server)
+        threading.Timer(0.5, server.refuse_for, args=(1.5,)).start()
+        code, out = run_training(
+            tmp_path, shards, "train.max_steps=8", "eval.every=4", "hub.push=true", f"hub.model_id={REPO}",
+            "hub.push_every=4", "hub.backoff_s=0.2", "tracking.wandb=offline", env=hub_env(server, canary, tmp_path),
+        )  # fmt: skip
+        assert code == 0, out[-3000:]
+        commits = server.commits(REPO)
+        messages = [c.message for c in commits]
+        assert messages[0].startswith("speedplm: code, config") and messages[-1] == "speedplm: final model at step 8"
+        final = tmp_path / "run" / "final"
+        expected = {p.name: p.read_bytes() for p in final.iterdir() if p.is_file()}
+        assert server.files(REPO) == expected  # byte-identical, the newest commit holds the final model
+        assert "model.safetensors" not in server.files(REPO, revision=commits[0].oid)  # start push: no weights
+        last = rows(tmp_path)[-1]
+        assert last["hub_retries"] >= 0 and last["hub_failed"] == 0
+        retried = [r.status for r in server.requests if r.endpoint in ("create", "commit") and r.status >= 400]
+        assert {503, 429} <= set(retried)
+        for request in server.requests:
+            for name, value in request.headers.items():
+                assert canary not in value or name == "authorization"
+    # the canary appears nowhere: stdout, run dir (metrics, config, checkpoints, wandb offline files), pushed files
+    assert canary not in out
+    assert (tmp_path / "run" / "wandb").is_dir()
+    for path, data in every_file_text(tmp_path / "run"):
+        assert canary.encode() not in data, path
+    for data in server.files(REPO).values():
+        assert canary.encode() not in data
+
+
+def test_failed_last_push_exits_non_zero(tmp_path, shards, canary):  # noqa: F811
+    with HubServer(canary) as server:
+        server.fail(403, endpoint="commit", count=100)
+        code, out = run_training(
+            tmp_path, shards, "train.max_steps=3", "eval.every=0", "hub.push=true", f"hub.model_id={REPO}",
+            "hub.backoff_s=0.1", env=hub_env(server, canary, tmp_path),
+        )  # fmt: skip
+    assert code != 0
+    assert "HubPushError" in out and "403" in out and REPO in out
+    assert canary not in out
