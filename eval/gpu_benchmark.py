@@ -160,7 +160,7 @@ def kernel_sections(s):
     w = (torch.randn(s["mlp"], s["hidden"], generator=gen) * s["hidden"] ** -0.5).to(DEVICE, dt).requires_grad_()
     g = torch.randn(n_tok, s["mlp"], generator=gen).to(DEVICE, dt)
     qkv = torch.randn(s["batch"], s["length"], 3, s["heads"], s["head_dim"], generator=gen).to(DEVICE, dt)
-    q, k = (t.requires_grad_() for t in qkv.unbind(2)[:2])
+    q, k = (t.detach().requires_grad_() for t in qkv.unbind(2)[:2])  # strided views of a fused qkv, as in the model
     docs = document_ids(s["batch"], s["length"], gen)[0].to(DEVICE)
     cos, sin = rotary_tables(positions(docs), s["head_dim"])
     gq, gk = (torch.randn(q.shape, generator=gen).to(DEVICE, dt) for _ in range(2))

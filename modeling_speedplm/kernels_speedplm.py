@@ -27,6 +27,11 @@ except ImportError:
 
 HAS_TRITON = triton is not None
 
+__all__ = [
+    "HAS_TRITON", "INTERPRET", "NS_COEFFICIENTS", "linear_relu2", "linear_relu2_reference", "newton_schulz",
+    "newton_schulz_reference", "qk_norm_rotary", "qk_norm_rotary_reference", "select_kernels", "xxt", "xxt_reference",
+]  # fmt: skip
+
 
 def _interpreting() -> bool:
     # Triton's own @jit library (tl.zeros, tl.sum) is built when triton is imported: the interpreter works only if
@@ -73,43 +78,43 @@ if HAS_TRITON:
     # (a) relu(x @ w.T)^2: a tiled matmul whose epilogue applies ReLU^2 in fp32 registers before the single store.
     # Saves the up-projection output round trip to memory (eager: matmul -> write, relu -> r/w, square -> r/w).
     # ---------------------------------------------------------------------------------------------------------------
-    @triton.autotune(configs=_matmul_configs(), key=["N", "M", "K"])
+    @triton.autotune(configs=_matmul_configs(), key=["M", "N", "K"])
     @triton.jit
-    def _linear_relu2_kernel(x_ptr, w_ptr, out_ptr, pre_ptr, N, M, K, sxn, sxk, swm, swk, son, som,
+    def _linear_relu2_kernel(x_ptr, w_ptr, out_ptr, pre_ptr, M, N, K, sxm, sxk, swn, swk, som, son,
                              STORE_PRE: tl.constexpr, PRECISION: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                              GROUP_M: tl.constexpr):  # fmt: skip
-        # Rows of x are "M" of a textbook matmul here named N (tokens); grouped launch order keeps a band of x rows
-        # and all of w hot in L2 (Triton matmul tutorial).
+        # x (M tokens, K), w (N features, K), out (M, N). Grouped launch order (Triton's matmul tutorial): GROUP_M
+        # row-tiles sweep all column-tiles together, so their x rows and w stay in L2.
         pid = tl.program_id(0)
-        tiles_n, tiles_m = tl.cdiv(N, BLOCK_M), tl.cdiv(M, BLOCK_N)
-        group = GROUP_M * tiles_m
+        tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        group = GROUP_M * tiles_n
         first = (pid // group) * GROUP_M
-        rows_in_group = min(tiles_n - first, GROUP_M)
-        pid_n = first + (pid % group) % rows_in_group
-        pid_m = (pid % group) // rows_in_group
-        rn = (pid_n * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # token rows
-        rm = pid_m * BLOCK_N + tl.arange(0, BLOCK_N)  # output features
+        rows_in_group = min(tiles_m - first, GROUP_M)
+        pid_m = first + (pid % group) % rows_in_group
+        pid_n = (pid % group) // rows_in_group
+        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # 65536 tokens x 2048: offsets beyond int32
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
-            a = tl.load(x_ptr + rn[:, None] * sxn + kk[None, :] * sxk, mask=(rn[:, None] < N) & (kk[None, :] < K),
+            a = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :] * sxk, mask=(rm[:, None] < M) & (kk[None, :] < K),
                         other=0.0)
-            b = tl.load(w_ptr + rm[None, :] * swm + kk[:, None] * swk, mask=(rm[None, :] < M) & (kk[:, None] < K),
+            b = tl.load(w_ptr + rn[None, :] * swn + kk[:, None] * swk, mask=(rn[None, :] < N) & (kk[:, None] < K),
                         other=0.0)
             if _INTERPRET:
                 a, b = a.to(tl.float32), b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        mask = (rn[:, None] < N) & (rm[None, :] < M)
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
         if STORE_PRE:  # backward needs only the pre-activation: d(relu(p)^2)/dp = 2 relu(p)
-            tl.store(pre_ptr + rn[:, None] * son + rm[None, :] * som, _cast(acc, pre_ptr.dtype.element_ty), mask=mask)
+            tl.store(pre_ptr + rm[:, None] * som + rn[None, :] * son, _cast(acc, pre_ptr.dtype.element_ty), mask=mask)
         r = tl.maximum(acc, 0.0)
-        tl.store(out_ptr + rn[:, None] * son + rm[None, :] * som, _cast(r * r, out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + rm[:, None] * som + rn[None, :] * son, _cast(r * r, out_ptr.dtype.element_ty), mask=mask)
 
     # ---------------------------------------------------------------------------------------------------------------
     # (b) RMSNorm(q), RMSNorm(k) per head + rotary, one program per token doing all heads of q and k (Liger-Kernel /
-    # unsloth fuse the same pair). Inputs may be strided views of the fused qkv output (last dim contiguous).
+    # unsloth fuse the same pair). Inputs may be strided views of the fused qkv output; outputs are contiguous.
     # ---------------------------------------------------------------------------------------------------------------
     @triton.jit
     def _norm_rotate(x_ptr, sh, y_ptr, c, s, h, d, mask, eps, HALF: tl.constexpr):
@@ -214,18 +219,17 @@ def _check_device(t: torch.Tensor):
 
 @torch.library.custom_op("speedplm::linear_relu2", mutates_args=())
 def _linear_relu2_op(x: torch.Tensor, weight: torch.Tensor, save_pre: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, K) x (M, K) -> out (N, M) and, if save_pre, the pre-activation (N, M) for backward (else empty)."""
+    """x (M, K), weight (N, K) -> out (M, N) and, if save_pre, the pre-activation (M, N) for backward (else empty)."""
     _require_triton()
     _check_device(x)
-    (n, k), m = x.shape, weight.shape[0]
+    (m, k), n = x.shape, weight.shape[0]
     if weight.shape[1] != k or x.dtype != weight.dtype:
         raise ValueError(f"linear_relu2: x {tuple(x.shape)} {x.dtype} vs weight {tuple(weight.shape)} {weight.dtype}")
-    out = x.new_empty(n, m)
-    pre = x.new_empty(n, m) if save_pre else x.new_empty(0)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(m, meta["BLOCK_N"]),)  # noqa: E731
-    _linear_relu2_kernel[grid](x, weight, out, pre, n, m, k, x.stride(0), x.stride(1), weight.stride(0),
-                               weight.stride(1), out.stride(0), out.stride(1), STORE_PRE=save_pre,
-                               PRECISION=_dot_precision(x.dtype))  # fmt: skip
+    out = x.new_empty(m, n)
+    pre = x.new_empty(m, n) if save_pre else x.new_empty(0)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _linear_relu2_kernel[grid](x, weight, out, pre, m, n, k, *x.stride(), *weight.stride(), *out.stride(),
+                               STORE_PRE=save_pre, PRECISION=_dot_precision(x.dtype))  # fmt: skip
     return out, pre
 
 
@@ -260,7 +264,7 @@ def _qk_launch(q, k, cos, sin, eps, dq=None, dk=None):
     batch, length, heads, dim = q.shape
     if dim % 2 or k.shape != q.shape or cos.shape != (batch, length, dim // 2) or cos.shape != sin.shape:
         raise ValueError(f"qk_norm_rotary: q {tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}, sin "
-                         f"{tuple(sin.shape)}: need q, k (B, L, H, D) with D even and cos, sin (B, L, D/2)")  # fmt: skip
+                         f"{tuple(sin.shape)}: need q, k (B, L, H, D), D even, and cos, sin (B, L, D/2)")  # fmt: skip
     # Any strides, except that the head dim must be unit-stride (a grad can arrive expanded, with stride 0).
     q, k, cos, sin, dq, dk = (t if t is None or t.stride(-1) == 1 else t.contiguous() for t in (q, k, cos, sin, dq, dk))
     backward = dq is not None
@@ -318,13 +322,14 @@ def _xxt_op(x: torch.Tensor, alpha: float, beta: float, c: torch.Tensor | None) 
     _check_device(x)
     m, k = x.shape
     out = x.new_empty(m, m)
-    block, block_k = (16, 16) if INTERPRET else (128, 64)
+    # 128-wide tiles, or 64 for a small Gram matrix (768x768: 78 active tiles instead of 21 on a 132-SM H100).
+    block, block_k = (16, 16) if INTERPRET else ((64, 64) if m <= 1024 else (128, 64))
     cc = c if c is not None else out
     tiles = triton.cdiv(m, block)
     _xxt_kernel[(tiles, tiles)](x, cc, out, m, k, x.stride(0), x.stride(1), cc.stride(0), cc.stride(1),
                                 out.stride(0), out.stride(1), alpha, beta, HAS_C=c is not None,
                                 PRECISION=_dot_precision(x.dtype), BLOCK=block, BLOCK_K=block_k,
-                                num_warps=8)  # fmt: skip
+                                num_warps=4 if block == 64 else 8, num_stages=3)  # fmt: skip
     return out
 
 
@@ -370,7 +375,8 @@ def _rotary_table(t: torch.Tensor) -> torch.Tensor:
 def qk_norm_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float = 1e-6):
     """q, k (B, L, H, D) (any strides: views of a fused qkv are fine); cos, sin (B, L, D/2) or (B, 1, L, D/2) fp32
     from per-token positions -> normalized and rotated (q, k), contiguous (B, L, H, D), in the input dtype."""
-    q_out, k_out = torch.ops.speedplm.qk_norm_rotary(q, k, _rotary_table(cos), _rotary_table(sin), float(eps))
+    cos, sin = (_rotary_table(t).expand(q.shape[0], q.shape[1], -1) for t in (cos, sin))  # batch may broadcast
+    q_out, k_out = torch.ops.speedplm.qk_norm_rotary(q, k, cos, sin, float(eps))
     return q_out, k_out
 
 
@@ -440,7 +446,7 @@ def select_kernels(choice: str, device) -> SimpleNamespace:
     """The kernels to use for `choice` in {"auto", "triton", "torch"} on `device`.
 
     auto: Triton when triton is importable, CUDA is available and `device` is CUDA; torch otherwise.
-    triton: Triton everywhere (on CPU it needs TRITON_INTERPRET=1, which is how the tests run it); raises without triton.
+    triton: Triton everywhere (on CPU it needs TRITON_INTERPRET=1: how the tests run it); raises without triton.
     """
     device = torch.device(device)
     if choice not in ("auto", "triton", "torch"):

@@ -24,6 +24,7 @@ from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
 from .attention_speedplm import ATTENTION_FUNCTIONS, build_attention_mask, resolve_implementation
 from .card_speedplm import model_card
 from .configuration_speedplm import SpeedPLMConfig
+from .kernels_speedplm import select_kernels
 from .tokenization_speedplm import build_tokenizer
 
 
@@ -61,11 +62,12 @@ class RotaryEmbedding(nn.Module):
         exponents = torch.arange(0, self.head_dim, 2, device=position_ids.device, dtype=torch.float32) / self.head_dim
         inv_freq = 1.0 / (self.theta**exponents)
         freqs = position_ids[..., None].float() * inv_freq  # (B, L, D/2)
-        return freqs.cos()[:, None], freqs.sin()[:, None]  # (B, 1, L, D/2) each, broadcast over heads
+        return freqs.cos(), freqs.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, L, D), rotate-half convention."""
+    """x: (B, L, H, D), cos/sin: (B, L, D/2); rotate-half convention, fp32 math."""
+    cos, sin = cos[:, :, None], sin[:, :, None]  # broadcast over heads
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
 
@@ -82,15 +84,16 @@ class SpeedPLMAttention(nn.Module):
         # v = a*v + b*ve: the learned mix lets each block choose how much raw token identity enters its values.
         self.value_mix = nn.Parameter(torch.tensor([0.5, 0.5])) if has_value_embedding else None
 
-    def forward(self, x, value_embedding, cos, sin, mask, implementation: str):
+    def forward(self, x, value_embedding, cos, sin, mask, implementation: str, kernels):
         batch, length, _ = x.shape
         q, k, v = self.qkv_proj(x).view(batch, length, 3, self.num_heads, self.head_dim).unbind(2)  # (B, L, H, D)
         if self.qk_norm:  # bounds attention logits, which lets Muon use larger learning rates
-            q, k = rms_norm(q, self.eps), rms_norm(k, self.eps)
+            q, k = kernels.qk_norm_rotary(q, k, cos, sin, self.eps)  # fused RMSNorm + rotary
+        else:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.value_mix is not None:
             v = self.value_mix[0] * v + self.value_mix[1] * value_embedding.view_as(v)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = ATTENTION_FUNCTIONS[implementation](q, k, v, mask, self.scale)  # (B, L, H, D)
         return self.o_proj(out.reshape(batch, length, -1))
 
@@ -102,9 +105,9 @@ class SpeedPLMMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.down_proj.zero_init = True
 
-    def forward(self, x):
+    def forward(self, x, kernels):
         # ReLU^2 (So et al. 2021, Primer; used by modded-nanogpt): as good as GELU-gated MLPs with two matrices.
-        return self.down_proj(F.relu(self.up_proj(x)).square())
+        return self.down_proj(kernels.linear_relu2(x, self.up_proj.weight))  # fused up-projection + ReLU^2
 
 
 class SpeedPLMBlock(nn.Module):
@@ -116,11 +119,11 @@ class SpeedPLMBlock(nn.Module):
         # x = a*x + b*x0 (modded-nanogpt): every block can re-read the token embedding; starts at a=1, b=0.
         self.x0_mix = nn.Parameter(torch.tensor([1.0, 0.0])) if config.x0_mixing else None
 
-    def forward(self, x, x0, value_embedding, cos, sin, mask, implementation):
+    def forward(self, x, x0, value_embedding, cos, sin, mask, implementation, kernels):
         if self.x0_mix is not None:
             x = self.x0_mix[0] * x + self.x0_mix[1] * x0
-        x = x + self.attn(rms_norm(x, self.eps), value_embedding, cos, sin, mask, implementation)
-        return x + self.mlp(rms_norm(x, self.eps))
+        x = x + self.attn(rms_norm(x, self.eps), value_embedding, cos, sin, mask, implementation, kernels)
+        return x + self.mlp(rms_norm(x, self.eps), kernels)
 
 
 class SpeedPLMPreTrainedModel(PreTrainedModel):
@@ -209,7 +212,8 @@ class SpeedPLMModel(SpeedPLMPreTrainedModel):
             self.config._attn_implementation, input_ids.device, torch.is_grad_enabled()
         )
         mask = build_attention_mask(implementation, document_ids, self.config.sliding_window)  # once per forward
-        cos, sin = self.rotary(position_ids)
+        cos, sin = self.rotary(position_ids)  # (B, L, D/2) each
+        kernels = select_kernels(self.config.kernels, input_ids.device)
         value_embeddings = [table(input_ids) for table in self.value_embeds]  # each (B, L, hidden)
 
         x = x0 = rms_norm(self.embed_tokens(input_ids), self.config.rms_norm_eps)  # (B, L, hidden)
@@ -220,7 +224,7 @@ class SpeedPLMModel(SpeedPLMPreTrainedModel):
                 x = x + self.skip_weights[i - half] * skips.pop()
             table = self.value_table_of_layer[i]
             ve = value_embeddings[table] if table is not None else None
-            x = block(x, x0, ve, cos, sin, mask, implementation)
+            x = block(x, x0, ve, cos, sin, mask, implementation, kernels)
             if self.skip_weights is not None and i < half:
                 skips.append(x)
             if output_hidden_states:

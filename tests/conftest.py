@@ -1,7 +1,15 @@
-import pytest
+import os
+
 import torch
 
-from modeling_speedplm import SpeedPLMConfig, SpeedPLMForMaskedLM
+# Triton kernels run on CPU under the interpreter, which must be chosen before triton is first imported (importing
+# the model's flex-attention path pulls triton in through torch._dynamo).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from modeling_speedplm import SpeedPLMConfig, SpeedPLMForMaskedLM  # noqa: E402
 
 # Real proteins (UniProt): human ubiquitin, insulin B chain region, GFP N-terminus, lysozyme C fragment.
 PROTEINS = [

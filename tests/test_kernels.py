@@ -93,6 +93,8 @@ def test_linear_relu2_strided_input_and_no_grad():
     weight = torch.randn(24, 32, device=DEVICE)
     with torch.no_grad():  # no pre-activation stored
         assert_matches(K.linear_relu2(x, weight), K.linear_relu2_reference(x, weight), torch.float32)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):  # casts like nn.Linear does under autocast
+        assert_matches(K.linear_relu2(x, weight), K.linear_relu2_reference(x, weight), torch.bfloat16)
 
 
 # ---------------------------------------------------------------- qk_norm_rotary
@@ -122,8 +124,8 @@ def test_qk_norm_rotary(dtype):
 
 def test_qk_twin_is_the_model_code():
     q, k, cos, sin = qk_inputs(torch.float32)
-    want = [apply_rotary(rms_norm(t, 1e-6).transpose(1, 2), cos[:, None], sin[:, None]).transpose(1, 2) for t in (q, k)]
-    for got, w in zip(K.qk_norm_rotary_reference(q, k, cos[:, None], sin[:, None], 1e-6), want):
+    want = [apply_rotary(rms_norm(t, 1e-6), cos, sin) for t in (q, k)]  # the model's (B, L, H, D) path
+    for got, w in zip(K.qk_norm_rotary_reference(q, k, cos, sin, 1e-6), want):
         assert torch.equal(got, w)
 
 
@@ -269,3 +271,23 @@ def test_full_size_newton_schulz(shape):
     assert_matches(K.xxt(x), K.xxt_reference(x), torch.bfloat16)
     got, want = K.newton_schulz(g, use_triton=True), K.newton_schulz_reference(g)
     torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0.05 * want.abs().max().item())
+
+
+def test_model_with_triton_kernels_matches_torch_kernels():
+    """The whole model, kernels=triton (interpreter on CPU) vs kernels=torch: logits and every gradient."""
+    from conftest import randomized_tiny_model
+
+    ids = torch.tensor([[0, 20, 15, 7, 4, 11, 5, 9, 13, 6, 2, 0, 18, 7, 17, 16, 2, 1, 1]])
+    doc = torch.tensor([[0] * 11 + [1] * 6 + [-1] * 2], dtype=torch.int32)
+    labels = torch.full_like(ids, -100)
+    labels[0, [3, 8, 14]] = ids[0, [3, 8, 14]]
+    results = {}
+    for choice in ("torch", "triton"):
+        model = randomized_tiny_model(seed=5)
+        model.config.kernels = choice
+        out = model(ids, document_ids=doc, labels=labels)
+        out.loss.backward()
+        results[choice] = (out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-5, atol=1e-5)
+    for name, grad in results["torch"][1].items():
+        torch.testing.assert_close(results["triton"][1][name], grad, rtol=1e-4, atol=1e-5, msg=name)

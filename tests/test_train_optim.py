@@ -5,6 +5,7 @@ import torch
 
 from modeling_speedplm import SpeedPLMConfig, SpeedPLMForMaskedLM
 from training.config import TrainSection
+from training.muon import DistributedMuon
 from training.optim import build_optimizers, build_schedulers, muon_momentum, parameter_groups
 
 
@@ -25,7 +26,7 @@ def test_muon_and_adam_update_their_groups():
     torch.manual_seed(0)
     model = SpeedPLMForMaskedLM(SpeedPLMConfig.from_preset("tiny"))
     muon, adam = build_optimizers(model, TrainSection())
-    assert isinstance(muon, torch.optim.Muon) and isinstance(adam, torch.optim.Adam)
+    assert isinstance(muon, DistributedMuon) and isinstance(adam, torch.optim.Adam)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ids = torch.randint(4, 24, (2, 16))
     model(ids, labels=ids).loss.backward()

@@ -67,7 +67,7 @@ class DistributedMuon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         world, rank = self._world()
-        pending = []  # (param, update buffer, async handle, hyperparameters)
+        pending = []  # (param, update buffer, async handle or None, its param group)
         index = 0  # running parameter index across groups: its owner is index % world
         for group in self.param_groups:
             mu, steps = group["momentum"], group["ns_steps"]

@@ -8,6 +8,7 @@ import torch
 from transformers.optimization import get_cosine_schedule_with_warmup, get_wsd_schedule
 
 from .config import TrainSection
+from .muon import DistributedMuon
 
 
 def parameter_groups(model: torch.nn.Module) -> dict[str, list[torch.nn.Parameter]]:
@@ -29,9 +30,9 @@ def parameter_groups(model: torch.nn.Module) -> dict[str, list[torch.nn.Paramete
 
 def build_optimizers(model: torch.nn.Module, cfg: TrainSection) -> list[torch.optim.Optimizer]:
     groups = parameter_groups(model)
-    muon = torch.optim.Muon(
-        groups["muon"], lr=cfg.muon_lr, momentum=cfg.muon_momentum_start, weight_decay=cfg.weight_decay
-    )
+    # torch.optim.Muon's update, with the Newton-Schulz work split across data-parallel ranks (training/muon.py)
+    muon = DistributedMuon(groups["muon"], lr=cfg.muon_lr, momentum=cfg.muon_momentum_start,
+                           weight_decay=cfg.weight_decay, kernels=getattr(model.config, "kernels", "auto"))  # fmt: skip
     adam_groups = [
         {"params": groups["embed"], "lr": cfg.embed_lr},
         {"params": groups["head"], "lr": cfg.head_lr},
