@@ -89,7 +89,7 @@ def test_default_recipe_end_to_end(tmp_path, shards):
     code, out = run_training(tmp_path, shards, "train.max_steps=30", "eval.every=10", "train.save_every=10")
     assert code == 0, out[-3000:]
     valid = rows(tmp_path, split="valid")
-    assert [r["step"] for r in valid] == [10, 20, 30]
+    assert [r["step"] for r in valid] == [0, 10, 20, 30]  # step 0: the untrained baseline
     assert valid[-1]["loss"] < valid[0]["loss"] - 0.05, valid  # validation loss falls
     assert rows(tmp_path, split="test")[0]["scored_tokens"] > 100
     train_rows = rows(tmp_path)

@@ -1,4 +1,4 @@
-"""The training loop: build -> resume -> steps (accumulate, clip, skip non-finite, step) -> eval, save, push.
+"""The training loop: build -> resume -> steps (accumulate, clip, skip non-finite, update) -> eval, save, push.
 
 Gradients are token-weighted: each micro-batch's mean loss is scaled by its share of the scored tokens of the whole
 global step (all micro-batches, all ranks), so the update equals the gradient of the mean loss over every scored
@@ -7,12 +7,14 @@ token — the same with 1 rank or N, with or without accumulation.
 
 import contextlib
 import logging
-import math
 import os
 import signal
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 
@@ -46,8 +48,7 @@ class SignalFlag:
     """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and exits 143/130."""
 
     def __init__(self):
-        self.signum = 0
-        self._previous = {}
+        self.signum, self._previous = 0, {}
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -62,191 +63,216 @@ class SignalFlag:
             signal.signal(sig, handler)
 
 
-def attention_backend(config: RunConfig) -> str:
-    requested = config.model.get("attn_implementation")
-    return requested or ("flex_attention" if torch.cuda.is_available() else "sdpa")
+@dataclass
+class Progress:
+    """What a checkpoint restores besides the accelerate state."""
+
+    step: int = 0
+    tokens: int = 0
+    bad_steps: int = 0
 
 
-def train(config: RunConfig) -> None:
-    run_dir = config.run_dir
+def build_accelerator(config: RunConfig) -> Accelerator:
     # accelerate 1.15 makes launched CPU processes a gloo group (MULTI_CPU) only when told cpu=True; without it,
     # `accelerate launch --multi_gpu` on a GPU-less machine gives N independent single-process runs.
     use_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-    accelerator = Accelerator(
-        cpu=use_cpu,
-        log_with=tracker_names(config.tracking) or None,
-        project_config=ProjectConfiguration(project_dir=str(run_dir)),
-    )
+    return Accelerator(cpu=use_cpu, log_with=tracker_names(config.tracking) or None,
+                       project_config=ProjectConfiguration(project_dir=str(config.run_dir)))  # fmt: skip
+
+
+def build_model(config: RunConfig) -> SpeedPLMForMaskedLM:
+    model = SpeedPLMForMaskedLM(config.model_config())
+    requested = config.model.get("attn_implementation")
+    model.config._attn_implementation = requested or ("flex_attention" if torch.cuda.is_available() else "sdpa")
+    return model
+
+
+def resume(config: RunConfig, checkpoints: CheckpointManager, model, train_loader, metrics: MetricsLog) -> Progress:
+    if config.train.resume == "none":
+        return Progress()
+    if config.train.resume == "auto":
+        directory = checkpoints.newest_valid()
+        if directory is None:
+            return Progress()
+    else:
+        directory = Path(config.train.resume)
+        problem = checkpoints.verify(directory)
+        if problem:
+            raise ValueError(f"train.resume={config.train.resume}: {problem}")
+    loader_state, state = checkpoints.load(directory, model)
+    if config.train.resume_data_state:
+        train_loader.load_state_dict(loader_state)
+    metrics.truncate_after(state["step"])
+    logger.info("resumed from %s at step %d", directory, state["step"])
+    return Progress(state["step"], state["tokens"], state["bad_steps"])
+
+
+def train_step(accelerator, model, optimizers, micro_batches: list[dict], inject_nan: bool, grad_clip: float):
+    """Forward/backward over the step's micro-batches, clip, then update only if everything is finite.
+
+    Returns (mean loss over all scored tokens, grad norm, finite, real tokens of the step), all global.
+    """
+    world = accelerator.num_processes
+    scored = [(b["labels"] != -100).sum() for b in micro_batches]
+    scored_global = accelerator.reduce(torch.stack(scored).sum(), "sum").clamp_min(1)  # needed before backward
+    loss_sum = torch.zeros((), device=accelerator.device)  # this rank's summed cross-entropy
+    for i, (batch, n_scored) in enumerate(zip(micro_batches, scored)):
+        last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):  # all-reduce once per step
+            with accelerator.autocast():
+                loss = model(**batch).loss
+            if inject_nan:
+                loss = loss * float("nan")
+            # DDP averages gradients over ranks, hence x world: the result is d(sum CE) / scored_global
+            accelerator.backward(loss * n_scored * world / scored_global)
+        loss_sum += loss.detach().float() * n_scored
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    real = torch.stack([b["attention_mask"].sum() for b in micro_batches]).sum()
+    finite = (torch.isfinite(loss_sum) & torch.isfinite(torch.as_tensor(grad_norm, device=loss_sum.device))).float()
+    totals = accelerator.reduce(torch.stack([loss_sum.nan_to_num(), real.float(), finite]), "sum")  # one reduce
+    is_finite = bool(totals[2].item() == world)
+    if is_finite:
+        for opt in optimizers:
+            opt.step()
+    for opt in optimizers:  # a skipped step leaves parameters and optimizer state untouched
+        opt.zero_grad(set_to_none=True)
+    loss = (totals[0] / scored_global).item() if is_finite else float("nan")
+    return loss, float(grad_norm), is_finite, int(totals[1].item())
+
+
+def train(config: RunConfig) -> None:
+    t, run_dir = config.train, config.run_dir
+    accelerator = build_accelerator(config)
     is_main = accelerator.is_main_process
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        import yaml
-
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    set_seed(config.train.seed)
+    set_seed(t.seed)
 
-    model = SpeedPLMForMaskedLM(config.model_config())
-    model.config._attn_implementation = attention_backend(config)
+    model = build_model(config)
     splits = resolve_splits(config.data, accelerator)
     world, rank = accelerator.num_processes, accelerator.process_index
     train_loader = build_train_loader(config, splits["train"], rank, world)
-    accum = train_loader.grad_accum_steps
-    logger.info("%d rank(s) x %d accumulation step(s) x %d tokens = %d tokens per step; %s attention",
-                world, accum, config.train.micro_batch_tokens, config.train.tokens_per_step,
-                model.config._attn_implementation)  # fmt: skip
-    optimizers = build_optimizers(model, config.train)
-    schedulers = build_schedulers(optimizers, config.train)
-    model, *optimizers = accelerator.prepare(model, *optimizers)
-    accelerator.register_for_checkpointing(*schedulers)
-    if config.train.compile in ("true", True) or (config.train.compile == "auto" and accelerator.device.type == "cuda"):
-        model = torch.compile(model)
-
-    checkpoints = CheckpointManager(run_dir / "checkpoints", config.train.keep_checkpoints, accelerator)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", is_main)
-    step, tokens_seen, bad_in_row, bad_total = 0, 0, 0, 0
-    resume_from = None
-    if config.train.resume == "auto":
-        resume_from = checkpoints.newest_valid()
-    elif config.train.resume != "none":
-        resume_from = checkpoints.root.__class__(config.train.resume)
-        problem = checkpoints.verify(resume_from)
-        if problem:
-            raise ValueError(f"train.resume={config.train.resume}: {problem}")
-    if resume_from is not None:
-        loader_state, state = checkpoints.load(resume_from, model)
-        if config.train.resume_data_state:
-            train_loader.load_state_dict(loader_state)
-        step, tokens_seen, bad_total = state["step"], state["tokens"], state["bad_steps"]
-        metrics.truncate_after(step)
-        logger.info("resumed from %s at step %d", resume_from, step)
-
-    pusher = None
-    if config.hub.push:
-        pusher = ModelPublisher(config.hub, run_dir / "hub_staging", accelerator, model)
-
-    if tracker_names(config.tracking):
-        accelerator.init_trackers(
-            config.tracking.project, config=flatten(config.to_dict()),
-            init_kwargs=tracker_init_kwargs(config.tracking, run_dir, config.train.run_name),
-        )  # fmt: skip
     eval_loaders = {name: build_eval_loader(config, splits[name], rank, world) for name in ("valid", "test")
                     if splits.get(name)}  # fmt: skip
-    peak = peak_flops(accelerator.device, config.train.peak_tflops)
-    fpt = None  # FLOPs per token, from the first step's real protein lengths
-    progress = _progress(is_main, step, config.train.max_steps)
+    accum = train_loader.grad_accum_steps
+    logger.info("%d rank(s) x %d accumulation step(s) x %d tokens = %d tokens per step; %s attention",
+                world, accum, t.micro_batch_tokens, t.tokens_per_step, model.config._attn_implementation)  # fmt: skip
+    optimizers = build_optimizers(model, t)
+    schedulers = build_schedulers(optimizers, t)
+    model, *optimizers = accelerator.prepare(model, *optimizers)
+    accelerator.register_for_checkpointing(*schedulers)
+    if t.compile in ("true", True) or (t.compile == "auto" and accelerator.device.type == "cuda"):
+        model = torch.compile(model)
 
-    batches = iter(train_loader)
-    window = {"time": time.perf_counter(), "tokens": 0, "data_wait": 0.0}
-    with SignalFlag() as stop:
-        while step < config.train.max_steps:
-            model.train()
-            set_muon_momentum(optimizers[0], muon_momentum(step, config.train))
-            t0 = time.perf_counter()
-            micro_batches = [to_device(next(batches), accelerator.device) for _ in range(accum)]
-            window["data_wait"] += time.perf_counter() - t0
-
-            if fpt is None:
-                first = micro_batches[0]
-                scored_fraction = ((first["labels"] != -100).sum() / first["attention_mask"].sum()).item()
-                fpt = flops_per_token(accelerator.unwrap_model(model).config, mean_context(first["document_ids"]),
-                                      scored_fraction)  # fmt: skip
-            scored_local = torch.stack([(b["labels"] != -100).sum() for b in micro_batches]).sum()
-            scored_global = accelerator.reduce(scored_local.clone(), "sum").clamp_min(1)
-            loss_sum = torch.zeros((), device=accelerator.device)  # sum of CE over this rank's scored tokens
-            for i, batch in enumerate(micro_batches):
-                n_scored = (batch["labels"] != -100).sum()
-                sync = i == accum - 1
-                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                    with accelerator.autocast():
-                        loss = model(**batch).loss
-                    if step in config.train.inject_nan_at:
-                        loss = loss * float("nan")
-                    accelerator.backward(loss * n_scored * world / scored_global)
-                loss_sum += loss.detach().float() * n_scored
-            clip = config.train.grad_clip if config.train.grad_clip > 0 else float("inf")
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
-            finite = torch.isfinite(loss_sum) & torch.isfinite(torch.as_tensor(grad_norm, device=loss_sum.device))
-            finite = bool(accelerator.reduce(finite.float(), "sum").item() == world)
-            if finite:
-                for opt in optimizers:
-                    opt.step()
-                bad_in_row = 0
-            else:  # skip: parameters and optimizer state untouched
-                bad_in_row, bad_total = bad_in_row + 1, bad_total + 1
-                logger.warning("step %d: non-finite loss or gradient norm, update skipped (%d in a row)", step, bad_in_row)
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            for sched in schedulers:
-                sched.step()
-            step += 1
-
-            real_tokens = accelerator.reduce(
-                torch.stack([b["attention_mask"].sum() for b in micro_batches]).sum(), "sum"
-            ).item()
-            tokens_seen += real_tokens
-            window["tokens"] += real_tokens
-            global_loss = (accelerator.reduce(loss_sum, "sum") / scored_global).item()
-            progress.update(1)
-            if step % config.train.log_every == 0 or step == config.train.max_steps or not finite:
-                elapsed = time.perf_counter() - window["time"]
-                tps = window["tokens"] / max(elapsed, 1e-9)
-                row = {
-                    "step": step, "tokens": tokens_seen, "loss": global_loss, "lr": schedulers[0].get_last_lr()[0],
-                    "grad_norm": float(grad_norm), "tokens_per_s": tps,
-                    "mask_rate": train_loader.collator.rate(step - 1), "data_wait": window["data_wait"] / max(elapsed, 1e-9),
-                    "mfu": tps * fpt / peak if peak else None, "bad_steps": bad_total,
-                }  # fmt: skip
-                if pusher is not None:
-                    row.update({f"hub_{k}": v for k, v in pusher.status().items()})
-                    pusher.check()
-                metrics.write(row)
-                accelerator.log({f"train/{k}": v for k, v in row.items() if v is not None and k != "step"}, step=step)
-                progress.set_postfix(loss=f"{global_loss:.4f}", tok_s=f"{tps:,.0f}")
-                window = {"time": time.perf_counter(), "tokens": 0, "data_wait": 0.0}
-            if bad_in_row >= config.train.max_bad_steps:
-                raise NonFiniteLosses(f"{bad_in_row} non-finite steps in a row (train.max_bad_steps); stopping at step {step}")
-
-            every = config.eval.every
-            if "valid" in eval_loaders and every and step % every == 0 and step < config.train.max_steps:
-                _log_eval(evaluate(model, eval_loaders["valid"], accelerator, config.eval.max_tokens), "valid", step, tokens_seen, metrics, accelerator)
-            stop_code = 128 + stop.signum if stop.signum else 0
-            stop_code = int(accelerator.reduce(torch.tensor(stop_code, device=accelerator.device), "max").item())
-            last_step = step == config.train.max_steps
-            save_now = (config.train.save_every and step % config.train.save_every == 0) or stop_code
-            if save_now or last_step:
-                checkpoints.save(step, model, train_loader.state_dict(),
-                                 {"step": step, "tokens": tokens_seen, "bad_steps": bad_total})  # fmt: skip
-            if pusher is not None and config.hub.push_every and step % config.hub.push_every == 0 and not last_step:
-                pusher.push_model(step, training_summary(config, step, tokens_seen))
-            if stop_code:
-                progress.close()
-                if pusher is not None:
-                    pusher.finish()
-                raise TrainingStopped(stop_code)
-    progress.close()
-
-    for name in ("valid", "test"):
-        if name in eval_loaders and (name == "valid" or config.eval.test_at_end):
-            _log_eval(evaluate(model, eval_loaders[name], accelerator, config.eval.max_tokens), name, step, tokens_seen, metrics, accelerator)
-    final_dir = run_dir / "final"
-    accelerator.wait_for_everyone()
-    if is_main:
-        accelerator.unwrap_model(model).save_pretrained(final_dir, training_summary=training_summary(config, step, tokens_seen))
-    accelerator.wait_for_everyone()
-    if pusher is not None:
-        pusher.push_model(step, training_summary(config, step, tokens_seen), final=True)
-        pusher.finish()
+    checkpoints = CheckpointManager(run_dir / "checkpoints", t.keep_checkpoints, accelerator)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", is_main)
+    progress = resume(config, checkpoints, model, train_loader, metrics)
+    if tracker_names(config.tracking):
+        accelerator.init_trackers(config.tracking.project, config=flatten(config.to_dict()),
+                                  init_kwargs=tracker_init_kwargs(config.tracking, run_dir, t.run_name))  # fmt: skip
+    publisher = ModelPublisher(config.hub, run_dir / "hub_staging", accelerator, model) if config.hub.push else None
+    try:
+        _loop(config, accelerator, model, optimizers, schedulers, train_loader, eval_loaders, checkpoints, metrics,
+              progress, publisher)  # fmt: skip
+    except BaseException:
+        if publisher is not None:  # crash or stop: drop queued pushes (finish() already awaited a clean stop's)
+            publisher.abort()
+        raise
     accelerator.end_training()
 
 
-def _log_eval(result: dict, split: str, step: int, tokens: int, metrics: MetricsLog, accelerator) -> None:
-    row = {"step": step, "tokens": tokens, "split": split, **{("scored_tokens" if k == "tokens" else k): v
-                                                                for k, v in result.items()}}
-    metrics.write(row)
-    accelerator.log({f"{split}/{k}": v for k, v in result.items() if isinstance(v, (int, float))}, step=step)
-    logger.info("step %d %s loss %.4f perplexity %.3f accuracy %.4f", step, split, result["loss"],
+def _loop(config, accelerator, model, optimizers, schedulers, train_loader, eval_loaders, checkpoints, metrics,
+          progress: Progress, publisher) -> None:  # fmt: skip
+    t = config.train
+    peak = peak_flops(accelerator.device, t.peak_tflops)
+    flops = None  # per token, from the first step's real protein lengths and mask rate
+    if progress.step == 0 and "valid" in eval_loaders and config.eval.every:
+        run_eval(config, accelerator, model, eval_loaders, "valid", progress, metrics)  # the untrained baseline
+    bar = _progress_bar(accelerator.is_main_process, progress.step, t.max_steps)
+    batches = iter(train_loader)
+    window = {"time": time.perf_counter(), "tokens": 0, "data_wait": 0.0}
+    bad_in_row = 0
+    with SignalFlag() as stop:
+        while progress.step < t.max_steps:
+            model.train()
+            set_muon_momentum(optimizers[0], muon_momentum(progress.step, t))
+            t0 = time.perf_counter()
+            micro_batches = [to_device(next(batches), accelerator.device) for _ in range(train_loader.grad_accum_steps)]
+            window["data_wait"] += time.perf_counter() - t0
+            if flops is None:
+                first = micro_batches[0]
+                fraction = ((first["labels"] != -100).sum() / first["attention_mask"].sum()).item()
+                flops = flops_per_token(accelerator.unwrap_model(model).config, mean_context(first["document_ids"]),
+                                        fraction)  # fmt: skip
+            loss, grad_norm, finite, real_tokens = train_step(
+                accelerator, model, optimizers, micro_batches, progress.step in t.inject_nan_at, t.grad_clip
+            )
+            for scheduler in schedulers:
+                scheduler.step()
+            progress.step += 1
+            progress.tokens += real_tokens
+            window["tokens"] += real_tokens
+            bad_in_row = 0 if finite else bad_in_row + 1
+            progress.bad_steps += not finite
+            if not finite:
+                logger.warning("step %d: non-finite loss or gradient norm, update skipped (%d in a row)",
+                               progress.step, bad_in_row)  # fmt: skip
+            bar.update(1)
+            step, last_step = progress.step, progress.step == t.max_steps
+            if step % t.log_every == 0 or last_step or not finite:
+                elapsed = max(time.perf_counter() - window["time"], 1e-9)
+                tps = window["tokens"] / elapsed
+                row = {"step": step, "tokens": progress.tokens, "loss": loss, "lr": schedulers[0].get_last_lr()[0],
+                       "grad_norm": grad_norm, "tokens_per_s": tps, "mask_rate": train_loader.collator.rate(step - 1),
+                       "data_wait": window["data_wait"] / elapsed, "mfu": tps * flops / peak if peak else None,
+                       "bad_steps": progress.bad_steps}  # fmt: skip
+                if publisher is not None:
+                    publisher.check()
+                    row.update({f"hub_{k}": v for k, v in publisher.status().items()})
+                metrics.write(row)
+                accelerator.log({f"train/{k}": v for k, v in row.items() if v is not None and k != "step"}, step=step)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
+                window = {"time": time.perf_counter(), "tokens": 0, "data_wait": 0.0}
+            if bad_in_row >= t.max_bad_steps:
+                raise NonFiniteLosses(f"{bad_in_row} non-finite steps in a row (train.max_bad_steps); stopping at "
+                                      f"step {step}")  # fmt: skip
+            if "valid" in eval_loaders and config.eval.every and step % config.eval.every == 0 and not last_step:
+                run_eval(config, accelerator, model, eval_loaders, "valid", progress, metrics)
+            stop_code = 128 + stop.signum if stop.signum else 0
+            stop_code = int(accelerator.reduce(torch.tensor(stop_code, device=accelerator.device), "max").item())
+            if (t.save_every and step % t.save_every == 0) or stop_code or last_step:
+                checkpoints.save(step, model, train_loader.state_dict(), vars(progress))
+            if publisher is not None and config.hub.push_every and step % config.hub.push_every == 0 and not last_step:
+                publisher.push_model(step, training_summary(config, progress))
+            if stop_code:
+                bar.close()
+                if publisher is not None:
+                    publisher.finish()
+                raise TrainingStopped(stop_code)
+    bar.close()
+
+    for split in ("valid", "test"):
+        if split in eval_loaders and (split == "valid" or config.eval.test_at_end):
+            run_eval(config, accelerator, model, eval_loaders, split, progress, metrics)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(config.run_dir / "final",
+                                                        training_summary=training_summary(config, progress))
+    accelerator.wait_for_everyone()
+    if publisher is not None:
+        publisher.push_model(progress.step, training_summary(config, progress), final=True)
+        publisher.finish()
+
+
+def run_eval(config, accelerator, model, eval_loaders, split: str, progress: Progress, metrics: MetricsLog) -> None:
+    result = evaluate(model, eval_loaders[split], accelerator, config.eval.max_tokens)
+    result["scored_tokens"] = result.pop("tokens")
+    metrics.write({"step": progress.step, "tokens": progress.tokens, "split": split, **result})
+    accelerator.log({f"{split}/{k}": v for k, v in result.items()}, step=progress.step)
+    logger.info("step %d %s loss %.4f perplexity %.3f accuracy %.4f", progress.step, split, result["loss"],
                 result["perplexity"], result["accuracy"])  # fmt: skip
 
 
@@ -264,12 +290,15 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def training_summary(config: RunConfig, step: int, tokens: int) -> str:
-    data = "built-in aaanalysis benchmark proteins (UniProt-derived, BSD-3)" if config.data.train == "builtin" else config.data.train
-    return f"Trained for {step} steps ({tokens:,} tokens) on {data}, max length {config.data.max_length}."
+def training_summary(config: RunConfig, progress: Progress) -> str:
+    data = config.data.train
+    if data == "builtin":
+        data = "the built-in aaanalysis benchmark proteins (UniProt-derived, BSD-3)"
+    return (f"Trained with speedplm for {progress.step} steps ({progress.tokens:,} tokens) on {data}, "
+            f"max length {config.data.max_length}.")  # fmt: skip
 
 
-def _progress(enabled: bool, initial: int, total: int):
+def _progress_bar(enabled: bool, initial: int, total: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, disable=not enabled, desc="train", dynamic_ncols=True)
