@@ -232,21 +232,14 @@ def newton_schulz_rows(s):
 
 
 def end_to_end_rows(s) -> tuple[list, list[str]]:
-    """HOOK (lead: adjust to the training loop): train-step tokens/s, MFU and peak memory, kernels on vs off.
+    """Train-step tokens/s, MFU and peak memory of the model, kernels on vs off.
 
     SpeedPLMForMaskedLM(SpeedPLMConfig.from_preset("speedrun-133m", kernels=...)), bf16 autocast, AdamW, packed batches
     of 8 x 8192 tokens with protein-like documents, 15% of tokens scored, each block compiled (regional torch.compile:
-    one compile serves all 24 blocks). FLOPs per token = 6 * N + 12 * n_layers * hidden * C, N = parameters outside
-    embedding tables (matmul weights), C = attended context = sum(doc_len^2) / tokens (document-masked attention).
+    one compile serves all 24 blocks). FLOPs per token: training/throughput.py (matmul weights, LM head on the scored
+    15%, attention over the attended context C = sum(doc_len^2) / tokens with document masking).
     """
-    import inspect
-
-    import modeling_speedplm.modeling_speedplm as modeling
-    from modeling_speedplm import SpeedPLMConfig, SpeedPLMForMaskedLM
-
     notes = []
-    if "select_kernels" not in inspect.getsource(modeling):
-        notes.append("the model does not call select_kernels yet: 'triton' and 'torch' rows run the same code")
     preset, (batch, length) = ("tiny", (2, 64)) if ARGS.dry_run else ("speedrun-133m", (s["batch"], s["length"]))
     gen = torch.Generator().manual_seed(0)
     docs, lengths = document_ids(batch, length, gen)
@@ -280,13 +273,13 @@ def end_to_end_rows(s) -> tuple[list, list[str]]:
 
 def train_step_row(preset, kernels, batch, length, inputs, context, peak):
     from modeling_speedplm import SpeedPLMConfig, SpeedPLMForMaskedLM
+    from training.throughput import flops_per_token
 
     masked_ids, docs, labels = inputs
     config = SpeedPLMConfig.from_preset(preset, kernels=kernels, max_position_embeddings=1024)
     config._attn_implementation = "flex_attention" if CUDA else "sdpa"
     torch.manual_seed(0)
     model = SpeedPLMForMaskedLM(config).to(DEVICE).train()
-    n_matmul = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
     if CUDA:
         for block in model.model.layers:
             block.compile()
@@ -312,7 +305,7 @@ def train_step_row(preset, kernels, batch, length, inputs, context, peak):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     tokens_s = batch * length / statistics.median(times)
-    flops_token = 6 * n_matmul + 12 * config.num_hidden_layers * config.hidden_size * context
+    flops_token = flops_per_token(config, context, scored_fraction=0.15)  # training/throughput.py's formula
     mfu = f"{100 * tokens_s * flops_token / (peak * 1e12):.1f}%" if peak else "n/a"
     memory = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}" if CUDA else "n/a"
     return [kernels, f"{tokens_s:,.0f}", f"{flops_token / 1e9:.3f}", mfu, memory, f"{context:.0f}"]

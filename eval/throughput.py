@@ -2,6 +2,7 @@
 
     python -m eval.throughput                      # CPU, fp32, esm2-8m-like vs ESM2-8M shape, built-in proteins
     python -m eval.throughput --json out.json --steps 12 --max-length 512 --rows 8
+    python -m eval.throughput --gpu                 # H100/H200: speedrun-133m tokens/s, MFU, peak memory (< 8 min)
 
 Both models see real protein length spread from the built-in set: ESM gets `rows` proteins per batch padded to the
 longest (DataCollatorForLanguageModeling with padding=True), SpeedPLM gets `rows` rows of `max-length` tokens with
@@ -104,7 +105,14 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--cache", default="data", help="where the built-in proteins are prepared once")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--gpu", action="store_true", help="run eval.gpu_benchmark: bf16, compiled, speedrun-133m")
     args = parser.parse_args(argv)
+    if args.gpu:  # the GPU figures (and kernel tables) live in one script with its own 8-minute budget
+        import runpy
+        import sys
+
+        sys.argv = ["eval.gpu_benchmark"]
+        runpy.run_module("eval.gpu_benchmark", run_name="__main__")
     if args.threads:
         torch.set_num_threads(args.threads)
     results = measure(args.preset, args.rows, args.max_length, args.steps, args.warmup, Path(args.cache))
