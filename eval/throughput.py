@@ -33,6 +33,7 @@ def esm_twin(config: SpeedPLMConfig) -> EsmForMaskedLM:
         num_attention_heads=heads, intermediate_size=config.intermediate_size, max_position_embeddings=1026,
         position_embedding_type="rotary", pad_token_id=1, mask_token_id=32, token_dropout=False,
         emb_layer_norm_before=False, attn_implementation="sdpa",
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,  # as the released ESM2 configs
     ))  # fmt: skip
 
 

@@ -407,15 +407,15 @@ NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)
 
 
 def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients=NS_COEFFICIENTS, eps: float = 1e-7,
-                  use_triton: bool | None = None) -> torch.Tensor:  # fmt: skip
+                  use_triton: bool | None = None, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:  # fmt: skip
     """Orthogonalize a 2-D G (~U V^T of its SVD) in bf16, like torch.optim.Muon, with X X^T and
     b A + c A A (A symmetric, so A A = A A^T) on the symmetric xxt kernel. use_triton=None: on CUDA with triton."""
     if use_triton is None:
         use_triton = HAS_TRITON and G.is_cuda
     if not use_triton:
-        return newton_schulz_reference(G, steps, coefficients, eps)
+        return newton_schulz_reference(G, steps, coefficients, eps, dtype)
     a, b, c = coefficients
-    X = G.bfloat16()
+    X = G.to(dtype)
     tall = G.size(0) > G.size(1)
     if tall:  # work on the wide orientation: the Gram matrix is then the smaller one
         X = X.T
@@ -427,10 +427,12 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients=NS_COEFFICIENTS,
     return X.T if tall else X
 
 
-def newton_schulz_reference(G: torch.Tensor, steps: int = 5, coefficients=NS_COEFFICIENTS, eps: float = 1e-7):
-    """Torch twin: the same operations as torch.optim.Muon's `_zeropower_via_newtonschulz` (bit-identical)."""
+def newton_schulz_reference(G: torch.Tensor, steps: int = 5, coefficients=NS_COEFFICIENTS, eps: float = 1e-7,
+                            dtype: torch.dtype = torch.bfloat16):  # fmt: skip
+    """Torch twin: the same operations as torch.optim.Muon's `_zeropower_via_newtonschulz` (bit-identical in bf16;
+    CPUs run bf16 matmuls ~19x slower than fp32, so the CPU path may ask for fp32)."""
     a, b, c = coefficients
-    X = G.bfloat16()
+    X = G.to(dtype)
     tall = G.size(0) > G.size(1)
     if tall:
         X = X.T

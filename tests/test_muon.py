@@ -36,10 +36,21 @@ def test_one_rank_is_torch_muon(hyper):
     ours = make_params()
     theirs = make_params()
     expected = run(theirs, torch.optim.Muon(theirs, **hyper))
-    got = run(ours, DistributedMuon(ours, kernels="torch", **hyper))
+    got = run(ours, DistributedMuon(ours, kernels="torch", ns_dtype=torch.bfloat16, **hyper))
     for a, b in zip(got, expected):
         assert torch.equal(a, b)
     assert sum((a - p0).abs().sum() for a, p0 in zip(got, make_params())) > 0  # it did move the parameters
+
+
+def test_cpu_default_orthogonalizes_in_fp32_close_to_bf16():
+    """On CPU the default Newton-Schulz runs in fp32 (bf16 matmuls are ~19x slower there): same update up to bf16
+    rounding, and not bit-equal (so the precision switch really acts)."""
+    fp32, bf16 = make_params(), make_params()
+    got = run(fp32, DistributedMuon(fp32, kernels="torch"))
+    ref = run(bf16, DistributedMuon(bf16, kernels="torch", ns_dtype=torch.bfloat16))
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-2 * b.abs().max().item())
+    assert any(not torch.equal(a, b) for a, b in zip(got, ref))
 
 
 def test_rejects_non_matrices():

@@ -9,7 +9,7 @@ launched asynchronously so a rank's Newton-Schulz work overlaps the previous bro
 The update is exactly torch.optim.Muon's (torch 2.13): momentum buffer B <- lerp(B, g, 1 - mu); nesterov update
 lerp(g, B, mu); O = NS(update) in bf16 (tall matrices transposed); p <- p * (1 - lr * wd) - lr_adj * O with
 lr_adj = lr * sqrt(max(1, rows / cols)) ("original") or 0.2 * lr * sqrt(max(rows, cols)) ("match_rms_adamw").
-With one rank and kernels="torch" it is bit-identical to torch.optim.Muon (tests/test_muon.py).
+With one rank, kernels="torch" and ns_dtype=bf16 it is bit-identical to torch.optim.Muon (tests/test_muon.py).
 
 Momentum buffers are kept on every rank (elementwise, cheap), so any rank's state_dict resumes the run exactly.
 """
@@ -38,7 +38,8 @@ class DistributedMuon(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, ns_coefficients=NS_COEFFICIENTS, eps: float = 1e-7, ns_steps: int = 5,
-                 adjust_lr_fn: str | None = None, kernels: str = "auto", process_group=None):  # fmt: skip
+                 adjust_lr_fn: str | None = None, kernels: str = "auto", process_group=None,
+                 ns_dtype: torch.dtype | None = None):  # fmt: skip
         if lr < 0 or momentum < 0 or weight_decay < 0:
             raise ValueError(f"DistributedMuon: lr={lr}, momentum={momentum}, weight_decay={weight_decay} must be >= 0")
         if adjust_lr_fn not in (None, "original", "match_rms_adamw"):
@@ -54,6 +55,9 @@ class DistributedMuon(torch.optim.Optimizer):
                     raise ValueError(f"DistributedMuon: only 2-D parameters, got one of shape {tuple(p.shape)}")
         self.use_triton = {"auto": None, "triton": True, "torch": False}[kernels]
         self.process_group = process_group
+        # Newton-Schulz precision: bf16 on GPUs (tensor cores; torch.optim.Muon's choice), fp32 on CPUs, where bf16
+        # matmuls are ~19x slower and made Muon cost more than the forward/backward of a small model.
+        self.ns_dtype = ns_dtype
 
     def _world(self):
         if not (dist.is_available() and dist.is_initialized()):
@@ -82,13 +86,14 @@ class DistributedMuon(torch.optim.Optimizer):
                 buf.lerp_(grad, 1 - mu)  # every rank: identical state everywhere
                 owner = index % world
                 index += 1
+                ns_dtype = self.ns_dtype or (torch.bfloat16 if p.is_cuda else torch.float32)
                 if owner == rank:
                     update = grad.lerp(buf, mu) if group["nesterov"] else buf
                     update = newton_schulz(update, steps, group["ns_coefficients"], group["eps"],
-                                           use_triton=self.use_triton)  # fmt: skip
+                                           use_triton=self.use_triton, dtype=ns_dtype)  # fmt: skip
                     update = update.contiguous()
                 else:
-                    update = torch.empty(p.shape, dtype=torch.bfloat16, device=p.device)
+                    update = torch.empty(p.shape, dtype=ns_dtype, device=p.device)
                 handle = None
                 if world > 1:
                     handle = dist.broadcast(update, group_src=owner, group=self.process_group, async_op=True)
