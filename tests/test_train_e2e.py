@@ -20,7 +20,7 @@ SMALL = [
     "model.hidden_size=64", "model.num_hidden_layers=4", "model.num_attention_heads=2", "model.value_embeddings=2",
     "model.max_position_embeddings=128", "data.max_length=128", "train.micro_batch_tokens=1024",
     "train.tokens_per_step=2048", "train.warmup_steps=2", "train.log_every=1", "eval.max_tokens=4000",
-    "train.muon_momentum_warmup_steps=10",
+    "train.muon_momentum_warmup_steps=10", "train.cpu_threads=1",
 ]  # fmt: skip
 
 

@@ -150,6 +150,11 @@ def train(config: RunConfig) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     set_seed(t.seed)
+    if accelerator.device.type == "cpu":
+        # `accelerate launch` without a config file exports OMP_NUM_THREADS=1, which halves a 2-core CPU run.
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(t.cpu_threads or max(1, cores // local_ranks))
 
     model = build_model(config)
     splits = resolve_splits(config.data, accelerator)
