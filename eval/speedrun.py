@@ -21,9 +21,10 @@ Validation: the valid split, padded batches built once by eval.benchmark.build_b
     callback while its clock is paused.
 Clocks (evaluation and checkpoint writing excluded)
     ESM2      perf_counter from Trainer's on_train_begin, minus the paused evaluation time.
-    SpeedPLM  the trainer logs every step (log_every=1): step time = tokens in the step / its tokens_per_s. The
-              step right after a checkpoint save also holds the save's time, so it is replaced by the median step
-              time of the run (the uncorrected clock is kept in the JSON as raw_time).
+    SpeedPLM  the trainer's `train_seconds` (data + train steps only; log_every=1). For metrics files without it:
+              step time = tokens in the step / its tokens_per_s, with the step right after a checkpoint save (which
+              holds the save's time) replaced by the median step time. The wall clock of the logged windows is
+              kept in the JSON as raw_time.
     Tokens: real (non-padding) input tokens, the trainer's `tokens` and Trainer's num_input_tokens_seen (non_padding).
 Speedup (per seed): T_esm = time at which the ESM2 curve first reaches its final validation loss, T_speedplm = time
     at which the SpeedPLM curve first reaches that loss (linear interpolation between evaluations); speedup =
@@ -288,8 +289,11 @@ def speedplm_clock(metrics_path: Path, every: int) -> tuple[dict, dict]:
     if steps != list(range(1, len(rows) + 1)):
         raise SpeedrunError(f"{metrics_path}: expected one row per step (log_every=1), got steps {steps[:5]}...")
     dt = np.diff([0] + [r["tokens"] for r in rows]) / np.array([r["tokens_per_s"] for r in rows])  # (steps,) s
-    after_save = np.array([st > 1 and (st - 1) % every == 0 for st in steps])  # the window that holds a save
-    fixed = np.where(after_save, np.median(dt[~after_save]), dt)
+    if all("train_seconds" in r for r in rows):  # the trainer's own clock: data + steps only, exact
+        fixed = np.diff([0.0] + [r["train_seconds"] for r in rows])
+    else:  # older metrics files: the window after a save also holds the save, use the median step there
+        after_save = np.array([st > 1 and (st - 1) % every == 0 for st in steps])
+        fixed = np.where(after_save, np.median(dt[~after_save]), dt)
     times = {st: {"time": float(t), "tokens": r["tokens"]} for st, t, r in zip(steps, np.cumsum(fixed), rows)}
     return times, {st: float(t) for st, t in zip(steps, np.cumsum(dt))}
 

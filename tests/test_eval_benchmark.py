@@ -264,6 +264,15 @@ def test_speedplm_clock_drops_checkpoint_time(tmp_path):
     assert times[3] == {"time": pytest.approx(3.0), "tokens": 3000}
 
 
+def test_speedplm_clock_prefers_the_trainers_train_seconds(tmp_path):
+    from eval.speedrun import speedplm_clock
+
+    rows = [{"step": s, "tokens": 1000 * s, "tokens_per_s": 100.0, "train_seconds": 0.5 * s} for s in range(1, 5)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    times, raw = speedplm_clock(tmp_path / "metrics.jsonl", every=2)
+    assert times[4]["time"] == pytest.approx(2.0) and raw[4] == pytest.approx(40.0)
+
+
 @pytest.mark.slow
 def test_speedrun_short_end_to_end(prepared, tmp_path):
     code, out = run_cli("-m", "eval.speedrun", "--short", "--threads", "1", "--data", prepared, "--out", tmp_path,

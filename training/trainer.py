@@ -70,6 +70,7 @@ class Progress:
     step: int = 0
     tokens: int = 0
     bad_steps: int = 0
+    train_seconds: float = 0.0  # time in data + train steps only (no eval, checkpoint or push): time-to-loss clock
 
 
 def build_accelerator(config: RunConfig) -> Accelerator:
@@ -104,7 +105,7 @@ def resume(config: RunConfig, checkpoints: CheckpointManager, model, train_loade
         train_loader.load_state_dict(loader_state)
     metrics.truncate_after(state["step"])
     logger.info("resumed from %s at step %d", directory, state["step"])
-    return Progress(state["step"], state["tokens"], state["bad_steps"])
+    return Progress(**state)
 
 
 def train_step(accelerator, model, optimizers, micro_batches: list[dict], inject_nan: bool, grad_clip: float):
@@ -217,6 +218,7 @@ def _loop(config, accelerator, model, optimizers, schedulers, train_loader, eval
             )
             for scheduler in schedulers:
                 scheduler.step()
+            progress.train_seconds += time.perf_counter() - t0
             progress.step += 1
             progress.tokens += real_tokens
             window["tokens"] += real_tokens
@@ -233,7 +235,7 @@ def _loop(config, accelerator, model, optimizers, schedulers, train_loader, eval
                 row = {"step": step, "tokens": progress.tokens, "loss": loss, "lr": schedulers[0].get_last_lr()[0],
                        "grad_norm": grad_norm, "tokens_per_s": tps, "mask_rate": train_loader.collator.rate(step - 1),
                        "data_wait": window["data_wait"] / elapsed, "mfu": tps * flops / peak if peak else None,
-                       "bad_steps": progress.bad_steps}  # fmt: skip
+                       "bad_steps": progress.bad_steps, "train_seconds": progress.train_seconds}  # fmt: skip
                 if publisher is not None:
                     publisher.check()
                     row.update({f"hub_{k}": v for k, v in publisher.status().items()})
