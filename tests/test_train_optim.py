@@ -39,6 +39,7 @@ def test_muon_and_adam_update_their_groups():
     assert not any(n.endswith(("qkv_proj.weight", "up_proj.weight")) for n in changed)
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")
 def test_wsd_schedule_shape():
     cfg = TrainSection(max_steps=100, warmup_steps=10, decay_fraction=0.3, schedule="wsd")
     model = SpeedPLMForMaskedLM(SpeedPLMConfig.from_preset("tiny"))
@@ -53,6 +54,7 @@ def test_wsd_schedule_shape():
     assert lrs[85] < lrs[75] < cfg.muon_lr and lrs[99] < 0.05 * cfg.muon_lr
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")
 def test_cosine_schedule_decays():
     cfg = TrainSection(max_steps=50, warmup_steps=5, schedule="cosine")
     optimizers = build_optimizers(SpeedPLMForMaskedLM(SpeedPLMConfig.from_preset("tiny")), cfg)
