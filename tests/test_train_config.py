@@ -56,3 +56,11 @@ def test_bad_recipe_file_names_itself(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ValueError, match=str(bad)):
         load_config(str(bad))
+
+
+@pytest.mark.parametrize("topology", sorted((ROOT / "accelerate_configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_configs_load(topology):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(topology))
+    assert config.num_processes >= 1 and config.mixed_precision in ("no", "bf16")
