@@ -220,3 +220,15 @@ def test_two_ranks_match_one_rank(tmp_path, shards):
     v1, v2 = rows(tmp_path, "one", "valid"), rows(tmp_path, "two", "valid")
     assert [r["scored_tokens"] for r in v1] == [r["scored_tokens"] for r in v2]
     assert v2[-1]["loss"] == pytest.approx(v1[-1]["loss"], rel=1e-4)
+
+
+def test_compiled_blocks_train_like_eager(tmp_path, shards):
+    """train.compile=true (the GPU default) on CPU: regional torch.compile gives the eager run's losses."""
+    common = ["train.max_steps=3", "eval.every=0", "train.save_every=100"]
+    code, out = run_training(tmp_path, shards, *common, name="eager")
+    assert code == 0, out[-3000:]
+    code, out = run_training(tmp_path, shards, *common, "train.compile=true", name="compiled")
+    assert code == 0, out[-3000:]
+    eager, compiled = train_losses(tmp_path, "eager"), train_losses(tmp_path, "compiled")
+    for step in eager:
+        assert compiled[step] == pytest.approx(eager[step], rel=1e-4), step

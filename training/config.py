@@ -52,7 +52,7 @@ class TrainSection:
     muon_momentum_end: float = 0.95
     muon_momentum_warmup_steps: int = 300
     grad_clip: float = 1.0  # 0 = off
-    compile: str = "auto"  # "auto" = torch.compile on CUDA only
+    compile: str = "auto"  # torch.compile of each block; "auto" = on CUDA only
     cpu_threads: int | None = None  # CPU runs: torch threads per rank; None = available cores / ranks on this node
     log_every: int = 10
     save_every: int = 100

@@ -166,12 +166,15 @@ def train(config: RunConfig) -> None:
     accum = train_loader.grad_accum_steps
     logger.info("%d rank(s) x %d accumulation step(s) x %d tokens = %d tokens per step; %s attention",
                 world, accum, t.micro_batch_tokens, t.tokens_per_step, model.config._attn_implementation)  # fmt: skip
+    if t.compile in ("true", True) or (t.compile == "auto" and accelerator.device.type == "cuda"):
+        # Regional compilation (one compile serves every block): the LM head's scored-positions gather has a
+        # data-dependent shape that would make a whole-model graph recompile or break every step.
+        for block in model.model.layers:
+            block.compile()
     optimizers = build_optimizers(model, t)
     schedulers = build_schedulers(optimizers, t)
     model, *optimizers = accelerator.prepare(model, *optimizers)
     accelerator.register_for_checkpointing(*schedulers)
-    if t.compile in ("true", True) or (t.compile == "auto" and accelerator.device.type == "cuda"):
-        model = torch.compile(model)
 
     checkpoints = CheckpointManager(run_dir / "checkpoints", t.keep_checkpoints, accelerator)
     metrics = MetricsLog(run_dir / "metrics.jsonl", is_main)
