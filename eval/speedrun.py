@@ -21,10 +21,8 @@ Validation: the valid split, padded batches built once by eval.benchmark.build_b
     callback while its clock is paused.
 Clocks (evaluation and checkpoint writing excluded)
     ESM2      perf_counter from Trainer's on_train_begin, minus the paused evaluation time.
-    SpeedPLM  the trainer's `train_seconds` (data + train steps only; log_every=1). For metrics files without it:
-              step time = tokens in the step / its tokens_per_s, with the step right after a checkpoint save (which
-              holds the save's time) replaced by the median step time. The wall clock of the logged windows is
-              kept in the JSON as raw_time.
+    SpeedPLM  the trainer's `train_seconds` (data + train steps only; log_every=1). The wall clock of the logged
+              windows (which also holds checkpoint saves) is kept in the JSON as raw_time.
     Tokens: real (non-padding) input tokens, the trainer's `tokens` and Trainer's num_input_tokens_seen (non_padding).
 Speedup (per seed): T_esm = time at which the ESM2 curve first reaches its final validation loss, T_speedplm = time
     at which the SpeedPLM curve first reaches that loss (linear interpolation between evaluations); speedup =
@@ -263,7 +261,7 @@ def run_speedplm(s: Settings, config, data_root: Path, steps: int, seed: int, ev
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
         raise SpeedrunError(f"SpeedPLM run (seed {seed}) exited {proc.returncode}; log {log_path}:\n{tail}")
 
-    times, raw = speedplm_clock(run_dir / "metrics.jsonl", every)
+    times, raw = speedplm_clock(run_dir / "metrics.jsonl")
     set_seed(seed)  # the trainer's init: set_seed(train.seed), then the model
     model = SpeedPLMForMaskedLM(config)
     model.config._attn_implementation = "sdpa"
@@ -281,21 +279,17 @@ def run_speedplm(s: Settings, config, data_root: Path, steps: int, seed: int, ev
                 points=points)  # fmt: skip
 
 
-def speedplm_clock(metrics_path: Path, every: int) -> tuple[dict, dict]:
-    """{step: {time, tokens}} with checkpoint-save time removed, and {step: raw time}; see the module docstring."""
+def speedplm_clock(metrics_path: Path) -> tuple[dict, dict]:
+    """{step: {time, tokens}} on the trainer's own clock (`train_seconds`: data + steps, no eval or checkpoint
+    time), and {step: wall time of the logged windows} kept for reference as raw_time."""
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     rows = sorted((r for r in rows if "split" not in r), key=lambda r: r["step"])
     steps = [r["step"] for r in rows]
-    if steps != list(range(1, len(rows) + 1)):
-        raise SpeedrunError(f"{metrics_path}: expected one row per step (log_every=1), got steps {steps[:5]}...")
-    dt = np.diff([0] + [r["tokens"] for r in rows]) / np.array([r["tokens_per_s"] for r in rows])  # (steps,) s
-    if all("train_seconds" in r for r in rows):  # the trainer's own clock: data + steps only, exact
-        fixed = np.diff([0.0] + [r["train_seconds"] for r in rows])
-    else:  # older metrics files: the window after a save also holds the save, use the median step there
-        after_save = np.array([st > 1 and (st - 1) % every == 0 for st in steps])
-        fixed = np.where(after_save, np.median(dt[~after_save]), dt)
-    times = {st: {"time": float(t), "tokens": r["tokens"]} for st, t, r in zip(steps, np.cumsum(fixed), rows)}
-    return times, {st: float(t) for st, t in zip(steps, np.cumsum(dt))}
+    if steps != list(range(1, len(rows) + 1)) or not all("train_seconds" in r for r in rows):
+        raise SpeedrunError(f"{metrics_path}: expected one row per step with train_seconds, got steps {steps[:5]}...")
+    wall = np.cumsum(np.diff([0] + [r["tokens"] for r in rows]) / np.array([r["tokens_per_s"] for r in rows]))
+    times = {r["step"]: {"time": float(r["train_seconds"]), "tokens": r["tokens"]} for r in rows}
+    return times, {st: float(t) for st, t in zip(steps, wall)}
 
 
 def point(step: int, tokens: int, clock: float, result: dict, **extra) -> dict:

@@ -253,24 +253,16 @@ def test_speedup_interpolates_the_curves():
     assert result["speedup_time"] == pytest.approx(20 / 6) and result["speedup_tokens"] == pytest.approx(200 / 120)
 
 
-def test_speedplm_clock_drops_checkpoint_time(tmp_path):
-    from eval.speedrun import speedplm_clock
-
-    rows = [{"step": s, "tokens": 1000 * s, "tokens_per_s": 1000.0 if s != 4 else 100.0} for s in range(1, 7)]
-    rows.insert(3, {"step": 3, "tokens": 3000, "split": "valid", "loss": 3.0})
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    times, raw = speedplm_clock(tmp_path / "metrics.jsonl", every=3)  # saves at 3 and 6: step 4 held a save
-    assert times[6]["time"] == pytest.approx(6.0) and raw[6] == pytest.approx(15.0)
-    assert times[3] == {"time": pytest.approx(3.0), "tokens": 3000}
-
-
-def test_speedplm_clock_prefers_the_trainers_train_seconds(tmp_path):
-    from eval.speedrun import speedplm_clock
+def test_speedplm_clock_uses_the_trainers_train_seconds(tmp_path):
+    from eval.speedrun import SpeedrunError, speedplm_clock
 
     rows = [{"step": s, "tokens": 1000 * s, "tokens_per_s": 100.0, "train_seconds": 0.5 * s} for s in range(1, 5)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    times, raw = speedplm_clock(tmp_path / "metrics.jsonl", every=2)
+    times, raw = speedplm_clock(tmp_path / "metrics.jsonl")
     assert times[4]["time"] == pytest.approx(2.0) and raw[4] == pytest.approx(40.0)
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "tokens": 10, "tokens_per_s": 1.0}) + "\n")
+    with pytest.raises(SpeedrunError, match="train_seconds"):
+        speedplm_clock(tmp_path / "metrics.jsonl")
 
 
 @pytest.mark.slow
