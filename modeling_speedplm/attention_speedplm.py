@@ -97,8 +97,10 @@ def eager_attention(q, k, v, mask: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def flex_attention_forward(q, k, v, mask: "BlockMask", scale: float) -> torch.Tensor:
-    # Eager flex (CPU) is a reference implementation; the compiled kernel is the fast path on CUDA.
-    fn = _flex() if q.is_cuda else flex_attention
+    # Eager flex is a reference implementation; the fast path is a compiled kernel. Inside a compiled region (the
+    # trainer compiles each block) dynamo captures flex_attention itself; called eagerly on CUDA, the module-level
+    # compiled function is used (transformers' flex integration makes the same choice).
+    fn = _flex() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
     return fn(q, k, v, block_mask=mask, scale=scale).transpose(1, 2)
 
 

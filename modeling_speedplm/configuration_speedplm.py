@@ -5,6 +5,9 @@ Shipped inside every checkpoint as Hub remote code: no torch import, relative im
 
 from transformers import PretrainedConfig
 
+# Triton kernels (kernels_speedplm.py) a `kernels` setting can name.
+TRITON_KERNELS = ("linear_relu2", "qk_norm_rotary", "newton_schulz")
+
 # ESM2 vocabulary, in ESM2's order (fair-esm `Alphabet`), so that token ids match ESM2 checkpoints one for one.
 ESM2_VOCAB = (
     "<cls>", "<pad>", "<eos>", "<unk>",
@@ -27,7 +30,23 @@ PRESETS = {
 }
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "flex_attention", "eager")
-KERNEL_CHOICES = ("auto", "triton", "torch")
+
+
+def parse_kernels(choice: str) -> tuple[str, ...] | None:
+    """The Triton kernels `choice` asks for: "torch" -> (), "triton" -> all, "auto" -> None (decided by the device),
+    "linear_relu2+newton_schulz" -> just those (torch twins for the rest). Raises ValueError for anything else."""
+    if choice == "auto":
+        return None
+    if choice == "torch":
+        return ()
+    if choice == "triton":
+        return TRITON_KERNELS
+    names = tuple(choice.split("+")) if isinstance(choice, str) else ()
+    unknown = [n for n in names if n not in TRITON_KERNELS]
+    if not names or unknown or len(set(names)) != len(names):
+        raise ValueError(f"kernels={choice!r}: use 'auto', 'triton', 'torch' or a '+'-joined subset of "
+                         f"{list(TRITON_KERNELS)}")  # fmt: skip
+    return names
 
 
 class SpeedPLMConfig(PretrainedConfig):
@@ -48,7 +67,8 @@ class SpeedPLMConfig(PretrainedConfig):
         token_dropout: ESM2's rescaling of embeddings by the observed mask rate. Not supported (must be False): the
             RMSNorm applied to the embedding right after cancels any per-sequence rescale, so it would be a no-op.
         sliding_window: bidirectional window (tokens each side) for every layer; None = global attention.
-        kernels: "auto" (Triton where CUDA and triton exist, else torch), "triton" or "torch".
+        kernels: "auto" (Triton where CUDA and triton exist, else torch), "triton", "torch", or the Triton kernels
+            to use joined by "+" (e.g. "linear_relu2+newton_schulz"; torch for the others).
     """
 
     model_type = "speedplm"
@@ -150,8 +170,10 @@ class SpeedPLMConfig(PretrainedConfig):
             fail("token_dropout", "not supported: the RMSNorm after the embedding cancels ESM2's rescale")
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
             fail("sliding_window", "must be None (global) or a positive integer")
-        if self.kernels not in KERNEL_CHOICES:
-            fail("kernels", f"must be one of {KERNEL_CHOICES}")
+        try:
+            parse_kernels(self.kernels)
+        except ValueError as e:
+            fail("kernels", str(e))
         if not 0 < self.initializer_range < 1:
             fail("initializer_range", "must be in (0, 1)")
         for field in ("cls_token_id", "pad_token_id", "eos_token_id", "mask_token_id"):

@@ -5,7 +5,7 @@
     xxt(X, alpha, beta, C)                   alpha * X @ X.T + beta * C, only the upper triangle of tiles computed
     newton_schulz(G, steps, coefficients)    Muon's quintic orthogonalization built on xxt
 
-`select_kernels("auto" | "triton" | "torch", device)` returns the implementation to use. Shipped as Hub remote code:
+`select_kernels("auto" | "triton" | "torch" | "linear_relu2+...", device)` returns the implementation to use. Shipped as Hub remote code:
 the triton import is guarded and every kernel has a torch path, so checkpoints load where triton is missing.
 The Triton ops are registered with torch.library (namespace "speedplm") so torch.compile traces them as opaque ops.
 
@@ -19,6 +19,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from .configuration_speedplm import TRITON_KERNELS, parse_kernels
+
 try:
     import triton
     import triton.language as tl
@@ -29,7 +31,8 @@ HAS_TRITON = triton is not None
 
 __all__ = [
     "HAS_TRITON", "INTERPRET", "NS_COEFFICIENTS", "linear_relu2", "linear_relu2_reference", "newton_schulz",
-    "newton_schulz_reference", "qk_norm_rotary", "qk_norm_rotary_reference", "select_kernels", "xxt", "xxt_reference",
+    "newton_schulz_reference", "parse_kernels", "qk_norm_rotary", "qk_norm_rotary_reference", "select_kernels",
+    "TRITON_KERNELS", "AUTO_KERNELS", "xxt", "xxt_reference",
 ]  # fmt: skip
 
 
@@ -444,21 +447,29 @@ def newton_schulz_reference(G: torch.Tensor, steps: int = 5, coefficients=NS_COE
     return X.T if tall else X
 
 
-def select_kernels(choice: str, device) -> SimpleNamespace:
-    """The kernels to use for `choice` in {"auto", "triton", "torch"} on `device`.
+# "auto" on CUDA uses these: the kernels that paid end to end in `python -m eval.gpu_benchmark` (README, "GPU fast
+# path"); the others stay available by name (TRITON_KERNELS, configuration_speedplm.py).
+AUTO_KERNELS = TRITON_KERNELS
 
-    auto: Triton when triton is importable, CUDA is available and `device` is CUDA; torch otherwise.
-    triton: Triton everywhere (on CPU it needs TRITON_INTERPRET=1: how the tests run it); raises without triton.
+
+def select_kernels(choice: str, device) -> SimpleNamespace:
+    """The implementation of each kernel for `choice` (see parse_kernels) on `device`.
+
+    auto: AUTO_KERNELS in Triton when triton is importable, CUDA is available and `device` is CUDA; torch otherwise.
+    Named kernels ("triton" or a subset) run in Triton everywhere (on CPU only under TRITON_INTERPRET=1: how the
+    tests run them) and raise without triton.
     """
     device = torch.device(device)
-    if choice not in ("auto", "triton", "torch"):
-        raise ValueError(f"kernels={choice!r}: choose 'auto', 'triton' or 'torch'")
-    if choice == "triton":
+    names = parse_kernels(choice)
+    if names is None:
+        auto = HAS_TRITON and torch.cuda.is_available() and device.type == "cuda"
+        names = AUTO_KERNELS if auto else ()
+    elif names:
         _require_triton()
-    use = choice == "triton" or (choice == "auto" and HAS_TRITON and torch.cuda.is_available()
-                                 and device.type == "cuda")  # fmt: skip
-    if use:
-        return SimpleNamespace(name="triton", linear_relu2=linear_relu2, qk_norm_rotary=qk_norm_rotary,
-                               newton_schulz=lambda G, *a, **kw: newton_schulz(G, *a, use_triton=True, **kw))
-    return SimpleNamespace(name="torch", linear_relu2=linear_relu2_reference, qk_norm_rotary=qk_norm_rotary_reference,
-                           newton_schulz=newton_schulz_reference)
+    ns_triton = "newton_schulz" in names
+    return SimpleNamespace(
+        name="torch" if not names else "triton" if set(names) == set(TRITON_KERNELS) else "+".join(names),
+        linear_relu2=linear_relu2 if "linear_relu2" in names else linear_relu2_reference,
+        qk_norm_rotary=qk_norm_rotary if "qk_norm_rotary" in names else qk_norm_rotary_reference,
+        newton_schulz=lambda G, *a, **kw: newton_schulz(G, *a, use_triton=ns_triton, **kw),
+    )

@@ -218,13 +218,31 @@ def test_select_kernels(monkeypatch):
     assert K.select_kernels("torch", DEVICE).linear_relu2 is K.linear_relu2_reference
     assert K.select_kernels("triton", "cpu").qk_norm_rotary is K.qk_norm_rotary
     assert K.select_kernels("auto", "cpu").name == "torch"
-    assert K.select_kernels("auto", DEVICE).name == ("triton" if DEVICE == "cuda" else "torch")
-    with pytest.raises(ValueError, match="choose"):
-        K.select_kernels("fast", DEVICE)
+    auto = K.select_kernels("auto", DEVICE)
+    assert (auto.linear_relu2 is K.linear_relu2) == (DEVICE == "cuda" and "linear_relu2" in K.AUTO_KERNELS)
+    assert (auto.qk_norm_rotary is K.qk_norm_rotary) == (DEVICE == "cuda" and "qk_norm_rotary" in K.AUTO_KERNELS)
+    # a subset: Triton for the named kernels, the torch twins for the others
+    some = K.select_kernels("qk_norm_rotary+newton_schulz", "cpu")
+    assert some.name == "qk_norm_rotary+newton_schulz"
+    assert some.qk_norm_rotary is K.qk_norm_rotary and some.linear_relu2 is K.linear_relu2_reference
+    for bad in ("fast", "linear_relu2+bogus", "linear_relu2+linear_relu2", "", "+"):
+        with pytest.raises(ValueError, match="'auto', 'triton', 'torch' or a '\\+'-joined subset"):
+            K.select_kernels(bad, DEVICE)
     monkeypatch.setattr(K, "HAS_TRITON", False)
     assert K.select_kernels("auto", DEVICE).name == "torch"
-    with pytest.raises(RuntimeError, match="needs the `triton` package"):
-        K.select_kernels("triton", DEVICE)
+    for named in ("triton", "linear_relu2"):
+        with pytest.raises(RuntimeError, match="needs the `triton` package"):
+            K.select_kernels(named, DEVICE)
+
+
+def test_newton_schulz_choice_follows_selection(monkeypatch):
+    calls = []
+    monkeypatch.setattr(K, "newton_schulz_reference", lambda G, *a, **kw: calls.append("torch") or G)
+    monkeypatch.setattr(K, "xxt", lambda x, *a, **kw: calls.append("triton") or x @ x.T)
+    g = torch.randn(8, 16)
+    K.select_kernels("linear_relu2", "cpu").newton_schulz(g)
+    K.select_kernels("newton_schulz", "cpu").newton_schulz(g, steps=1)
+    assert calls == ["torch", "triton", "triton"]  # one step: X X^T, then A A^T
 
 
 # ---------------------------------------------------------------- full size, GPU only

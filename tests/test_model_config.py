@@ -18,6 +18,7 @@ INVALID = [
     (dict(token_dropout=True), "token_dropout"),
     (dict(sliding_window=0), "sliding_window"),
     (dict(kernels="cuda"), "kernels"),
+    (dict(kernels="linear_relu2+flash"), "kernels"),
     (dict(initializer_range=0.0), "initializer_range"),
     (dict(mask_token_id=33), "mask_token_id"),
     (dict(pad_token_id=-1), "pad_token_id"),
@@ -42,10 +43,11 @@ def test_mlp_width_rounded_to_multiple():
 
 
 def test_config_round_trips_through_dict():
-    config = SpeedPLMConfig.from_preset("tiny", sliding_window=16, tie_word_embeddings=True)
+    config = SpeedPLMConfig.from_preset("tiny", sliding_window=16, tie_word_embeddings=True,
+                                        kernels="linear_relu2+newton_schulz")
     again = SpeedPLMConfig(**config.to_dict())
     for key in ("hidden_size", "num_hidden_layers", "value_embeddings", "sliding_window", "tie_word_embeddings",
-                "mask_token_id", "soft_logit_cap"):  # fmt: skip
+                "mask_token_id", "soft_logit_cap", "kernels"):  # fmt: skip
         assert getattr(again, key) == getattr(config, key), key
 
 
