@@ -62,10 +62,10 @@ def record_launches(dtype: torch.dtype) -> list:
         K._qk_launch(q, k, cos, sin, 1e-6, torch.empty_like(q), torch.empty_like(k))
         # Muon's matrices per speedrun-133m block, and one of esm2-650m-like (1280 rows: the 128-wide xxt tiles)
         for rows, cols in ((768, 768), (2048, 768), (768, 2048), (2304, 768), (1280, 5120)):
-            g = torch.empty(rows, cols, dtype=dtype)
-            X = g.T if rows > cols else g  # newton_schulz works on the wide orientation (a transposed view)
-            A = K._xxt_op(X, 1.0, 0.0, None)
-            K._xxt_op(A, -4.775, 2.0315, A)
+            for g in (torch.empty(rows, cols, dtype=dtype), torch.empty(24, rows, cols, dtype=dtype)):  # one, stack
+                X = g.mT if rows > cols else g  # newton_schulz works on the wide orientation (a transposed view)
+                A = K._xxt_op(X, 1.0, 0.0, None)
+                K._xxt_op(A, -4.775, 2.0315, A)
     finally:
         for name, kernel in saved.items():
             setattr(K, name, kernel)

@@ -2,8 +2,9 @@
 
     linear_relu2(x, weight)                  relu(x @ weight.T) ** 2, the MLP up-projection with its activation fused
     qk_norm_rotary(q, k, cos, sin, eps)      parameter-free RMSNorm of q and k per head + rotary (rotate-half), fused
-    xxt(X, alpha, beta, C)                   alpha * X @ X.T + beta * C, only the upper triangle of tiles computed
-    newton_schulz(G, steps, coefficients)    Muon's quintic orthogonalization built on xxt
+    xxt(X, alpha, beta, C)                   alpha * X @ X.T + beta * C, only the upper triangle of tiles computed;
+                                             X (M, K) or a stack (B, M, K)
+    newton_schulz(G, steps, coefficients)    Muon's quintic orthogonalization built on xxt, one matrix or a stack
 
 `select_kernels("auto" | "triton" | "torch" | "linear_relu2+...", device)` returns the implementation to use. Shipped as Hub remote code:
 the triton import is guarded and every kernel has a torch path, so checkpoints load where triton is missing.
@@ -174,12 +175,17 @@ if HAS_TRITON:
     # modded-nanogpt's XXT / ba_plus_cAA kernels (@byronxu99, microsoft/dion's newton_schulz_triton).
     # ---------------------------------------------------------------------------------------------------------------
     @triton.jit
-    def _xxt_kernel(x_ptr, c_ptr, out_ptr, M, K, sxm, sxk, scm, scn, som, son, alpha, beta,
+    def _xxt_kernel(x_ptr, c_ptr, out_ptr, M, K, sxb, sxm, sxk, scb, scm, scn, sob, som, son, alpha, beta,
                     HAS_C: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+        # Grid (tiles, tiles, batch): a stack of same-shape matrices (Muon's 24 blocks x 4 shapes) in one launch.
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         if pid_m > pid_n:  # lower-triangle tile: written by its mirror
             return
+        pid_b = tl.program_id(2).to(tl.int64)
+        x_ptr += pid_b * sxb
+        c_ptr += pid_b * scb
+        out_ptr += pid_b * sob
         rm = pid_m * BLOCK + tl.arange(0, BLOCK)
         rn = pid_n * BLOCK + tl.arange(0, BLOCK)
         rk = tl.arange(0, BLOCK_K)
@@ -321,24 +327,25 @@ _qk_norm_rotary_op.register_autograd(_qk_backward, setup_context=_qk_setup)
 
 @torch.library.custom_op("speedplm::xxt", mutates_args=())
 def _xxt_op(x: torch.Tensor, alpha: float, beta: float, c: torch.Tensor | None) -> torch.Tensor:
+    """x (M, K) or a stack (B, M, K) -> (M, M) or (B, M, M); c (like the output) or None."""
     _require_triton()
     _check_device(x)
-    m, k = x.shape
-    out = x.new_empty(m, m)
+    x3 = x if x.dim() == 3 else x[None]
+    batch, m, k = x3.shape
+    out = x3.new_empty(batch, m, m)
     # 128-wide tiles, or 64 for a small Gram matrix (768x768: 78 active tiles instead of 21 on a 132-SM H100).
     block, block_k = (16, 16) if INTERPRET else ((64, 64) if m <= 1024 else (128, 64))
-    cc = c if c is not None else out
+    cc = out if c is None else (c if c.dim() == 3 else c[None])
     tiles = triton.cdiv(m, block)
-    _xxt_kernel[(tiles, tiles)](x, cc, out, m, k, x.stride(0), x.stride(1), cc.stride(0), cc.stride(1),
-                                out.stride(0), out.stride(1), alpha, beta, HAS_C=c is not None,
-                                PRECISION=_dot_precision(x.dtype), BLOCK=block, BLOCK_K=block_k,
-                                num_warps=4 if block == 64 else 8, num_stages=3)  # fmt: skip
-    return out
+    _xxt_kernel[(tiles, tiles, batch)](x3, cc, out, m, k, *x3.stride(), *cc.stride(), *out.stride(), alpha, beta,
+                                       HAS_C=c is not None, PRECISION=_dot_precision(x.dtype), BLOCK=block,
+                                       BLOCK_K=block_k, num_warps=4 if block == 64 else 8, num_stages=3)  # fmt: skip
+    return out if x.dim() == 3 else out[0]
 
 
 @_xxt_op.register_fake
 def _(x, alpha, beta, c):
-    return x.new_empty(x.shape[0], x.shape[0])
+    return x.new_empty(*x.shape[:-1], x.shape[-2])
 
 
 # -------------------------------------------------------------------------------------------------------------------
@@ -397,11 +404,13 @@ def qk_norm_rotary_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor
 
 
 def xxt(x: torch.Tensor, alpha: float = 1.0, beta: float = 0.0, c: torch.Tensor | None = None) -> torch.Tensor:
-    """alpha * x @ x.T + beta * c (c symmetric (M, M) or None), x (M, K); Triton, upper tiles only."""
+    """alpha * x @ x^T + beta * c (c symmetric or None), x (M, K) or (B, M, K); Triton, upper tiles only."""
     return torch.ops.speedplm.xxt(x, float(alpha), float(beta), c)
 
 
 def xxt_reference(x: torch.Tensor, alpha: float = 1.0, beta: float = 0.0, c: torch.Tensor | None = None):
+    if x.dim() == 3:
+        return alpha * (x @ x.mT) if c is None else torch.baddbmm(c, x, x.mT, beta=beta, alpha=alpha)
     return alpha * (x @ x.T) if c is None else torch.addmm(c, x, x.T, beta=beta, alpha=alpha)
 
 
@@ -411,31 +420,43 @@ NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)
 
 def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients=NS_COEFFICIENTS, eps: float = 1e-7,
                   use_triton: bool | None = None, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:  # fmt: skip
-    """Orthogonalize a 2-D G (~U V^T of its SVD) in bf16, like torch.optim.Muon, with X X^T and
-    b A + c A A (A symmetric, so A A = A A^T) on the symmetric xxt kernel. use_triton=None: on CUDA with triton."""
+    """Orthogonalize G (~U V^T of its SVD) in bf16, like torch.optim.Muon, with X X^T and b A + c A A (A symmetric,
+    so A A = A A^T) on the symmetric xxt kernel. G is one matrix (M, N) or a stack of same-shape matrices (B, M, N),
+    orthogonalised each on its own in one launch per product. use_triton=None: on CUDA with triton."""
     if use_triton is None:
         use_triton = HAS_TRITON and G.is_cuda
     if not use_triton:
         return newton_schulz_reference(G, steps, coefficients, eps, dtype)
     a, b, c = coefficients
     X = G.to(dtype)
-    tall = G.size(0) > G.size(1)
+    tall = G.size(-2) > G.size(-1)
     if tall:  # work on the wide orientation: the Gram matrix is then the smaller one
-        X = X.T
-    X = X / X.norm().clamp(min=eps)  # Frobenius norm >= spectral norm, so singular values end up <= 1
+        X = X.mT
+    # Frobenius norm >= spectral norm, so singular values end up <= 1
+    X = X / (X.norm() if X.dim() == 2 else X.norm(dim=(-2, -1), keepdim=True)).clamp(min=eps)
     for _ in range(steps):
         A = xxt(X)
         B = xxt(A, alpha=c, beta=b, c=A)
-        X = torch.addmm(X, B, X, beta=a)
-    return X.T if tall else X
+        X = torch.addmm(X, B, X, beta=a) if X.dim() == 2 else torch.baddbmm(X, B, X, beta=a)
+    return X.mT if tall else X
 
 
 def newton_schulz_reference(G: torch.Tensor, steps: int = 5, coefficients=NS_COEFFICIENTS, eps: float = 1e-7,
                             dtype: torch.dtype = torch.bfloat16):  # fmt: skip
-    """Torch twin: the same operations as torch.optim.Muon's `_zeropower_via_newtonschulz` (bit-identical in bf16;
-    CPUs run bf16 matmuls ~19x slower than fp32, so the CPU path may ask for fp32)."""
+    """Torch twin: for one matrix, the same operations as torch.optim.Muon's `_zeropower_via_newtonschulz`
+    (bit-identical in bf16; CPUs run bf16 matmuls ~19x slower than fp32, so the CPU path may ask for fp32); a stack
+    (B, M, N) runs the same steps as batched products."""
     a, b, c = coefficients
     X = G.to(dtype)
+    if X.dim() == 3:
+        tall = X.size(-2) > X.size(-1)
+        X = X.mT if tall else X
+        X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+        for _ in range(steps):
+            A = X @ X.mT
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+            X = torch.baddbmm(X, B, X, beta=a)
+        return X.mT if tall else X
     tall = G.size(0) > G.size(1)
     if tall:
         X = X.T

@@ -191,6 +191,35 @@ def test_xxt(dtype):
     assert_matches(K.xxt(x.T[:, :30].T), K.xxt_reference(x[:30]), dtype)  # strided input (NS transposes)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_xxt_batched(dtype):
+    # A stack of 3 matrices in one launch: each slice equals its own 2-D product (strided stack included).
+    x = torch.randn(3, 40, 24, device=DEVICE).to(dtype)
+    got = K.xxt(x)
+    assert got.shape == (3, 40, 40)
+    for i in range(3):
+        assert_matches(got[i], K.xxt_reference(x[i]), dtype)
+    a = K.xxt_reference(x) / 24
+    assert_matches(K.xxt(a, -4.775, 2.0315, a), K.xxt_reference(a, -4.775, 2.0315, a), dtype)
+    assert_matches(K.xxt(x.mT.contiguous().mT[:, :30]), K.xxt_reference(x[:, :30]), dtype)
+
+
+@pytest.mark.parametrize("shape", [(3, 48, 80), (2, 80, 48)])
+def test_newton_schulz_batched(shape):
+    g = torch.randn(*shape, device=DEVICE)
+    got, want = K.newton_schulz(g, use_triton=True), K.newton_schulz_reference(g)
+    assert got.shape == g.shape
+    for i in range(shape[0]):  # each matrix orthogonalised on its own: as the 2-D twin, up to bf16 rounding
+        one = K.newton_schulz_reference(g[i])
+        torch.testing.assert_close(want[i].float(), one.float(), rtol=0, atol=0.02 * one.abs().max().item())
+        torch.testing.assert_close(got[i].float(), one.float(), rtol=0, atol=0.05 * one.abs().max().item())
+    # the torch twin's batched path in fp32 equals its 2-D path in fp32 slice by slice
+    want32 = K.newton_schulz_reference(g, dtype=torch.float32)
+    for i in range(shape[0]):
+        torch.testing.assert_close(want32[i], K.newton_schulz_reference(g[i], dtype=torch.float32),
+                                   rtol=1e-4, atol=1e-5)  # fmt: skip
+
+
 @pytest.mark.parametrize("shape", [(48, 80), (80, 48)])
 def test_newton_schulz(shape):
     g = torch.randn(*shape, device=DEVICE)
