@@ -45,13 +45,18 @@ def shards(tmp_path_factory):
 
 
 def run_training(tmp_path, shards, *overrides, config="configs/default.yaml", env=None, ranks=1, wait=True,
-                 name="run"):  # fmt: skip
+                 name="run", accelerate_config=None):  # fmt: skip
+    """`accelerate_config`: launch with `accelerate launch --config_file accelerate_configs/<it>` (its own ranks)."""
     args = ["--config", str(ROOT / config), f"data.train={shards}", f"train.output_dir={tmp_path}",
             f"train.run_name={name}", *SMALL, *overrides]  # fmt: skip
-    if ranks == 1:
+    port = 29600 + os.getpid() % 300
+    if accelerate_config is not None:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "accelerate_configs" / accelerate_config), "--main_process_port", str(port),
+               str(ROOT / "train_accelerate.py"), *args]  # fmt: skip
+    elif ranks == 1:
         cmd = [sys.executable, str(ROOT / "train_accelerate.py"), *args]
     else:
-        port = 29600 + os.getpid() % 300
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(ranks),
                "--main_process_port", str(port), str(ROOT / "train_accelerate.py"), *args]  # fmt: skip
     full_env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}  # a token only where a test gives one

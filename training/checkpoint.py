@@ -1,12 +1,14 @@
 """Full-state checkpoints: atomic, checksummed, rotated; resume from the newest complete one.
 
-Layout of `<run>/checkpoints/step-000100/`: accelerate's state (model, optimizers, schedulers, every rank's RNG),
+Layout of `<run>/checkpoints/step-000100/`: accelerate's state (model, optimizers, schedulers, every rank's RNG;
+under FSDP2 the model and optimizers are sharded torch.distributed.checkpoint folders, one file per rank),
 `loader_rank{r}.pt` (each rank's data position), `trainer_state.json` (step, tokens, counters), `shapes.json`
 (parameter shapes, to refuse a checkpoint of another model), `MANIFEST.json` (sha256 of every file) and `COMPLETE`.
 A save goes to `.tmp-step-*` first and is renamed only once complete, so a crash mid-save leaves no half checkpoint.
 Assumes every rank sees the same filesystem (shared storage on multi-node runs).
 """
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -37,6 +39,67 @@ class CheckpointError(RuntimeError):
     pass
 
 
+def full_state_dict(accelerator, model) -> dict | None:
+    """Under FSDP2 the parameters are DTensor shards: gather them into one full state dict on the main process
+    ({} elsewhere). A collective: every rank must call it, at the same point. None without FSDP2 (the model's own
+    state dict is already full)."""
+    return accelerator.get_state_dict(model) if accelerator.is_fsdp2 else None
+
+
+def unsharded_model(model: torch.nn.Module, state_dict: dict) -> torch.nn.Module:
+    """A plain instance of an FSDP2 model's own class holding `state_dict` (a full one). fully_shard swaps the
+    module's class for a generated `FSDP<Name>` subclass, and save_pretrained would ship that class (and torch's
+    FSDP sources) as the checkpoint's remote code; the plain class saves the same weights as a loadable model."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = type(model)
+    if isinstance(model, FSDPModule):
+        cls = next(base for base in cls.__bases__ if not issubclass(base, FSDPModule))
+    with torch.device("meta"):  # no second initialisation of the weights: load_state_dict assigns the gathered ones
+        plain = cls(model.config)
+    plain.load_state_dict(state_dict, assign=True)
+    if getattr(plain.config, "tie_word_embeddings", False):
+        plain.tie_weights()  # assign=True replaced the shared tensor by two equal ones
+    return plain
+
+
+def save_pretrained(accelerator, model, directory: Path, state_dict: dict | None = None, **kwargs) -> None:
+    """The main process writes a `save_pretrained` folder of the full model. Call it on every rank: under FSDP2
+    the full weights are gathered first (unless `state_dict`, from full_state_dict(), is given)."""
+    if state_dict is None:
+        state_dict = full_state_dict(accelerator, model)
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        if state_dict is not None:
+            unwrapped = unsharded_model(unwrapped, state_dict)
+        unwrapped.save_pretrained(directory, **kwargs)
+
+
+class _SameModelForEveryIndex(list):
+    """The model list, iterated as is, but indexing past its end gives the one model."""
+
+    def __getitem__(self, index):
+        if isinstance(index, int) and index >= len(self):
+            index = 0
+        return super().__getitem__(index)
+
+
+@contextlib.contextmanager
+def one_model_for_every_optimizer(acc):
+    """accelerate 1.15's FSDP save_state/load_state pair optimizer i with model i (`self._models[i]`), so our two
+    optimizers (Muon, Adam) over one model raise IndexError there. Pair every optimizer with the one model while
+    saving or loading; iteration over the models (what gets saved as a model) is unchanged."""
+    if not acc.is_fsdp2 or len(acc._models) != 1:
+        yield
+        return
+    models = acc._models
+    acc._models = _SameModelForEveryIndex(models)
+    try:
+        yield
+    finally:
+        acc._models = models
+
+
 class CheckpointManager:
     def __init__(self, root: Path, keep: int, accelerator):
         self.root, self.keep, self.accelerator = Path(root), max(1, keep), accelerator
@@ -55,13 +118,15 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp), safe_serialization=True)
+        with one_model_for_every_optimizer(acc):
+            acc.save_state(str(tmp), safe_serialization=True)
         torch.save(loader_state, tmp / f"loader_rank{acc.process_index}.pt")
         acc.wait_for_everyone()
         if acc.is_main_process:
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
             (tmp / "shapes.json").write_text(json.dumps(parameter_shapes(acc.unwrap_model(model))))
-            manifest = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            # every file, also inside the sharded (FSDP2) model/optimizer folders; keys are paths relative to tmp
+            manifest = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
             (tmp / COMPLETE).write_text(str(step))
             shutil.rmtree(final, ignore_errors=True)  # a re-run of the same step replaces it
@@ -113,7 +178,8 @@ class CheckpointManager:
                 f"{directory} holds a different model: parameters differ in shape or name: {diff[:8]}"
                 f"{' ...' if len(diff) > 8 else ''}. Use train.resume=none or a matching model section."
             )
-        acc.load_state(str(directory))
+        with one_model_for_every_optimizer(acc):
+            acc.load_state(str(directory))
         rank_file = directory / f"loader_rank{acc.process_index}.pt"
         if not rank_file.exists():
             raise CheckpointError(f"{rank_file} missing: the checkpoint was written with a different world size")

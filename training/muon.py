@@ -12,12 +12,20 @@ lr_adj = lr * sqrt(max(1, rows / cols)) ("original") or 0.2 * lr * sqrt(max(rows
 With one rank, kernels="torch" and ns_dtype=bf16 it is bit-identical to torch.optim.Muon (tests/test_muon.py).
 
 Momentum buffers are kept on every rank (elementwise, cheap), so any rank's state_dict resumes the run exactly.
+
+FSDP2 (DTensor parameters, e.g. Shard(0) rows per rank): Newton-Schulz needs the whole matrix, so each rank updates
+its momentum shard locally, the nesterov update is all-gathered (`full_tensor()`, a collective every rank calls in
+the same parameter order), only the owner keeps it and orthogonalises it, the result is broadcast over the
+parameter's mesh, and every rank applies its own slice. Elementwise ops on shards equal those on the full tensor,
+so the parameters are bit-identical to an unsharded run with the same gradients (tests/test_fsdp2.py). Momentum
+buffers stay DTensors shaped like their parameter, so the optimizer state saves and loads as sharded state (DCP).
 """
 
 import math
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from modeling_speedplm.kernels_speedplm import NS_COEFFICIENTS, newton_schulz
 
@@ -34,7 +42,9 @@ def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape) -> float:
 class DistributedMuon(torch.optim.Optimizer):
     """torch.optim.Muon's hyperparameters and update; plus `kernels` ("auto": Triton xxt Newton-Schulz on CUDA,
     "triton", "torch") and `process_group` (default: the world group if torch.distributed is initialised).
-    Precondition: gradients are identical on all ranks when `step()` runs (DDP / accelerate all-reduce them)."""
+    Precondition: gradients are identical on all ranks when `step()` runs (DDP / accelerate all-reduce them), or,
+    for DTensor parameters (FSDP2), each rank holds its shard of the reduced gradient; `step()` is then a collective
+    over the parameters' mesh that every rank must call."""
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, ns_coefficients=NS_COEFFICIENTS, eps: float = 1e-7, ns_steps: int = 5,
@@ -72,6 +82,7 @@ class DistributedMuon(torch.optim.Optimizer):
                 loss = closure()
         world, rank = self._world()
         pending = []  # (param, update buffer, async handle or None, its param group)
+        sharded = []  # FSDP2 parameters: (param, full update if this rank owns it else None, owner, mesh group, group)
         index = 0  # running parameter index across groups: its owner is index % world
         for group in self.param_groups:
             mu, steps = group["momentum"], group["ns_steps"]
@@ -81,9 +92,14 @@ class DistributedMuon(torch.optim.Optimizer):
                 grad = p.grad
                 state = self.state[p]
                 if "momentum_buffer" not in state:
+                    # zeros_like of a DTensor gradient is a DTensor with the parameter's placements: sharded state
                     state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
                 buf = state["momentum_buffer"]
                 buf.lerp_(grad, 1 - mu)  # every rank: identical state everywhere
+                if isinstance(p, DTensor):
+                    sharded.append(self._gather_sharded(p, grad, buf, group, index))
+                    index += 1
+                    continue
                 owner = index % world
                 index += 1
                 ns_dtype = self.ns_dtype or (torch.bfloat16 if p.is_cuda else torch.float32)
@@ -104,4 +120,39 @@ class DistributedMuon(torch.optim.Optimizer):
             lr = float(group["lr"])
             p.mul_(1 - lr * group["weight_decay"])
             p.add_(update, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], p.shape))
+        if sharded:
+            self._step_sharded(sharded)
         return loss
+
+    def _gather_sharded(self, p, grad, buf, group, index):
+        """All-gather the nesterov update of a DTensor parameter; keep it only on its owner (memory ~ 1/world)."""
+        mu = group["momentum"]
+        update = (grad.lerp(buf, mu) if group["nesterov"] else buf).full_tensor()  # collective: every rank, in order
+        mesh = p.device_mesh
+        if mesh.ndim == 1 and mesh.size() > 1:
+            mesh_group, mesh_world, mesh_rank = mesh.get_group(), mesh.size(), mesh.get_local_rank()
+        else:  # a 1-rank or multi-dimensional mesh (HSDP): every rank orthogonalises the full matrix itself
+            mesh_group, mesh_world, mesh_rank = None, 1, 0
+        owner = index % mesh_world
+        return p, (update if owner == mesh_rank else None), owner, mesh_group, group
+
+    def _step_sharded(self, sharded):
+        # Two passes so that ranks orthogonalise their own matrices in parallel: Newton-Schulz on every owned matrix
+        # first, then one broadcast per matrix (in parameter order on every rank), each rank applying its slice.
+        for i, (p, update, owner, mesh_group, group) in enumerate(sharded):
+            if update is not None:
+                ns_dtype = self.ns_dtype or (torch.bfloat16 if p.device.type == "cuda" else torch.float32)
+                update = newton_schulz(update, group["ns_steps"], group["ns_coefficients"], group["eps"],
+                                       use_triton=self.use_triton, dtype=ns_dtype)  # fmt: skip
+                sharded[i] = (p, update.contiguous(), owner, mesh_group, group)
+        for p, update, owner, mesh_group, group in sharded:
+            if mesh_group is not None:
+                if update is None:
+                    ns_dtype = self.ns_dtype or (torch.bfloat16 if p.device.type == "cuda" else torch.float32)
+                    update = torch.empty(p.shape, dtype=ns_dtype, device=p.device)
+                dist.broadcast(update, group_src=owner, group=mesh_group)
+            # this rank's slice of the full update, placed like the parameter (no communication)
+            local = distribute_tensor(update, p.device_mesh, p.placements, src_data_rank=None)
+            lr = float(group["lr"])
+            p.mul_(1 - lr * group["weight_decay"])
+            p.add_(local, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], p.shape))

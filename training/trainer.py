@@ -17,10 +17,11 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
+from torch.distributed.tensor import DTensor
 
 from modeling_speedplm import SpeedPLMForMaskedLM
 
-from .checkpoint import CheckpointManager
+from .checkpoint import CheckpointManager, save_pretrained
 from .config import RunConfig
 from .data_setup import build_eval_loader, build_train_loader, resolve_splits
 from .evaluation import evaluate
@@ -77,8 +78,34 @@ def build_accelerator(config: RunConfig) -> Accelerator:
     # accelerate 1.15 makes launched CPU processes a gloo group (MULTI_CPU) only when told cpu=True; without it,
     # `accelerate launch --multi_gpu` on a GPU-less machine gives N independent single-process runs.
     use_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-    return Accelerator(cpu=use_cpu, log_with=tracker_names(config.tracking) or None,
-                       project_config=ProjectConfiguration(project_dir=str(config.run_dir)))  # fmt: skip
+    accelerator = Accelerator(cpu=use_cpu, log_with=tracker_names(config.tracking) or None,
+                              project_config=ProjectConfiguration(project_dir=str(config.run_dir)))  # fmt: skip
+    if use_cpu and accelerator.num_processes > 1 and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        enable_cpu_fsdp2(accelerator)
+    return accelerator
+
+
+def enable_cpu_fsdp2(accelerator: Accelerator) -> None:
+    """FSDP2 over gloo ranks on CPUs (accelerate_configs/fsdp2_cpu_2ranks.yaml: tests and laptops).
+
+    accelerate 1.15 applies an FSDP plugin only to accelerator device types (AcceleratorState takes the FSDP branch
+    for MULTI_GPU/XPU/..., never MULTI_CPU), so on CPU an FSDP launch silently became DDP. torch's fully_shard works
+    on a gloo CPU mesh, and accelerate's FSDP2 code paths (prepare, clip_grad_norm_, save_state/load_state through
+    torch.distributed.checkpoint, get_state_dict) run there unchanged once the state says FSDP; so set it, in both
+    shared states (PartialState's is copied into AcceleratorState whenever one is constructed).
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables that `accelerate launch` exported
+    if plugin.fsdp_version != 2:
+        raise ValueError(f"FSDP on CPU: only fsdp_version 2 is supported, the launch config asks for "
+                         f"fsdp_version {plugin.fsdp_version}")  # fmt: skip
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    PartialState().distributed_type = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
 
 
 def build_model(config: RunConfig) -> SpeedPLMForMaskedLM:
@@ -124,10 +151,13 @@ def train_step(accelerator, model, optimizers, micro_batches: list[dict], inject
                 loss = model(**batch).loss
             if inject_nan:
                 loss = loss * float("nan")
-            # DDP averages gradients over ranks, hence x world: the result is d(sum CE) / scored_global
+            # DDP (and FSDP2's reduce-scatter) average gradients over ranks, hence x world: the result is
+            # d(sum CE) / scored_global
             accelerator.backward(loss * n_scored * world / scored_global)
         loss_sum += loss.detach().float() * n_scored
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    if isinstance(grad_norm, DTensor):  # FSDP2: a replicated DTensor, already reduced over the shards
+        grad_norm = grad_norm.to_local()
     real = torch.stack([b["attention_mask"].sum() for b in micro_batches]).sum()
     finite = (torch.isfinite(loss_sum) & torch.isfinite(torch.as_tensor(grad_norm, device=loss_sum.device))).float()
     totals = accelerator.reduce(torch.stack([loss_sum.nan_to_num(), real.float(), finite]), "sum")  # one reduce
@@ -268,9 +298,7 @@ def _loop(config, accelerator, model, optimizers, schedulers, train_loader, eval
         if split in eval_loaders and (split == "valid" or config.eval.test_at_end):
             run_eval(config, accelerator, model, eval_loaders, split, progress, metrics)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(config.run_dir / "final",
-                                                        training_summary=training_summary(config, progress))
+    save_pretrained(accelerator, model, config.run_dir / "final", training_summary=training_summary(config, progress))
     accelerator.wait_for_everyone()
     if publisher is not None:
         publisher.push_model(progress.step, training_summary(config, progress), final=True)
