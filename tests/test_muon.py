@@ -53,6 +53,15 @@ def test_cpu_default_orthogonalizes_in_fp32_close_to_bf16():
     assert any(not torch.equal(a, b) for a, b in zip(got, ref))
 
 
+@pytest.mark.parametrize("kernels, use_triton", [("auto", None), ("torch", False), ("triton", True),
+                                                ("linear_relu2", False), ("linear_relu2+newton_schulz", True)])
+def test_kernels_setting_is_the_model_configs(kernels, use_triton):
+    """The trainer passes model.config.kernels: Triton Newton-Schulz iff the selection names it (None: CUDA decides)."""
+    assert DistributedMuon([torch.nn.Parameter(torch.zeros(2, 2))], kernels=kernels).use_triton is use_triton
+    with pytest.raises(ValueError, match="DistributedMuon: kernels='nope'"):
+        DistributedMuon([torch.nn.Parameter(torch.zeros(2, 2))], kernels="nope")
+
+
 def test_rejects_non_matrices():
     with pytest.raises(ValueError, match="2-D"):
         DistributedMuon([torch.nn.Parameter(torch.zeros(3))])

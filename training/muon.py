@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from modeling_speedplm.kernels_speedplm import NS_COEFFICIENTS, newton_schulz
+from modeling_speedplm.kernels_speedplm import NS_COEFFICIENTS, newton_schulz, parse_kernels
 
 
 def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape) -> float:
@@ -41,7 +41,8 @@ def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape) -> float:
 
 class DistributedMuon(torch.optim.Optimizer):
     """torch.optim.Muon's hyperparameters and update; plus `kernels` ("auto": Triton xxt Newton-Schulz on CUDA,
-    "triton", "torch") and `process_group` (default: the world group if torch.distributed is initialised).
+    "triton", "torch", or the model config's "+"-joined kernel selection: Triton iff it names "newton_schulz") and
+    `process_group` (default: the world group if torch.distributed is initialised).
     Precondition: gradients are identical on all ranks when `step()` runs (DDP / accelerate all-reduce them), or,
     for DTensor parameters (FSDP2), each rank holds its shard of the reduced gradient; `step()` is then a collective
     over the parameters' mesh that every rank must call."""
@@ -54,8 +55,10 @@ class DistributedMuon(torch.optim.Optimizer):
             raise ValueError(f"DistributedMuon: lr={lr}, momentum={momentum}, weight_decay={weight_decay} must be >= 0")
         if adjust_lr_fn not in (None, "original", "match_rms_adamw"):
             raise ValueError(f"DistributedMuon: adjust_lr_fn={adjust_lr_fn!r} is not supported")
-        if kernels not in ("auto", "triton", "torch"):
-            raise ValueError(f"DistributedMuon: kernels={kernels!r}: choose 'auto', 'triton' or 'torch'")
+        try:  # the model's `kernels` setting: "auto", "triton", "torch" or a "+"-joined selection of Triton kernels
+            selected = parse_kernels(kernels)
+        except ValueError as err:
+            raise ValueError(f"DistributedMuon: {err}") from None
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)
         super().__init__(params, defaults)
@@ -63,7 +66,7 @@ class DistributedMuon(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.ndim != 2:
                     raise ValueError(f"DistributedMuon: only 2-D parameters, got one of shape {tuple(p.shape)}")
-        self.use_triton = {"auto": None, "triton": True, "torch": False}[kernels]
+        self.use_triton = None if selected is None else "newton_schulz" in selected  # None: Triton on CUDA
         self.process_group = process_group
         # Newton-Schulz precision: bf16 on GPUs (tensor cores; torch.optim.Muon's choice), fp32 on CPUs, where bf16
         # matmuls are ~19x slower and made Muon cost more than the forward/backward of a small model.
