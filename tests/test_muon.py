@@ -7,16 +7,19 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from training import muon
 from training.muon import DistributedMuon
 
 # Tall, wide and square matrices; 5 of them, so no world size > 1 used here divides the count.
 SHAPES = [(48, 16), (16, 40), (32, 32), (24, 8), (8, 24)]
+# Repeated shapes, as in a model (every block has the same matrices): what stacked Newton-Schulz batches.
+REPEATED = [(32, 32), (48, 16), (32, 32), (16, 40), (48, 16), (32, 32), (24, 8)]
 STEPS = 3
 
 
-def make_params():
+def make_params(shapes=SHAPES):
     torch.manual_seed(0)
-    return [torch.nn.Parameter(torch.randn(shape)) for shape in SHAPES]
+    return [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
 
 
 def run(params, optimizer):
@@ -62,16 +65,32 @@ def test_kernels_setting_is_the_model_configs(kernels, use_triton):
         DistributedMuon([torch.nn.Parameter(torch.zeros(2, 2))], kernels="nope")
 
 
+@pytest.mark.parametrize("ns_dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_stacked_newton_schulz_matches_one_at_a_time(ns_dtype, tol, monkeypatch):
+    """Same-shape matrices orthogonalised as one stack give the per-matrix result (up to the batched products'
+    rounding), and the stacked path really runs (the CPU default is unstacked)."""
+    stacked, single = make_params(REPEATED), make_params(REPEATED)
+    calls = []
+    original = muon.newton_schulz
+    monkeypatch.setattr(muon, "newton_schulz", lambda G, *a, **kw: calls.append(tuple(G.shape)) or original(G, *a, **kw))
+    got = run(stacked, DistributedMuon(stacked, kernels="torch", ns_dtype=ns_dtype, stack=True))
+    assert calls[:4] == [(3, 32, 32), (2, 48, 16), (16, 40), (24, 8)]  # one call per shape, in first-seen order
+    monkeypatch.undo()
+    want = run(single, DistributedMuon(single, kernels="torch", ns_dtype=ns_dtype, stack=False))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=tol * b.abs().max().item())
+
+
 def test_rejects_non_matrices():
     with pytest.raises(ValueError, match="2-D"):
         DistributedMuon([torch.nn.Parameter(torch.zeros(3))])
 
 
-def _rank(rank, world, port, out_path):
+def _rank(rank, world, port, out_path, shapes=SHAPES, stack=None):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        params = make_params()
-        result = run(params, DistributedMuon(params, lr=0.02, weight_decay=0.1, kernels="torch"))
+        params = make_params(shapes)
+        result = run(params, DistributedMuon(params, lr=0.02, weight_decay=0.1, kernels="torch", stack=stack))
         torch.save(result, f"{out_path}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -84,12 +103,15 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 3])
-def test_ranks_split_gives_one_rank_result(world, tmp_path):
-    params = make_params()
-    expected = run(params, DistributedMuon(params, lr=0.02, weight_decay=0.1, kernels="torch"))
-    mp.spawn(_rank, args=(world, _free_port(), str(tmp_path / "params")), nprocs=world, join=True)
+@pytest.mark.parametrize("world, shapes, stack", [(2, SHAPES, None), (3, SHAPES, None), (2, REPEATED, True)])
+def test_ranks_split_gives_one_rank_result(world, shapes, stack, tmp_path):
+    params = make_params(shapes)
+    expected = run(params, DistributedMuon(params, lr=0.02, weight_decay=0.1, kernels="torch", stack=stack))
+    mp.spawn(_rank, args=(world, _free_port(), str(tmp_path / "params"), shapes, stack), nprocs=world, join=True)
     for rank in range(world):
         got = torch.load(tmp_path / f"params.{rank}")
         for a, b in zip(got, expected):
-            assert torch.equal(a, b), f"rank {rank} of {world} differs from the single-rank run"
+            if stack:  # each rank stacks its own share: batched products of another batch size, fp32 rounding
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+            else:
+                assert torch.equal(a, b), f"rank {rank} of {world} differs from the single-rank run"

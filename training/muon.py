@@ -3,8 +3,9 @@
 Every rank holds the same (all-reduced) gradients, so every rank could run Newton-Schulz on every matrix; instead
 parameter i (in parameter-group order) is orthogonalized only by rank i % world_size and its bf16 update is broadcast
 to the others (modded-nanogpt splits Muon the same way). Works for any world size and any mix of shapes: no padding,
-no assumption that the parameter count divides the world size. Communication is one bf16 copy of every matrix per step,
-launched asynchronously so a rank's Newton-Schulz work overlaps the previous broadcasts.
+no assumption that the parameter count divides the world size. A rank's matrices of one shape are orthogonalised as one
+stack (batched products; on CUDA by default). Communication is one bf16 copy of every matrix per step, launched
+asynchronously, shape by shape, so a rank's Newton-Schulz work overlaps the previous broadcasts.
 
 The update is exactly torch.optim.Muon's (torch 2.13): momentum buffer B <- lerp(B, g, 1 - mu); nesterov update
 lerp(g, B, mu); O = NS(update) in bf16 (tall matrices transposed); p <- p * (1 - lr * wd) - lr_adj * O with
@@ -27,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from modeling_speedplm.kernels_speedplm import NS_COEFFICIENTS, newton_schulz, parse_kernels
+from modeling_speedplm.kernels_speedplm import AUTO_KERNELS, NS_COEFFICIENTS, newton_schulz, parse_kernels
 
 
 def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape) -> float:
@@ -50,7 +51,7 @@ class DistributedMuon(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, ns_coefficients=NS_COEFFICIENTS, eps: float = 1e-7, ns_steps: int = 5,
                  adjust_lr_fn: str | None = None, kernels: str = "auto", process_group=None,
-                 ns_dtype: torch.dtype | None = None):  # fmt: skip
+                 ns_dtype: torch.dtype | None = None, stack: bool | None = None):  # fmt: skip
         if lr < 0 or momentum < 0 or weight_decay < 0:
             raise ValueError(f"DistributedMuon: lr={lr}, momentum={momentum}, weight_decay={weight_decay} must be >= 0")
         if adjust_lr_fn not in (None, "original", "match_rms_adamw"):
@@ -66,11 +67,17 @@ class DistributedMuon(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.ndim != 2:
                     raise ValueError(f"DistributedMuon: only 2-D parameters, got one of shape {tuple(p.shape)}")
-        self.use_triton = None if selected is None else "newton_schulz" in selected  # None: Triton on CUDA
+        if selected is None:  # "auto": Triton on CUDA if the benchmark kept it in AUTO_KERNELS
+            self.use_triton = None if "newton_schulz" in AUTO_KERNELS else False
+        else:
+            self.use_triton = "newton_schulz" in selected
         self.process_group = process_group
         # Newton-Schulz precision: bf16 on GPUs (tensor cores; torch.optim.Muon's choice), fp32 on CPUs, where bf16
         # matmuls are ~19x slower and made Muon cost more than the forward/backward of a small model.
         self.ns_dtype = ns_dtype
+        # Orthogonalise a rank's same-shape matrices as one stack: default on CUDA (launch-bound otherwise); off on
+        # CPU by default, which keeps one rank bit-identical to torch.optim.Muon there.
+        self.stack = stack
 
     def _world(self):
         if not (dist.is_available() and dist.is_initialized()):
@@ -84,11 +91,12 @@ class DistributedMuon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         world, rank = self._world()
-        pending = []  # (param, update buffer, async handle or None, its param group)
+        # Replicated parameters by Newton-Schulz job (shape, settings), in parameter order: the same on every rank.
+        jobs = {}  # key -> [(param, its nesterov update if this rank owns it else None, owner, group, ns_dtype)]
         sharded = []  # FSDP2 parameters: (param, full update if this rank owns it else None, owner, mesh group, group)
         index = 0  # running parameter index across groups: its owner is index % world
         for group in self.param_groups:
-            mu, steps = group["momentum"], group["ns_steps"]
+            mu = group["momentum"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -106,11 +114,27 @@ class DistributedMuon(torch.optim.Optimizer):
                 owner = index % world
                 index += 1
                 ns_dtype = self.ns_dtype or (torch.bfloat16 if p.is_cuda else torch.float32)
-                if owner == rank:
-                    update = grad.lerp(buf, mu) if group["nesterov"] else buf
-                    update = newton_schulz(update, steps, group["ns_coefficients"], group["eps"],
-                                           use_triton=self.use_triton, dtype=ns_dtype)  # fmt: skip
-                    update = update.contiguous()
+                update = (grad.lerp(buf, mu) if group["nesterov"] else buf) if owner == rank else None
+                key = (tuple(p.shape), ns_dtype, group["ns_steps"], group["ns_coefficients"], group["eps"])
+                jobs.setdefault(key, []).append((p, update, owner, group, ns_dtype))
+        pending = []  # (param, update buffer, async handle or None, its param group)
+        for (_, _, steps, coefficients, eps), items in jobs.items():
+            mine = [update for _, update, _, _, _ in items if update is not None]
+            if mine:
+                ns_dtype = items[0][4]
+                if len(mine) > 1 and (self.stack if self.stack is not None else mine[0].is_cuda):
+                    # One batched Newton-Schulz for this rank's same-shape matrices (speedrun-133m: 24 blocks x 4
+                    # shapes -> 4 calls instead of 96), so small matrices stop being launch-bound.
+                    mine = newton_schulz(torch.stack(mine), steps, coefficients, eps, use_triton=self.use_triton,
+                                         dtype=ns_dtype).unbind(0)  # fmt: skip
+                else:
+                    mine = [newton_schulz(u, steps, coefficients, eps, use_triton=self.use_triton, dtype=ns_dtype)
+                            for u in mine]  # fmt: skip
+            results = iter(mine)
+            # broadcasts in parameter order on every rank; async, so they overlap the next job's Newton-Schulz
+            for p, update, owner, group, ns_dtype in items:
+                if update is not None:
+                    update = next(results).contiguous()
                 else:
                     update = torch.empty(p.shape, dtype=ns_dtype, device=p.device)
                 handle = None
