@@ -20,6 +20,7 @@ import pytest  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
+from modeling_speedplm import SpeedPLMConfig, SpeedPLMForMaskedLM  # noqa: E402
 from modeling_speedplm import kernels_speedplm as K  # noqa: E402
 from modeling_speedplm.modeling_speedplm import apply_rotary, positions_from, rms_norm  # noqa: E402
 
@@ -177,6 +178,46 @@ def test_compiles_fullgraph():
     want = torch.autograd.grad(f(q, k, weight), (q, k, weight))
     for g, w in zip(grads, want):
         torch.testing.assert_close(g, w)
+
+
+@pytest.mark.slow
+def test_model_blocks_compiled_with_inductor_train_like_eager():
+    """The trainer's regional compile (each block, inductor) with the Triton ops inside: no graph break, no recompile
+    after the first step, and the same losses as eager over two optimizer steps."""
+    from torch._dynamo.utils import counters
+
+    def run(compile_blocks):
+        torch.manual_seed(0)
+        config = SpeedPLMConfig.from_preset("tiny", kernels="triton", num_hidden_layers=2, value_embeddings=1)
+        model = SpeedPLMForMaskedLM(config).to(DEVICE).train()
+        if compile_blocks:
+            for block in model.model.layers:
+                block.compile()
+        gen = torch.Generator().manual_seed(1)
+        ids = torch.randint(4, 24, (1, 48), generator=gen).to(DEVICE)
+        docs = torch.zeros(1, 48, dtype=torch.int32, device=DEVICE)
+        docs[:, 20:] = 1
+        labels = torch.where(torch.rand(1, 48, generator=gen).to(DEVICE) < 0.3, ids, -100)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        losses, graphs = [], []
+        for _ in range(3):
+            loss = model(input_ids=ids, document_ids=docs, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+            graphs.append(counters["stats"]["unique_graphs"])
+        return losses, graphs
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager, _ = run(False)
+    compiled, graphs = run(True)
+    assert sum(counters["graph_break"].values()) == 0
+    assert graphs[0] == graphs[-1] == 2  # block 0 (its input is x0) and block 1; nothing recompiles afterwards
+    torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-5, atol=1e-6)
+    assert eager[-1] < eager[0]
+    torch._dynamo.reset()
 
 
 # ---------------------------------------------------------------- xxt and Newton-Schulz
