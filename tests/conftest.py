@@ -1,4 +1,5 @@
 import os
+import socket
 
 import torch
 
@@ -35,3 +36,10 @@ def randomized_tiny_model(seed: int = 0, **overrides) -> SpeedPLMForMaskedLM:
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.05)
     return model
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on, for a gloo process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -4,7 +4,6 @@ sharded checkpoint, and saves and pushes a full, loadable model."""
 
 import json
 import shutil
-import socket
 import time
 
 import pytest
@@ -13,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from conftest import free_port
 from hub_server import HubServer
 from test_train_e2e import rows, run_training, shards, train_losses  # noqa: F401  (shards is a fixture)
 
@@ -72,17 +72,11 @@ def _rank(rank, world, port, out_path):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_muon_on_dtensor_shards_equals_full_tensors(tmp_path):
     from training.muon import DistributedMuon
 
     world = 2
-    ranks = mp.spawn(_rank, args=(world, _free_port(), str(tmp_path / "out")), nprocs=world, join=False)
+    ranks = mp.spawn(_rank, args=(world, free_port(), str(tmp_path / "out")), nprocs=world, join=False)
     deadline = time.monotonic() + 180  # a collective that one rank skips hangs the others: fail, don't hang CI
     while not ranks.join(timeout=1):
         if time.monotonic() > deadline:

@@ -1,12 +1,12 @@
 """DistributedMuon: one rank is torch.optim.Muon bit for bit; N gloo ranks give the same parameters as one rank."""
 
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import free_port
 from training import muon
 from training.muon import DistributedMuon
 
@@ -96,18 +96,12 @@ def _rank(rank, world, port, out_path, shapes=SHAPES, stack=None):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("world, shapes, stack", [(2, SHAPES, None), (3, SHAPES, None), (2, REPEATED, True)])
 def test_ranks_split_gives_one_rank_result(world, shapes, stack, tmp_path):
     params = make_params(shapes)
     expected = run(params, DistributedMuon(params, lr=0.02, weight_decay=0.1, kernels="torch", stack=stack))
-    mp.spawn(_rank, args=(world, _free_port(), str(tmp_path / "params"), shapes, stack), nprocs=world, join=True)
+    mp.spawn(_rank, args=(world, free_port(), str(tmp_path / "params"), shapes, stack), nprocs=world, join=True)
     for rank in range(world):
         got = torch.load(tmp_path / f"params.{rank}")
         for a, b in zip(got, expected):
