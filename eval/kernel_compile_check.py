@@ -44,7 +44,8 @@ class _Recorder:
 
 
 def record_launches(dtype: torch.dtype) -> list:
-    """Every launch the model and Muon make for speedrun-133m (hidden 768, MLP 2048, 6 x 128 heads, 8 x 8192)."""
+    """Every launch the model and Muon make for speedrun-133m (hidden 768, MLP 2048, 6 x 128 heads, 64 x 1024 tokens),
+    plus the head layout and matrix size of the larger ESM2-like presets."""
     launches = []
     saved = {name: getattr(K, name) for name in KERNELS}
     saved_check = K._check_device
@@ -55,11 +56,12 @@ def record_launches(dtype: torch.dtype) -> list:
         x, w = torch.empty(65536, 768, dtype=dtype), torch.empty(2048, 768, dtype=dtype)
         for save_pre in (True, False):
             K._linear_relu2_op(x, w, save_pre)
-        qkv = torch.empty(8, 8192, 3, 6, 128, dtype=dtype)
-        q, k, _ = qkv.unbind(2)  # strided views of the fused projection, as in the model
-        cos = sin = torch.empty(8, 8192, 64)
-        K._qk_launch(q, k, cos, sin, 1e-6)
-        K._qk_launch(q, k, cos, sin, 1e-6, torch.empty_like(q), torch.empty_like(k))
+        for heads, dim in ((6, 128), (20, 64)):  # speedrun-133m; the ESM2-like presets (esm2-650m-like: 20 x 64)
+            qkv = torch.empty(64, 1024, 3, heads, dim, dtype=dtype)
+            q, k, _ = qkv.unbind(2)  # strided views of the fused projection, as in the model
+            cos = sin = torch.empty(64, 1024, dim // 2)
+            K._qk_launch(q, k, cos, sin, 1e-6)
+            K._qk_launch(q, k, cos, sin, 1e-6, torch.empty_like(q), torch.empty_like(k))
         # Muon's matrices per speedrun-133m block, and one of esm2-650m-like (1280 rows: the 128-wide xxt tiles)
         for rows, cols in ((768, 768), (2048, 768), (768, 2048), (2304, 768), (1280, 5120)):
             for g in (torch.empty(rows, cols, dtype=dtype), torch.empty(24, rows, cols, dtype=dtype)):  # one, stack
