@@ -78,6 +78,23 @@ if HAS_TRITON:
                 x = (bits + 0x7FFF + ((bits >> 16) & 1)).to(tl.float32, bitcast=True)
         return x.to(dtype)
 
+    @triton.jit
+    def _dot_tile(a_ptr, sam, sak, b_ptr, sbn, sbk, rm, rn, M, N, K, PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+        """fp32 (BLOCK_M, BLOCK_N) tile of A @ B.T for rows rm of A (M, K) and rows rn of B (N, K); masked edges."""
+        rk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            a = tl.load(a_ptr + rm[:, None] * sam + kk[None, :] * sak, mask=(rm[:, None] < M) & (kk[None, :] < K),
+                        other=0.0)
+            b = tl.load(b_ptr + rn[None, :] * sbn + kk[:, None] * sbk, mask=(rn[None, :] < N) & (kk[:, None] < K),
+                        other=0.0)
+            if _INTERPRET:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        return acc
+
     # ---------------------------------------------------------------------------------------------------------------
     # (a) relu(x @ w.T)^2: a tiled matmul whose epilogue applies ReLU^2 in fp32 registers before the single store.
     # Saves the up-projection output round trip to memory (eager: matmul -> write, relu -> r/w, square -> r/w).
@@ -99,17 +116,7 @@ if HAS_TRITON:
         pid_n = (pid % group) // rows_in_group
         rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # 65536 tokens x 2048: offsets beyond int32
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + rk
-            a = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :] * sxk, mask=(rm[:, None] < M) & (kk[None, :] < K),
-                        other=0.0)
-            b = tl.load(w_ptr + rn[None, :] * swn + kk[:, None] * swk, mask=(rn[None, :] < N) & (kk[:, None] < K),
-                        other=0.0)
-            if _INTERPRET:
-                a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = _dot_tile(x_ptr, sxm, sxk, w_ptr, swn, swk, rm, rn, M, N, K, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         mask = (rm[:, None] < M) & (rn[None, :] < N)
         if STORE_PRE:  # backward needs only the pre-activation: d(relu(p)^2)/dp = 2 relu(p)
             tl.store(pre_ptr + rm[:, None] * som + rn[None, :] * son, _cast(acc, pre_ptr.dtype.element_ty), mask=mask)
@@ -188,17 +195,7 @@ if HAS_TRITON:
         out_ptr += pid_b * sob
         rm = pid_m * BLOCK + tl.arange(0, BLOCK)
         rn = pid_n * BLOCK + tl.arange(0, BLOCK)
-        rk = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + rk
-            a = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :] * sxk, mask=(rm[:, None] < M) & (kk[None, :] < K),
-                        other=0.0)
-            b = tl.load(x_ptr + rn[None, :] * sxm + kk[:, None] * sxk, mask=(rn[None, :] < M) & (kk[:, None] < K),
-                        other=0.0)
-            if _INTERPRET:
-                a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = _dot_tile(x_ptr, sxm, sxk, x_ptr, sxm, sxk, rm, rn, M, M, K, PRECISION, BLOCK, BLOCK, BLOCK_K)
         mask = (rm[:, None] < M) & (rn[None, :] < M)
         acc = acc * alpha
         if HAS_C:
