@@ -101,12 +101,6 @@ def table(title, headers, rows) -> str:
 # ------------------------------------------------------------------------------------------------------ inputs
 
 
-def rotary_tables(position_ids, dim):
-    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, device=position_ids.device, dtype=torch.float32) / dim))
-    freqs = position_ids[..., None].float() * inv_freq
-    return freqs.cos(), freqs.sin()
-
-
 def protein_lengths(total: int, gen: torch.Generator, max_len: int = 1024) -> list[int]:
     """Protein-like lengths (log-normal, median ~300 residues, clipped to [30, max_len]) filling `total` tokens."""
     lengths = []
@@ -126,10 +120,11 @@ def document_ids(batch, length, gen):
     return torch.stack(rows), all_lengths
 
 
-def positions(docs):
-    from modeling_speedplm.modeling_speedplm import positions_from
+def rotary_tables(docs, dim):
+    """cos, sin (B, L, D/2) for packed documents: the model's own positions and RotaryEmbedding."""
+    from modeling_speedplm.modeling_speedplm import RotaryEmbedding, positions_from
 
-    return positions_from(docs)
+    return RotaryEmbedding(dim, 10000.0)(positions_from(docs))
 
 
 def qk_fp64(q, k, cos, sin, eps):
@@ -169,7 +164,7 @@ def kernel_inputs(s):
     qkv = torch.randn(s["batch"], s["length"], 3, s["heads"], s["head_dim"], generator=gen).to(DEVICE, dt)
     q, k = (t.detach().requires_grad_() for t in qkv.unbind(2)[:2])  # strided views of a fused qkv, as in the model
     docs = document_ids(s["batch"], s["length"], gen)[0].to(DEVICE)
-    cos, sin = rotary_tables(positions(docs), s["head_dim"])
+    cos, sin = rotary_tables(docs, s["head_dim"])
     gq, gk = (torch.randn(q.shape, generator=gen).to(DEVICE, dt) for _ in range(2))
     return dict(x=x, w=w, g=g, q=q, k=k, cos=cos, sin=sin, gq=gq, gk=gk, eps=1e-6)
 

@@ -6,8 +6,9 @@
                                              X (M, K) or a stack (B, M, K)
     newton_schulz(G, steps, coefficients)    Muon's quintic orthogonalization built on xxt, one matrix or a stack
 
-`select_kernels("auto" | "triton" | "torch" | "linear_relu2+...", device)` returns the implementation to use. Shipped as Hub remote code:
-the triton import is guarded and every kernel has a torch path, so checkpoints load where triton is missing.
+`select_kernels("auto" | "triton" | "torch" | "linear_relu2+...", device)` returns the implementation to use.
+Shipped as Hub remote code: the triton import is guarded and every kernel has a torch path, so checkpoints load where
+triton is missing.
 The Triton ops are registered with torch.library (namespace "speedplm") so torch.compile traces them as opaque ops.
 
 On CPU the Triton kernels run only under the interpreter: TRITON_INTERPRET=1 must be in the environment before triton
@@ -31,9 +32,9 @@ except ImportError:
 HAS_TRITON = triton is not None
 
 __all__ = [
-    "HAS_TRITON", "INTERPRET", "NS_COEFFICIENTS", "linear_relu2", "linear_relu2_reference", "newton_schulz",
-    "newton_schulz_reference", "parse_kernels", "qk_norm_rotary", "qk_norm_rotary_reference", "select_kernels",
-    "TRITON_KERNELS", "AUTO_KERNELS", "xxt", "xxt_reference",
+    "AUTO_KERNELS", "HAS_TRITON", "INTERPRET", "NS_COEFFICIENTS", "TRITON_KERNELS", "apply_rotary", "linear_relu2",
+    "linear_relu2_reference", "newton_schulz", "newton_schulz_reference", "parse_kernels", "qk_norm_rotary",
+    "qk_norm_rotary_reference", "select_kernels", "xxt", "xxt_reference",
 ]  # fmt: skip
 
 
@@ -372,32 +373,25 @@ def linear_relu2_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tenso
     return F.relu(F.linear(x, weight)).square()
 
 
-def _rotary_table(t: torch.Tensor) -> torch.Tensor:
-    # Accepts (B, L, D/2) or the model's (B, 1, L, D/2); fp32 with contiguous last dim.
-    if t.dim() == 4:
-        t = t.squeeze(1)
-    return t.float() if t.dtype != torch.float32 else t
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, L, H, D), cos/sin: (B, L, D/2); rotate-half convention, fp32 math."""
+    cos, sin = cos[:, :, None], sin[:, :, None]  # broadcast over heads
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
 
 
 def qk_norm_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float = 1e-6):
-    """q, k (B, L, H, D) (any strides: views of a fused qkv are fine); cos, sin (B, L, D/2) or (B, 1, L, D/2) fp32
-    from per-token positions -> normalized and rotated (q, k), contiguous (B, L, H, D), in the input dtype."""
-    cos, sin = (_rotary_table(t).expand(q.shape[0], q.shape[1], -1) for t in (cos, sin))  # batch may broadcast
+    """q, k (B, L, H, D) (any strides: views of a fused qkv are fine); cos, sin (B, L, D/2) from per-token positions
+    -> normalized and rotated (q, k), contiguous (B, L, H, D), in the input dtype."""
+    cos, sin = (t.float().expand(q.shape[0], q.shape[1], -1) for t in (cos, sin))  # batch may broadcast
     q_out, k_out = torch.ops.speedplm.qk_norm_rotary(q, k, cos, sin, float(eps))
     return q_out, k_out
 
 
 def qk_norm_rotary_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                              eps: float = 1e-6):  # fmt: skip
-    """Torch twin: the model's rms_norm then apply_rotary (rotate-half, fp32 math), in (B, L, H, D) layout."""
-    cos, sin = _rotary_table(cos)[:, :, None], _rotary_table(sin)[:, :, None]  # (B, L, 1, D/2)
-
-    def one(x):
-        x = F.rms_norm(x, (x.size(-1),), eps=eps)
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
-
-    return one(q), one(k)
+    """Torch twin: parameter-free RMSNorm, then apply_rotary, exactly the model's unfused path."""
+    return tuple(apply_rotary(F.rms_norm(t, (t.size(-1),), eps=eps), cos.float(), sin.float()) for t in (q, k))
 
 
 def xxt(x: torch.Tensor, alpha: float = 1.0, beta: float = 0.0, c: torch.Tensor | None = None) -> torch.Tensor:
@@ -484,10 +478,8 @@ def select_kernels(choice: str, device) -> SimpleNamespace:
         names = AUTO_KERNELS if auto else ()
     elif names:
         _require_triton()
-    ns_triton = "newton_schulz" in names
-    return SimpleNamespace(
+    return SimpleNamespace(  # the model's kernels; Newton-Schulz is chosen by DistributedMuon from the same setting
         name="torch" if not names else "triton" if set(names) == set(TRITON_KERNELS) else "+".join(names),
         linear_relu2=linear_relu2 if "linear_relu2" in names else linear_relu2_reference,
         qk_norm_rotary=qk_norm_rotary if "qk_norm_rotary" in names else qk_norm_rotary_reference,
-        newton_schulz=lambda G, *a, **kw: newton_schulz(G, *a, use_triton=ns_triton, **kw),
     )

@@ -24,7 +24,7 @@ from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
 from .attention_speedplm import ATTENTION_FUNCTIONS, build_attention_mask, resolve_implementation
 from .card_speedplm import model_card
 from .configuration_speedplm import SpeedPLMConfig
-from .kernels_speedplm import select_kernels
+from .kernels_speedplm import apply_rotary, select_kernels
 from .tokenization_speedplm import build_tokenizer
 
 
@@ -63,13 +63,6 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (self.theta**exponents)
         freqs = position_ids[..., None].float() * inv_freq  # (B, L, D/2)
         return freqs.cos(), freqs.sin()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, L, H, D), cos/sin: (B, L, D/2); rotate-half convention, fp32 math."""
-    cos, sin = cos[:, :, None], sin[:, :, None]  # broadcast over heads
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
 
 
 class SpeedPLMAttention(nn.Module):

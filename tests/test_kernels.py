@@ -22,7 +22,7 @@ triton = pytest.importorskip("triton")
 
 from modeling_speedplm import SpeedPLMConfig, SpeedPLMForMaskedLM  # noqa: E402
 from modeling_speedplm import kernels_speedplm as K  # noqa: E402
-from modeling_speedplm.modeling_speedplm import apply_rotary, positions_from, rms_norm  # noqa: E402
+from modeling_speedplm.modeling_speedplm import RotaryEmbedding, apply_rotary, positions_from, rms_norm  # noqa: E402,E501
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # triton was imported (by conftest -> model -> torch._dynamo) before TRITON_INTERPRET was set: run in a subprocess.
@@ -57,10 +57,8 @@ def assert_matches(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype):
 
 
 def rotary_tables(position_ids: torch.Tensor, dim: int):
-    """cos, sin (B, L, D/2) fp32, as the model's RotaryEmbedding computes them."""
-    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    freqs = position_ids[..., None].float() * inv_freq.to(position_ids.device)
-    return freqs.cos(), freqs.sin()
+    """cos, sin (B, L, D/2) fp32: the model's own RotaryEmbedding."""
+    return RotaryEmbedding(dim, 10000.0)(position_ids)
 
 
 def test_interpreter_is_on_without_cuda():
@@ -303,16 +301,6 @@ def test_select_kernels(monkeypatch):
     for named in ("triton", "linear_relu2"):
         with pytest.raises(RuntimeError, match="needs the `triton` package"):
             K.select_kernels(named, DEVICE)
-
-
-def test_newton_schulz_choice_follows_selection(monkeypatch):
-    calls = []
-    monkeypatch.setattr(K, "newton_schulz_reference", lambda G, *a, **kw: calls.append("torch") or G)
-    monkeypatch.setattr(K, "xxt", lambda x, *a, **kw: calls.append("triton") or x @ x.T)
-    g = torch.randn(8, 16)
-    K.select_kernels("linear_relu2", "cpu").newton_schulz(g)
-    K.select_kernels("newton_schulz", "cpu").newton_schulz(g, steps=1)
-    assert calls == ["torch", "triton", "triton"]  # one step: X X^T, then A A^T
 
 
 # ---------------------------------------------------------------- full size, GPU only

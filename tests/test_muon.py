@@ -72,7 +72,8 @@ def test_stacked_newton_schulz_matches_one_at_a_time(ns_dtype, tol, monkeypatch)
     stacked, single = make_params(REPEATED), make_params(REPEATED)
     calls = []
     original = muon.newton_schulz
-    monkeypatch.setattr(muon, "newton_schulz", lambda G, *a, **kw: calls.append(tuple(G.shape)) or original(G, *a, **kw))
+    recording = lambda G, *a, **kw: calls.append(tuple(G.shape)) or original(G, *a, **kw)  # noqa: E731
+    monkeypatch.setattr(muon, "newton_schulz", recording)
     got = run(stacked, DistributedMuon(stacked, kernels="torch", ns_dtype=ns_dtype, stack=True))
     assert calls[:4] == [(3, 32, 32), (2, 48, 16), (16, 40), (24, 8)]  # one call per shape, in first-seen order
     monkeypatch.undo()

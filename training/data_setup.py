@@ -49,8 +49,8 @@ def build_train_loader(config: RunConfig, shard_dir: Path, rank: int, world: int
 
 
 def build_eval_loader(config: RunConfig, shard_dir: Path, rank: int, world: int):
-    collator = MLMCollator(mask_rate=config.eval.mask_rate or EVAL_MASK_RATE, replace=_replacement(config.data.replacement),
-                           seed=config.eval.seed)  # fmt: skip
+    collator = MLMCollator(mask_rate=config.eval.mask_rate or EVAL_MASK_RATE,
+                           replace=_replacement(config.data.replacement), seed=config.eval.seed)
     return eval_loader_over(
         shard_dir, max_length=config.data.max_length, tokens_per_micro_batch=config.train.micro_batch_tokens,
         collator=collator, rank=rank, world_size=world, seed=config.eval.seed,
