@@ -79,6 +79,9 @@ class DistributedMuon(torch.optim.Optimizer):
         # CPU by default, which keeps one rank bit-identical to torch.optim.Muon there.
         self.stack = stack
 
+    def _ns_dtype(self, p: torch.Tensor) -> torch.dtype:
+        return self.ns_dtype or (torch.bfloat16 if p.device.type == "cuda" else torch.float32)
+
     def _world(self):
         if not (dist.is_available() and dist.is_initialized()):
             return 1, 0
@@ -92,7 +95,7 @@ class DistributedMuon(torch.optim.Optimizer):
                 loss = closure()
         world, rank = self._world()
         # Replicated parameters by Newton-Schulz job (shape, settings), in parameter order: the same on every rank.
-        jobs = {}  # key -> [(param, its nesterov update if this rank owns it else None, owner, group, ns_dtype)]
+        jobs = {}  # key -> [(param, its nesterov update if this rank owns it else None, owner, group)]
         sharded = []  # FSDP2 parameters: (param, full update if this rank owns it else None, owner, mesh group, group)
         index = 0  # running parameter index across groups: its owner is index % world
         for group in self.param_groups:
@@ -113,15 +116,13 @@ class DistributedMuon(torch.optim.Optimizer):
                     continue
                 owner = index % world
                 index += 1
-                ns_dtype = self.ns_dtype or (torch.bfloat16 if p.is_cuda else torch.float32)
                 update = (grad.lerp(buf, mu) if group["nesterov"] else buf) if owner == rank else None
-                key = (tuple(p.shape), ns_dtype, group["ns_steps"], group["ns_coefficients"], group["eps"])
-                jobs.setdefault(key, []).append((p, update, owner, group, ns_dtype))
+                key = (tuple(p.shape), self._ns_dtype(p), group["ns_steps"], group["ns_coefficients"], group["eps"])
+                jobs.setdefault(key, []).append((p, update, owner, group))
         pending = []  # (param, update buffer, async handle or None, its param group)
-        for (_, _, steps, coefficients, eps), items in jobs.items():
-            mine = [update for _, update, _, _, _ in items if update is not None]
+        for (_, ns_dtype, steps, coefficients, eps), items in jobs.items():
+            mine = [update for _, update, _, _ in items if update is not None]
             if mine:
-                ns_dtype = items[0][4]
                 if len(mine) > 1 and (self.stack if self.stack is not None else mine[0].is_cuda):
                     # One batched Newton-Schulz for this rank's same-shape matrices (speedrun-133m: 24 blocks x 4
                     # shapes -> 4 calls instead of 96), so small matrices stop being launch-bound.
@@ -132,7 +133,7 @@ class DistributedMuon(torch.optim.Optimizer):
                             for u in mine]  # fmt: skip
             results = iter(mine)
             # broadcasts in parameter order on every rank; async, so they overlap the next job's Newton-Schulz
-            for p, update, owner, group, ns_dtype in items:
+            for p, update, owner, group in items:
                 if update is not None:
                     update = next(results).contiguous()
                 else:
@@ -168,15 +169,13 @@ class DistributedMuon(torch.optim.Optimizer):
         # first, then one broadcast per matrix (in parameter order on every rank), each rank applying its slice.
         for i, (p, update, owner, mesh_group, group) in enumerate(sharded):
             if update is not None:
-                ns_dtype = self.ns_dtype or (torch.bfloat16 if p.device.type == "cuda" else torch.float32)
                 update = newton_schulz(update, group["ns_steps"], group["ns_coefficients"], group["eps"],
-                                       use_triton=self.use_triton, dtype=ns_dtype)  # fmt: skip
+                                       use_triton=self.use_triton, dtype=self._ns_dtype(p))  # fmt: skip
                 sharded[i] = (p, update.contiguous(), owner, mesh_group, group)
         for p, update, owner, mesh_group, group in sharded:
             if mesh_group is not None:
                 if update is None:
-                    ns_dtype = self.ns_dtype or (torch.bfloat16 if p.device.type == "cuda" else torch.float32)
-                    update = torch.empty(p.shape, dtype=ns_dtype, device=p.device)
+                    update = torch.empty(p.shape, dtype=self._ns_dtype(p), device=p.device)
                 dist.broadcast(update, group_src=owner, group=mesh_group)
             # this rank's slice of the full update, placed like the parameter (no communication)
             local = distribute_tensor(update, p.device_mesh, p.placements, src_data_rank=None)
