@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from eval.benchmark import BenchmarkError, VocabMap, build_batches, hardware, markdown_table, resolve_split, score_model
+from eval.throughput import esm_twin  # ESM2's shape and recipe (no dropout)
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_MASK_RATE, EVAL_SEED = 0.15, 0
@@ -94,18 +95,6 @@ def speedplm_config(s: Settings):
     from modeling_speedplm import SpeedPLMConfig
 
     return SpeedPLMConfig(**SHAPES[s.shape], max_position_embeddings=s.max_length)
-
-
-def esm2_model(config):
-    """esm_twin's shape, but no dropout: ESM2's released configs have hidden/attention dropout 0.0 (EsmConfig's
-    default is 0.1, which slows training down and is not the ESM2 recipe)."""
-    from transformers import EsmForMaskedLM
-
-    from eval.throughput import esm_twin
-
-    esm_config = esm_twin(config).config
-    esm_config.hidden_dropout_prob = esm_config.attention_probs_dropout_prob = 0.0
-    return EsmForMaskedLM(esm_config)
 
 
 def esm_dataset(train_dir: Path, max_length: int) -> list[dict]:
@@ -160,7 +149,7 @@ def calibrate_esm(s: Settings, dataset: list, batch_size: int, config, out: Path
             self.stamps.append(time.perf_counter())
 
     timer = StepTimes()
-    trainer = esm_trainer(s, esm2_model(config), dataset, batch_size, 2 + s.calibration_steps, 0, out, [timer])
+    trainer = esm_trainer(s, esm_twin(config), dataset, batch_size, 2 + s.calibration_steps, 0, out, [timer])
     trainer.train()
     return statistics.median(np.diff(timer.stamps[1:]).tolist())
 
@@ -215,7 +204,7 @@ def run_esm(s: Settings, config, dataset, batch_size: int, steps: int, seed: int
                 control.should_training_stop = True
 
     set_seed(seed)
-    model = esm2_model(config)
+    model = esm_twin(config)
     clock = EvalClock()
     first = point(0, 0, 0.0, score_model(model, VocabMap.identity(), eval_batches))
     esm_trainer(s, model, dataset, batch_size, steps, seed, out, [clock]).train()
