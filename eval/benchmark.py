@@ -55,9 +55,23 @@ from modeling_speedplm import ESM2_VOCAB
 
 NUM_TOKENS = len(ESM2_VOCAB)  # 33
 OPTIONAL_TOKENS = ("<null_1>",)  # never in an input or a label: a model may lack it
-COLUMNS = ("model", "parameters", "tokens_scored", "loss", "perplexity", "accuracy", "precision_weighted",
-           "recall_weighted", "f1_weighted", "precision_macro", "recall_macro", "f1_macro", "mcc",
-           "masked_positions_sha256", "seconds")  # fmt: skip
+COLUMNS = (
+    "model",
+    "parameters",
+    "tokens_scored",
+    "loss",
+    "perplexity",
+    "accuracy",
+    "precision_weighted",
+    "recall_weighted",
+    "f1_weighted",
+    "precision_macro",
+    "recall_macro",
+    "f1_macro",
+    "mcc",
+    "masked_positions_sha256",
+    "seconds",
+)
 
 
 class BenchmarkError(Exception):
@@ -86,13 +100,22 @@ def resolve_split(source: str, split: str, cache: str = "data", accelerator=None
         return path / split
     if (path / "manifest.json").exists():
         return path
-    raise BenchmarkError(f"--data {source}: neither {path / split} nor {path} is a prepared shard directory "
-                         f"(python -m training.data prepare ... --out DIR)")  # fmt: skip
+    raise BenchmarkError(
+        f"--data {source}: neither {path / split} nor {path} is a prepared shard directory "
+        f"(python -m training.data prepare ... --out DIR)"
+    )
 
 
-def build_batches(shard_dir, *, mask_rate: float = 0.15, seed: int = 0, max_length: int = 1024,
-                  batch_tokens: int = 16384, max_tokens: int | None = None,
-                  replacement: str = "80/10/10") -> list[dict]:  # fmt: skip
+def build_batches(
+    shard_dir,
+    *,
+    mask_rate: float = 0.15,
+    seed: int = 0,
+    max_length: int = 1024,
+    batch_tokens: int = 16384,
+    max_tokens: int | None = None,
+    replacement: str = "80/10/10",
+) -> list[dict]:
     """The fixed masked eval batches, one protein per row (padded), in stored order: a pure function of the args."""
     from training.collator import MLMCollator
     from training.loader import build_eval_loader
@@ -100,12 +123,20 @@ def build_batches(shard_dir, *, mask_rate: float = 0.15, seed: int = 0, max_leng
     if not 0.0 < mask_rate < 1.0:
         raise BenchmarkError(f"--mask-rate {mask_rate}: must be in (0, 1)")
     if batch_tokens < max_length:
-        raise BenchmarkError(f"--batch-tokens {batch_tokens} < max length {max_length}: a batch holds "
-                             f"batch_tokens // max_length proteins")  # fmt: skip
+        raise BenchmarkError(
+            f"--batch-tokens {batch_tokens} < max length {max_length}: a batch holds "
+            f"batch_tokens // max_length proteins"
+        )
     replace = (0.8, 0.1, 0.1) if replacement == "80/10/10" else (1.0, 0.0, 0.0)
     collator = MLMCollator(mask_rate=mask_rate, replace=replace, seed=seed)
-    loader = build_eval_loader(shard_dir, max_length=max_length, tokens_per_micro_batch=batch_tokens,
-                               collator=collator, seed=seed, packing=False)  # fmt: skip
+    loader = build_eval_loader(
+        shard_dir,
+        max_length=max_length,
+        tokens_per_micro_batch=batch_tokens,
+        collator=collator,
+        seed=seed,
+        packing=False,
+    )
     batches, real = [], 0
     for batch in loader:
         batches.append({k: batch[k] for k in ("input_ids", "attention_mask", "labels")})  # each (B, L)
@@ -135,7 +166,7 @@ class VocabMap:
         self.to_model = torch.tensor(to_model, dtype=torch.long)  # (33,) model id per ESM2 id, -1 = absent
         self.logits_width = logits_width
         self.is_identity = to_model == list(range(NUM_TOKENS)) and logits_width == NUM_TOKENS
-        used = set(i for i in to_model if i >= 0)
+        used = {i for i in to_model if i >= 0}
         self.other = torch.tensor([i for i in range(logits_width) if i not in used], dtype=torch.long)
         self.missing = self.to_model < 0  # (33,)
         self.num_classes = NUM_TOKENS + (1 if len(self.other) else 0)
@@ -167,13 +198,15 @@ def vocab_map(name: str, tokenizer, logits_width: int) -> VocabMap:
     vocab = tokenizer.get_vocab()
     missing = [t for t in ESM2_VOCAB if t not in vocab and t not in OPTIONAL_TOKENS]
     if missing:
-        raise BenchmarkError(f"model {name}: its tokenizer lacks ESM2 tokens {missing}; it cannot be scored on the "
-                             f"same masked positions as the other models")  # fmt: skip
+        raise BenchmarkError(
+            f"model {name}: its tokenizer lacks ESM2 tokens {missing}; it cannot be scored on the "
+            f"same masked positions as the other models"
+        )
     to_model = [int(vocab.get(t, -1)) for t in ESM2_VOCAB]
     beyond = [t for t, i in zip(ESM2_VOCAB, to_model) if i >= logits_width]
     if beyond:
         raise BenchmarkError(f"model {name}: tokens {beyond} have ids beyond its {logits_width} output logits")
-    if len(set(i for i in to_model if i >= 0)) != sum(i >= 0 for i in to_model):
+    if len({i for i in to_model if i >= 0}) != sum(i >= 0 for i in to_model):
         raise BenchmarkError(f"model {name}: its tokenizer maps several ESM2 tokens to one id")
     return VocabMap(to_model, logits_width)
 
@@ -197,8 +230,9 @@ def inspect_model(name: str) -> ModelSpec:
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=True)
     except (OSError, ValueError, TypeError) as err:
-        raise BenchmarkError(f"model {name}: cannot load its tokenizer, so its vocabulary can't be checked: "
-                             f"{err}") from err  # fmt: skip
+        raise BenchmarkError(
+            f"model {name}: cannot load its tokenizer, so its vocabulary can't be checked: {err}"
+        ) from err
     limits = [getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
     limits = [int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000]  # tokenizers say 1e30 for "none"
     return ModelSpec(name, config, vocab_map(name, tokenizer, config.vocab_size), min(limits, default=1024))
@@ -309,16 +343,26 @@ def write_outputs(rows: list[dict], out_dir: Path, command: str, hardware_text: 
         writer.writerows({c: r[c] for c in COLUMNS} for r in rows)
     shown = [c for c in COLUMNS if c not in ("masked_positions_sha256", "recall_weighted")]
     text = [
-        "# Masked-LM benchmark", "", markdown_table(rows, shown), "",
+        "# Masked-LM benchmark",
+        "",
+        markdown_table(rows, shown),
+        "",
         "Loss: token-weighted mean cross-entropy (nats) over the masked positions; perplexity = exp(loss). "
         "precision/recall/f1 `_weighted`: averaged over amino-acid classes weighted by their frequency among the "
         "masked positions; `_macro`: unweighted mean over the classes present (weighted recall equals accuracy, "
-        "so only the CSV has it). MCC: multiclass Matthews correlation.", "",
-        f"Masked positions (sha256 of every scored batch, same for all models): "
-        f"`{rows[0]['masked_positions_sha256']}`" if len({r['masked_positions_sha256'] for r in rows}) == 1
-        else "WARNING: models were scored on different masked positions (hashes differ; see results.csv)", "",
-        notes, "", f"Command: `{command}`", "", f"Hardware: {hardware_text}", "",
-    ]  # fmt: skip
+        "so only the CSV has it). MCC: multiclass Matthews correlation.",
+        "",
+        f"Masked positions (sha256 of every scored batch, same for all models): `{rows[0]['masked_positions_sha256']}`"
+        if len({r["masked_positions_sha256"] for r in rows}) == 1
+        else "WARNING: models were scored on different masked positions (hashes differ; see results.csv)",
+        "",
+        notes,
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Hardware: {hardware_text}",
+        "",
+    ]
     (out_dir / "results.md").write_text("\n".join(text))
     plot_results(rows, out_dir / "results.png")
 
@@ -327,8 +371,12 @@ def write_outputs(rows: list[dict], out_dir: Path, command: str, hardware_text: 
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m eval.benchmark", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m eval.benchmark",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     p.add_argument("--models", nargs="+", required=True, metavar="M", help="checkpoint folders or Hub ids")
     p.add_argument("--data", default="builtin", help="'builtin' or a prepared shard directory")
     p.add_argument("--split", default="test", help="split folder inside --data (default: test)")
@@ -354,9 +402,15 @@ def main(argv=None) -> int:
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
         max_length = min([args.max_length] + [s.max_length for s in specs])
         shard_dir = resolve_split(args.data, args.split, args.cache, accelerator)
-        batches = build_batches(shard_dir, mask_rate=args.mask_rate, seed=args.seed, max_length=max_length,
-                                batch_tokens=args.batch_tokens, max_tokens=args.max_tokens,
-                                replacement=args.replacement)  # fmt: skip
+        batches = build_batches(
+            shard_dir,
+            mask_rate=args.mask_rate,
+            seed=args.seed,
+            max_length=max_length,
+            batch_tokens=args.batch_tokens,
+            max_tokens=args.max_tokens,
+            replacement=args.replacement,
+        )
         if not batches:
             raise BenchmarkError(f"{shard_dir}: no proteins")
         # every rank builds the same global list and takes every world-th batch: same positions for any rank count
@@ -365,18 +419,26 @@ def main(argv=None) -> int:
         for spec in specs:
             model = load_model(spec, accelerator.device)
             result = score_model(model, spec.vocab, mine, accelerator, desc=short_name(spec.name))
-            rows.append({"model": spec.name, "parameters": model.num_parameters(), "tokens_scored": result["tokens"],
-                         **{c: result[c] for c in COLUMNS[3:]}})  # fmt: skip
+            rows.append(
+                {
+                    "model": spec.name,
+                    "parameters": model.num_parameters(),
+                    "tokens_scored": result["tokens"],
+                    **{c: result[c] for c in COLUMNS[3:]},
+                }
+            )
             del model
     except (BenchmarkError, ValueError) as err:
         print(f"eval.benchmark: error: {err}", file=sys.stderr)
         return 1
     if accelerator.is_main_process:
         command = "python -m eval.benchmark " + shlex.join(argv)
-        notes = (f"Data: `{shard_dir}`, {sum(int(b['attention_mask'].sum()) for b in batches):,} real tokens in "
-                 f"{len(batches)} padded batches of {args.batch_tokens // max_length} proteins; max length "
-                 f"{max_length} tokens (longer proteins keep their first {max_length - 2} residues); mask rate "
-                 f"{args.mask_rate} ({args.replacement}), seed {args.seed}.")  # fmt: skip
+        notes = (
+            f"Data: `{shard_dir}`, {sum(int(b['attention_mask'].sum()) for b in batches):,} real tokens in "
+            f"{len(batches)} padded batches of {args.batch_tokens // max_length} proteins; max length "
+            f"{max_length} tokens (longer proteins keep their first {max_length - 2} residues); mask rate "
+            f"{args.mask_rate} ({args.replacement}), seed {args.seed}."
+        )
         write_outputs(rows, Path(args.out), command, hardware(accelerator), notes)
         print(markdown_table(rows, [c for c in COLUMNS if c not in ("masked_positions_sha256", "recall_weighted")]))
         print(f"wrote {Path(args.out) / 'results.csv'}, results.md, results.png")

@@ -44,8 +44,13 @@ def bench_prepare(inputs, repeats: int, max_length: int) -> dict:
         walls.append(wall)
         cpus.append(cpu)
         tokens = sum(s["residues"] for s in report["splits"].values())
-    return dict(stage="prepare (read+validate+tokenize+write)", tokens=tokens, wall_s=statistics.median(walls),
-                cpu_s=statistics.median(cpus), padding_waste=None)  # fmt: skip
+    return dict(
+        stage="prepare (read+validate+tokenize+write)",
+        tokens=tokens,
+        wall_s=statistics.median(walls),
+        cpu_s=statistics.median(cpus),
+        padding_waste=None,
+    )
 
 
 def bench_loader(loader, batches: int, repeats: int, name: str) -> dict:
@@ -53,14 +58,20 @@ def bench_loader(loader, batches: int, repeats: int, name: str) -> dict:
     next(it)  # warm-up: first epoch plan, page cache
     walls, cpus, tokens = [], [], 0
     for _ in range(repeats):
+
         def run():
             return sum(int(next(it)["attention_mask"].sum()) for _ in range(batches))
 
         wall, cpu, tokens = _timed(run)
         walls.append(wall)
         cpus.append(cpu)
-    return dict(stage=name, tokens=tokens, wall_s=statistics.median(walls), cpu_s=statistics.median(cpus),
-                padding_waste=loader.packing_stats()["padding_waste"])  # fmt: skip
+    return dict(
+        stage=name,
+        tokens=tokens,
+        wall_s=statistics.median(walls),
+        cpu_s=statistics.median(cpus),
+        padding_waste=loader.packing_stats()["padding_waste"],
+    )
 
 
 def table(rows: list[dict]) -> str:
@@ -68,8 +79,10 @@ def table(rows: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         waste = "" if r["padding_waste"] is None else f"{100 * r['padding_waste']:.2f}%"
-        lines.append(f"{r['stage']:<44} {r['tokens']:>12,} {r['wall_s']:>9.3f} {r['tokens_per_s_wall']:>12,.0f} "
-                     f"{r['tokens_per_s_per_core']:>12,.0f} {waste:>9}")  # fmt: skip
+        lines.append(
+            f"{r['stage']:<44} {r['tokens']:>12,} {r['wall_s']:>9.3f} {r['tokens_per_s_wall']:>12,.0f} "
+            f"{r['tokens_per_s_per_core']:>12,.0f} {waste:>9}"
+        )
     return "\n".join(lines)
 
 
@@ -104,13 +117,18 @@ def main(argv=None) -> int:
     print(table(rows))
     rate = rows[1]["tokens_per_s_per_core"]
     waste = rows[1]["padding_waste"]
-    print(f"\ntarget loader+collator >= {TARGET / 1e6:.1f} M tokens/s per core: {'PASS' if rate >= TARGET else 'FAIL'}"
-          f" ({rate / 1e6:.2f} M); packed padding waste {100 * waste:.2f}% (target < 2%)")  # fmt: skip
-    print("tokens = real tokens (<cls> + residues + <eos>; padding excluded); per core = tokens / process CPU "
-          "seconds with 1 torch thread, no workers; median of repeats")  # fmt: skip
+    print(
+        f"\ntarget loader+collator >= {TARGET / 1e6:.1f} M tokens/s per core: {'PASS' if rate >= TARGET else 'FAIL'}"
+        f" ({rate / 1e6:.2f} M); packed padding waste {100 * waste:.2f}% (target < 2%)"
+    )
+    print(
+        "tokens = real tokens (<cls> + residues + <eos>; padding excluded); per core = tokens / process CPU "
+        "seconds with 1 torch thread, no workers; median of repeats"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(rows=rows, target_tokens_per_s_per_core=TARGET, args=vars(args)),
-                                              indent=1) + "\n")  # fmt: skip
+        Path(args.json).write_text(
+            json.dumps(dict(rows=rows, target_tokens_per_s_per_core=TARGET, args=vars(args)), indent=1) + "\n"
+        )
     return 0
 
 

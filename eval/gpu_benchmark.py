@@ -58,8 +58,15 @@ def shapes(dry: bool) -> dict:
     if dry:
         return dict(batch=2, length=16, hidden=32, mlp=48, heads=2, head_dim=16, ns=[(32, 32), (32, 48), (48, 32)])
     # speedrun-133m; Muon matrices per block: o (768x768), up (2048x768), down (768x2048), qkv (2304x768)
-    return dict(batch=64, length=1024, hidden=768, mlp=2048, heads=6, head_dim=128,
-                ns=[(768, 768), (2048, 768), (768, 2048), (2304, 768)])  # fmt: skip
+    return dict(
+        batch=64,
+        length=1024,
+        hidden=768,
+        mlp=2048,
+        heads=6,
+        head_dim=128,
+        ns=[(768, 768), (2048, 768), (768, 2048), (2304, 768)],
+    )
 
 
 def bench_ms(fn) -> float:
@@ -198,8 +205,14 @@ def kernel_parity_rows(s):
         x64 = xb.double() @ xb.double().T
         parity.append(["xxt", f"{shape[0]}x{shape[1]}", rel_err(K.xxt(xb), x64), rel_err(K.xxt_reference(xb), x64)])
         ref = ns_fp64(G)
-        parity.append(["newton_schulz", f"{shape[0]}x{shape[1]}", rel_err(K.newton_schulz(G, use_triton=True), ref),
-                       rel_err(K.newton_schulz_reference(G), ref)])  # fmt: skip
+        parity.append(
+            [
+                "newton_schulz",
+                f"{shape[0]}x{shape[1]}",
+                rel_err(K.newton_schulz(G, use_triton=True), ref),
+                rel_err(K.newton_schulz_reference(G), ref),
+            ]
+        )
     return parity
 
 
@@ -210,23 +223,38 @@ def kernel_timing_rows(s):
     timing = []
     n_tok = s["batch"] * s["length"]
     flops = 2 * n_tok * s["hidden"] * s["mlp"]
-    impls = [("triton", K.linear_relu2), ("torch eager", K.linear_relu2_reference),
-             ("torch.compile", compiled(K.linear_relu2_reference))]  # fmt: skip
+    impls = [
+        ("triton", K.linear_relu2),
+        ("torch eager", K.linear_relu2_reference),
+        ("torch.compile", compiled(K.linear_relu2_reference)),
+    ]
     for name, fn in impls:
         log(f"time: linear_relu2 {name}")
-        fwd = bench_ms(lambda: fn(x.detach(), w.detach()))
-        fb = bench_ms(lambda: torch.autograd.grad(fn(x, w), (x, w), g))
-        timing.append(["linear_relu2", name, fwd, fb, f"{flops / fwd / 1e9:.4g} TFLOP/s",
-                       f"{3 * flops / fb / 1e9:.4g} TFLOP/s"])  # fmt: skip
+        fwd = bench_ms(lambda fn=fn: fn(x.detach(), w.detach()))
+        fb = bench_ms(lambda fn=fn: torch.autograd.grad(fn(x, w), (x, w), g))
+        timing.append(
+            ["linear_relu2", name, fwd, fb, f"{flops / fwd / 1e9:.4g} TFLOP/s", f"{3 * flops / fb / 1e9:.4g} TFLOP/s"]
+        )
     qk_bytes = 4 * q.numel() * q.element_size()  # read q, k; write q, k
-    impls = [("triton", K.qk_norm_rotary), ("torch eager", K.qk_norm_rotary_reference),
-             ("torch.compile", compiled(K.qk_norm_rotary_reference))]  # fmt: skip
+    impls = [
+        ("triton", K.qk_norm_rotary),
+        ("torch eager", K.qk_norm_rotary_reference),
+        ("torch.compile", compiled(K.qk_norm_rotary_reference)),
+    ]
     for name, fn in impls:
         log(f"time: qk_norm_rotary {name}")
-        fwd = bench_ms(lambda: fn(q.detach(), k.detach(), cos, sin, eps))
-        fb = bench_ms(lambda: torch.autograd.grad(fn(q, k, cos, sin, eps), (q, k), (gq, gk)))
-        timing.append(["qk_norm_rotary", name, fwd, fb, f"{qk_bytes / fwd / 1e6:.4g} GB/s",
-                       f"{2.5 * qk_bytes / fb / 1e6:.4g} GB/s"])  # fmt: skip
+        fwd = bench_ms(lambda fn=fn: fn(q.detach(), k.detach(), cos, sin, eps))
+        fb = bench_ms(lambda fn=fn: torch.autograd.grad(fn(q, k, cos, sin, eps), (q, k), (gq, gk)))
+        timing.append(
+            [
+                "qk_norm_rotary",
+                name,
+                fwd,
+                fb,
+                f"{qk_bytes / fwd / 1e6:.4g} GB/s",
+                f"{2.5 * qk_bytes / fb / 1e6:.4g} GB/s",
+            ]
+        )
     return timing
 
 
@@ -239,9 +267,9 @@ def newton_schulz_rows(s):
         for shape in s["ns"]:
             log(f"newton-schulz {shape} stack {stack}")
             g = torch.randn(*(() if stack is None else (stack,)), *shape, device=DEVICE)
-            t_tri = bench_ms(lambda: K.newton_schulz(g, use_triton=True))
-            t_ref = bench_ms(lambda: K.newton_schulz_reference(g))
-            t_cmp = bench_ms(lambda: compiled_ref(g))
+            t_tri = bench_ms(lambda g=g: K.newton_schulz(g, use_triton=True))
+            t_ref = bench_ms(lambda g=g: K.newton_schulz_reference(g))
+            t_cmp = bench_ms(lambda g=g: compiled_ref(g))
             name = f"{shape[0]}x{shape[1]}" if stack is None else f"{stack} x {shape[0]}x{shape[1]} stacked"
             rows.append([name, t_tri, t_ref, t_cmp, t_ref / t_tri, t_cmp / t_tri])
     n = len(s["ns"])
@@ -261,8 +289,7 @@ def attention_rows(s):
 
     gen = torch.Generator().manual_seed(2)
     batch, length, heads, dim = s["batch"], s["length"], s["heads"], s["head_dim"]
-    q, k, v, grad = (torch.randn(batch, heads, length, dim, generator=gen).to(DEVICE, torch.bfloat16)
-                     for _ in range(4))  # fmt: skip
+    q, k, v, grad = (torch.randn(batch, heads, length, dim, generator=gen).to(DEVICE, torch.bfloat16) for _ in range(4))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     docs = document_ids(batch, length, gen)[0].to(DEVICE)
     scale = dim**-0.5
@@ -276,20 +303,27 @@ def attention_rows(s):
         rows.append(["block mask build (_compile=True)", bench_ms(compiled_build), "", "", ""])
     rows.append(["dense mask build (SDPA)", bench_ms(lambda: A.dense_attention_mask(docs, None)), "", "", ""])
     flex = A._flex() if CUDA else A.flex_attention  # the CPU dry run: eager flex, forward only
-    impls = [("flex_attention (compiled, block mask)" if CUDA else "flex_attention (eager)",
-              lambda q, k, v: flex(q, k, v, block_mask=block_mask, scale=scale)),
-             ("sdpa (dense bool mask)", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense,
-                                                                                       scale=scale))]  # fmt: skip
+    impls = [
+        (
+            "flex_attention (compiled, block mask)" if CUDA else "flex_attention (eager)",
+            lambda q, k, v: flex(q, k, v, block_mask=block_mask, scale=scale),
+        ),
+        (
+            "sdpa (dense bool mask)",
+            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=scale),
+        ),
+    ]
     # fp32 reference on the first row of the batch only: (H, L, L) scores fit in memory
     ref = A.eager_attention(*(t[:1].detach().float() for t in (q, k, v)), dense[:1], scale).transpose(1, 2)
     for name, fn in impls:
         log(f"attention: {name}")
         err = rel_err(fn(q.detach(), k.detach(), v.detach())[:1], ref)
-        fwd = bench_ms(lambda: fn(q.detach(), k.detach(), v.detach()))
-        fb = bench_ms(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), grad)) if CUDA else float("nan")
+        fwd = bench_ms(lambda fn=fn: fn(q.detach(), k.detach(), v.detach()))
+        fb = bench_ms(lambda fn=fn: torch.autograd.grad(fn(q, k, v), (q, k, v), grad)) if CUDA else float("nan")
         rows.append([name, fwd, fb, err, ""])
-    computed = block_mask.kv_num_blocks.sum() + (0 if block_mask.full_kv_num_blocks is None
-                                                 else block_mask.full_kv_num_blocks.sum())  # fmt: skip
+    computed = block_mask.kv_num_blocks.sum() + (
+        0 if block_mask.full_kv_num_blocks is None else block_mask.full_kv_num_blocks.sum()
+    )
     n_blocks = -(-length // 128)
     rows[-2][4] = f"{100 * computed.item() / (batch * n_blocks * n_blocks):.1f}% of 128x128 blocks computed"
     return rows
@@ -315,8 +349,9 @@ def end_to_end_rows(s, variants) -> tuple[list, list[str]]:
     scored = torch.rand(batch, length, generator=gen).to(DEVICE) < 0.15
     labels = torch.where(scored, input_ids, torch.full_like(input_ids, -100))
     masked_ids = torch.where(scored, torch.full_like(input_ids, 32), input_ids)
-    peak = ARGS.peak_tflops or (989.0 if CUDA and any(n in torch.cuda.get_device_name() for n in ("H100", "H200"))
-                                else None)  # fmt: skip
+    peak = ARGS.peak_tflops or (
+        989.0 if CUDA and any(n in torch.cuda.get_device_name() for n in ("H100", "H200")) else None
+    )
     rows = []
     for kernels in variants:
         if elapsed() > ARGS.budget_s - (15 if ARGS.dry_run else 75):
@@ -383,8 +418,15 @@ def train_step_row(preset, kernels, batch, length, inputs, context, peak):
     flops_token = flops_per_token(config, context, scored_fraction=0.15)  # training/throughput.py's formula
     mfu = f"{100 * tokens_s * flops_token / (peak * 1e12):.1f}%" if peak else "n/a"
     memory = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}" if CUDA else "n/a"
-    return [kernels, f"{tokens_s:,.0f}", f"{1e3 * step_s:.1f}", f"{1e3 * statistics.median(optimizer_s):.1f}", mfu,
-            memory, f"{losses[0]:.3f} -> {losses[-1]:.3f}"]  # fmt: skip
+    return [
+        kernels,
+        f"{tokens_s:,.0f}",
+        f"{1e3 * step_s:.1f}",
+        f"{1e3 * statistics.median(optimizer_s):.1f}",
+        mfu,
+        memory,
+        f"{losses[0]:.3f} -> {losses[-1]:.3f}",
+    ]
 
 
 def guarded(name, fn, empty, notes, reserve_s=0.0):
@@ -409,8 +451,11 @@ def main():
     notes = []
     # By priority: correctness, then the headline number, then the evidence per kernel.
     parity = guarded("parity", lambda: kernel_parity_rows(s), [], notes)
-    e2e, e2e_notes = ([], ["end-to-end skipped (--skip-e2e)"]) if ARGS.skip_e2e else guarded(
-        "end-to-end", lambda: end_to_end_rows(s, ["torch", "triton"]), ([], []), notes)  # fmt: skip
+    e2e, e2e_notes = (
+        ([], ["end-to-end skipped (--skip-e2e)"])
+        if ARGS.skip_e2e
+        else guarded("end-to-end", lambda: end_to_end_rows(s, ["torch", "triton"]), ([], []), notes)
+    )
     timing = guarded("per-kernel time", lambda: kernel_timing_rows(s), [], notes, reserve_s=60)
     ns_rows = guarded("newton-schulz", lambda: newton_schulz_rows(s), [], notes, reserve_s=30)
     attention = guarded("attention", lambda: attention_rows(s), [], notes, reserve_s=30)
@@ -420,26 +465,54 @@ def main():
         e2e, e2e_notes = e2e + more, e2e_notes + more_notes
     notes += e2e_notes
     if not ARGS.dry_run:
-        e2e += [["SpeedrunningPLMs 1xH100 (published)", "275,900", "", "", "", "", ""],
-                ["SpeedrunningPLMs 1xH200 (published)", "327,680", "", "", "", "", ""]]  # fmt: skip
+        e2e += [
+            ["SpeedrunningPLMs 1xH100 (published)", "275,900", "", "", "", "", ""],
+            ["SpeedrunningPLMs 1xH200 (published)", "327,680", "", "", "", "", ""],
+        ]
     n_tok = s["batch"] * s["length"]
     compile_note = "" if CUDA else "; dry run: torch.compile with backend aot_eager"
-    out = [f"# speedplm GPU benchmark on {device_name} ({'dry run, tiny shapes' if ARGS.dry_run else 'speedrun-133m'})"
-           f", torch {torch.__version__}, triton {getattr(K.triton, '__version__', 'n/a')}"]  # fmt: skip
-    out.append(table(f"Parity: max |err| / max |fp64 reference|, bf16 inputs (linear {n_tok}x{s['hidden']} @ "
-                     f"{s['mlp']}x{s['hidden']}.T; q, k {s['batch']}x{s['length']}x{s['heads']}x{s['head_dim']})",
-                     ["kernel", "tensor", "triton", "torch twin", "ok"],
-                     [r + [parity_ok(r[2], r[3])] for r in parity]))  # fmt: skip
-    out.append(table(f"Per-kernel time, median ms{compile_note}",
-                     ["kernel", "impl", "fwd ms", "fwd+bwd ms", "fwd throughput", "fwd+bwd throughput"], timing))
-    out.append(table(f"Newton-Schulz, 5 steps bf16, median ms (triton = xxt symmetric products){compile_note}",
-                     ["matrices", "triton", "torch", "torch.compile", "speedup vs torch", "vs compile"], ns_rows))
-    out.append(table(f"Attention over packed proteins, {s['batch']}x{s['length']} tokens, {s['heads']} heads x "
-                     f"{s['head_dim']}, bf16, median ms (error: first row vs fp32 eager)",
-                     ["implementation", "fwd ms", "fwd+bwd ms", "rel err", "note"], attention))  # fmt: skip
-    out.append(table("End-to-end train step (bf16 autocast, flex attention, regional torch.compile, Muon + Adam); "
-                     "kernels = which Triton kernels are on",
-                     ["kernels", "tokens/s", "step ms", "optimizer ms", "MFU", "peak GiB", "loss"], e2e))
+    out = [
+        f"# speedplm GPU benchmark on {device_name} ({'dry run, tiny shapes' if ARGS.dry_run else 'speedrun-133m'})"
+        f", torch {torch.__version__}, triton {getattr(K.triton, '__version__', 'n/a')}"
+    ]
+    out.append(
+        table(
+            f"Parity: max |err| / max |fp64 reference|, bf16 inputs (linear {n_tok}x{s['hidden']} @ "
+            f"{s['mlp']}x{s['hidden']}.T; q, k {s['batch']}x{s['length']}x{s['heads']}x{s['head_dim']})",
+            ["kernel", "tensor", "triton", "torch twin", "ok"],
+            [r + [parity_ok(r[2], r[3])] for r in parity],
+        )
+    )
+    out.append(
+        table(
+            f"Per-kernel time, median ms{compile_note}",
+            ["kernel", "impl", "fwd ms", "fwd+bwd ms", "fwd throughput", "fwd+bwd throughput"],
+            timing,
+        )
+    )
+    out.append(
+        table(
+            f"Newton-Schulz, 5 steps bf16, median ms (triton = xxt symmetric products){compile_note}",
+            ["matrices", "triton", "torch", "torch.compile", "speedup vs torch", "vs compile"],
+            ns_rows,
+        )
+    )
+    out.append(
+        table(
+            f"Attention over packed proteins, {s['batch']}x{s['length']} tokens, {s['heads']} heads x "
+            f"{s['head_dim']}, bf16, median ms (error: first row vs fp32 eager)",
+            ["implementation", "fwd ms", "fwd+bwd ms", "rel err", "note"],
+            attention,
+        )
+    )
+    out.append(
+        table(
+            "End-to-end train step (bf16 autocast, flex attention, regional torch.compile, Muon + Adam); "
+            "kernels = which Triton kernels are on",
+            ["kernels", "tokens/s", "step ms", "optimizer ms", "MFU", "peak GiB", "loss"],
+            e2e,
+        )
+    )
     out += [f"note: {n}" for n in notes]
     out.append(f"\ntotal {elapsed():.0f} s")
     text = "\n".join(out)

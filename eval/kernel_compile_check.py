@@ -94,7 +94,7 @@ def variants(kernel, args, kwargs):
         if config is not None:
             consts.update(config.kwargs)
             opts.update(num_warps=config.num_warps, num_stages=config.num_stages)
-        sig = dict(signature, **{name: "constexpr" for name in consts})
+        sig = dict(signature, **dict.fromkeys(consts, "constexpr"))
         yield fn, sig, consts, attrs, opts, config is not None
 
 
@@ -129,14 +129,21 @@ def main(argv=None) -> int:
             seen = set()
             for launch, (kernel, call_args, call_kwargs) in enumerate(record_launches(dtype)):
                 for fn, sig, consts, attrs, opts, tuned in variants(kernel, call_args, call_kwargs):
-                    key = (fn.__name__, repr(sorted(sig.items())), repr(sorted(consts.items())), repr(attrs),
-                           repr(opts))  # fmt: skip
+                    key = (
+                        fn.__name__,
+                        repr(sorted(sig.items())),
+                        repr(sorted(consts.items())),
+                        repr(attrs),
+                        repr(opts),
+                    )
                     if key in seen:
                         continue
                     seen.add(key)
                     shown = {k: v for k, v in consts.items() if k.isupper()}
-                    row = f"| sm_{arch} | {fn.__name__} | {str(dtype)[6:]} | {shown} | " \
-                          f"{opts.get('num_warps', 4)}/{opts.get('num_stages', 3)}"
+                    row = (
+                        f"| sm_{arch} | {fn.__name__} | {str(dtype)[6:]} | {shown} | "
+                        f"{opts.get('num_warps', 4)}/{opts.get('num_stages', 3)}"
+                    )
                     try:
                         compiled = triton.compile(ASTSource(fn, sig, consts, attrs), target=target, options=opts)
                     except Exception as e:  # a compile error is the finding: report it and keep going

@@ -83,8 +83,7 @@ def load_task(name: str, max_per_task: int | None = 2000, test_fraction: float =
         keep, _ = train_test_split(keep, train_size=max_per_task, stratify=labels, random_state=seed)
         keep = np.sort(keep)
     tokens, labels = [tokens[i] for i in keep], labels[keep]
-    train, test = train_test_split(np.arange(len(tokens)), test_size=test_fraction, stratify=labels,
-                                   random_state=seed)  # fmt: skip
+    train, test = train_test_split(np.arange(len(tokens)), test_size=test_fraction, stratify=labels, random_state=seed)
     return Task(name, tokens, labels, np.sort(train), np.sort(test), invalid, duplicate)
 
 
@@ -111,8 +110,11 @@ def embed(model, spec: ModelSpec, tokens: list, max_length: int, batch_tokens: i
             ids[r, 1 : n + 1] = torch.from_numpy(tokens[i][:n].astype(np.int64))
             residues[r, 1 : n + 1] = True
         attention = (ids != PAD).long()
-        hidden = model(input_ids=spec.vocab.model_ids(ids).to(device), attention_mask=attention.to(device),
-                       output_hidden_states=True).hidden_states  # (layers + 1) x (B, L, H)
+        hidden = model(
+            input_ids=spec.vocab.model_ids(ids).to(device),
+            attention_mask=attention.to(device),
+            output_hidden_states=True,
+        ).hidden_states  # (layers + 1) x (B, L, H)
         weights = residues.to(device).unsqueeze(-1).float()  # (B, L, 1)
         pooled = torch.stack([(h.float() * weights).sum(1) / weights.sum(1) for h in hidden])  # (layers + 1, B, H)
         if out is None:
@@ -137,8 +139,17 @@ def probe(x_train, y_train, x_test, y_test, seed: int = 0) -> tuple[float, float
     return float(accuracy_score(y_test, predicted)), float(matthews_corrcoef(y_test, predicted))
 
 
-def run(model_names, task_names, *, max_per_task=2000, test_fraction=0.2, seed=0, max_length=1024,
-        batch_tokens=8192, log=print) -> tuple[list[dict], list[Task]]:  # fmt: skip
+def run(
+    model_names,
+    task_names,
+    *,
+    max_per_task=2000,
+    test_fraction=0.2,
+    seed=0,
+    max_length=1024,
+    batch_tokens=8192,
+    log=print,
+) -> tuple[list[dict], list[Task]]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     specs = [inspect_model(name) for name in model_names]  # check every vocabulary before the slow part
     tasks = [load_task(name, max_per_task, test_fraction, seed) for name in task_names]
@@ -151,11 +162,23 @@ def run(model_names, task_names, *, max_per_task=2000, test_fraction=0.2, seed=0
             features = embed(model, spec, task.tokens, length, batch_tokens, device)  # (layers + 1, N, H)
             for layer, x in enumerate(features):
                 acc, mcc = probe(x[task.train], task.labels[task.train], x[task.test], task.labels[task.test], seed)
-                rows.append(dict(model=spec.name, task=task.name, layer=layer, accuracy=acc, mcc=mcc,
-                                 n_train=len(task.train), n_test=len(task.test), dim=x.shape[1]))  # fmt: skip
+                rows.append(
+                    dict(
+                        model=spec.name,
+                        task=task.name,
+                        layer=layer,
+                        accuracy=acc,
+                        mcc=mcc,
+                        n_train=len(task.train),
+                        n_test=len(task.test),
+                        dim=x.shape[1],
+                    )
+                )
             best = max(r["accuracy"] for r in rows[-len(features) :])
-            log(f"{short_name(spec.name)} {task.name}: {len(features)} hidden states, best accuracy {best:.3f} "
-                f"({time.perf_counter() - start:.1f} s)")  # fmt: skip
+            log(
+                f"{short_name(spec.name)} {task.name}: {len(features)} hidden states, best accuracy {best:.3f} "
+                f"({time.perf_counter() - start:.1f} s)"
+            )
         del model
     return rows, tasks
 
@@ -175,8 +198,14 @@ def plot(rows: list[dict], path: Path) -> None:
             ax = axes[k][j]
             for i, name in enumerate(models):
                 mine = [r for r in rows if r["task"] == task and r["model"] == name]
-                ax.plot([r["layer"] for r in mine], [r[metric] for r in mine], marker="o", ms=3, color=f"C{i}",
-                        label=short_name(name))  # fmt: skip
+                ax.plot(
+                    [r["layer"] for r in mine],
+                    [r[metric] for r in mine],
+                    marker="o",
+                    ms=3,
+                    color=f"C{i}",
+                    label=short_name(name),
+                )
             ax.grid(alpha=0.3)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if k == 0:
@@ -202,29 +231,57 @@ def write_outputs(rows: list[dict], tasks: list[Task], out: Path, command: str) 
         for name in dict.fromkeys(r["model"] for r in rows):
             mine = [r for r in rows if r["task"] == task.name and r["model"] == name]
             top = max(mine, key=lambda r: r["accuracy"])
-            best.append(dict(task=task.name, model=name, best_layer=top["layer"], accuracy=top["accuracy"],
-                             mcc=top["mcc"], last_layer_accuracy=mine[-1]["accuracy"], n_train=top["n_train"],
-                             n_test=top["n_test"]))  # fmt: skip
-    data = "; ".join(f"{t.name}: {len(t.labels)} proteins ({len(t.train)} train / {len(t.test)} test, "
-                     f"{t.dropped_invalid} invalid and {t.dropped_duplicate} duplicates dropped)"
-                     for t in tasks)  # fmt: skip
+            best.append(
+                dict(
+                    task=task.name,
+                    model=name,
+                    best_layer=top["layer"],
+                    accuracy=top["accuracy"],
+                    mcc=top["mcc"],
+                    last_layer_accuracy=mine[-1]["accuracy"],
+                    n_train=top["n_train"],
+                    n_test=top["n_test"],
+                )
+            )
+    data = "; ".join(
+        f"{t.name}: {len(t.labels)} proteins ({len(t.train)} train / {len(t.test)} test, "
+        f"{t.dropped_invalid} invalid and {t.dropped_duplicate} duplicates dropped)"
+        for t in tasks
+    )
     text = [
-        "# Linear probes of mean-pooled hidden states", "", "## Best layer per model and task", "",
-        markdown_table(best, list(best[0])), "", "## Every layer", "",
-        markdown_table(rows, ["model", "task", "layer", "accuracy", "mcc"]), "",
+        "# Linear probes of mean-pooled hidden states",
+        "",
+        "## Best layer per model and task",
+        "",
+        markdown_table(best, list(best[0])),
+        "",
+        "## Every layer",
+        "",
+        markdown_table(rows, ["model", "task", "layer", "accuracy", "mcc"]),
+        "",
         "Features: mean over residue tokens (no <cls>/<eos>/padding) of each hidden state (layer 0 = embedding "
         "output); proteins longer than the model allows keep their first max_length - 2 residues. Probe: "
-        "StandardScaler + LogisticRegression, stratified held-out split.", "", f"Data: {data}.", "",
-        f"Command: `{command}`", "", f"Hardware: {hardware()}", "",
-    ]  # fmt: skip
+        "StandardScaler + LogisticRegression, stratified held-out split.",
+        "",
+        f"Data: {data}.",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Hardware: {hardware()}",
+        "",
+    ]
     (out / "probes.md").write_text("\n".join(text))
     plot(rows, out / "probes.png")
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(prog="python -m eval.probes", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m eval.probes",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     p.add_argument("--models", nargs="+", required=True, metavar="M")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), metavar="T")
     p.add_argument("--out", required=True, metavar="DIR")
@@ -235,8 +292,15 @@ def main(argv=None) -> int:
     p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward")
     args = p.parse_args(argv)
     try:
-        rows, tasks = run(args.models, args.tasks, max_per_task=args.max_per_task, test_fraction=args.test_fraction,
-                          seed=args.seed, max_length=args.max_length, batch_tokens=args.batch_tokens)  # fmt: skip
+        rows, tasks = run(
+            args.models,
+            args.tasks,
+            max_per_task=args.max_per_task,
+            test_fraction=args.test_fraction,
+            seed=args.seed,
+            max_length=args.max_length,
+            batch_tokens=args.batch_tokens,
+        )
     except (BenchmarkError, ValueError) as err:
         print(f"eval.probes: error: {err}", file=sys.stderr)
         return 1

@@ -57,15 +57,24 @@ SHAPES = {
     "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2.0, value_embeddings=1),
     "small": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=2, mlp_ratio=4.0, value_embeddings=2),
     "default": dict(hidden_size=192, num_hidden_layers=6, num_attention_heads=3, mlp_ratio=4.0, value_embeddings=2),
-    "esm2-8m-like": dict(hidden_size=320, num_hidden_layers=6, num_attention_heads=5, mlp_ratio=4.0,
-                         value_embeddings=3),
-}  # fmt: skip
+    "esm2-8m-like": dict(
+        hidden_size=320, num_hidden_layers=6, num_attention_heads=5, mlp_ratio=4.0, value_embeddings=3
+    ),
+}
 MODES = {  # what --short and a full run default to; every value can be overridden on the command line
-    "full": dict(shape="small", max_length=256, tokens_per_step=4096, budget_s=300.0, seeds=[0, 1, 2], evals=16,
-                 eval_max_tokens=30000),
-    "short": dict(shape="tiny", max_length=128, tokens_per_step=1024, budget_s=5.0, seeds=[0], evals=4,
-                  eval_max_tokens=3000),
-}  # fmt: skip
+    "full": dict(
+        shape="small",
+        max_length=256,
+        tokens_per_step=4096,
+        budget_s=300.0,
+        seeds=[0, 1, 2],
+        evals=16,
+        eval_max_tokens=30000,
+    ),
+    "short": dict(
+        shape="tiny", max_length=128, tokens_per_step=1024, budget_s=5.0, seeds=[0], evals=4, eval_max_tokens=3000
+    ),
+}
 
 
 class SpeedrunError(Exception):
@@ -120,8 +129,13 @@ def calibrate_speedplm(s: Settings, train_dir: Path, config) -> float:
     model = SpeedPLMForMaskedLM(config).to(device)
     model.config._attn_implementation = "sdpa"
     optimizers = build_optimizers(model, TrainSection())
-    loader = build_loader(train_dir, max_length=s.max_length, tokens_per_micro_batch=s.tokens_per_step,
-                          collator=MLMCollator(mask_rate=0.2, seed=0), seed=0)  # fmt: skip
+    loader = build_loader(
+        train_dir,
+        max_length=s.max_length,
+        tokens_per_micro_batch=s.tokens_per_step,
+        collator=MLMCollator(mask_rate=0.2, seed=0),
+        seed=0,
+    )
     times = []
     for i, batch in zip(range(2 + s.calibration_steps), loader):
         start = time.perf_counter()
@@ -164,13 +178,27 @@ def esm_trainer(s: Settings, model, dataset, batch_size: int, steps: int, seed: 
     from modeling_speedplm import build_tokenizer
 
     args = TrainingArguments(
-        output_dir=str(out / "esm_trainer"), max_steps=steps, per_device_train_batch_size=batch_size,
-        learning_rate=s.esm_lr, warmup_steps=max(1, round(WARMUP_FRACTION * steps)), lr_scheduler_type="linear",
-        weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.98, adam_epsilon=1e-8, max_grad_norm=1.0,
-        logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[], seed=seed,
-        include_num_input_tokens_seen="non_padding", dataloader_pin_memory=False, disable_tqdm=True,
+        output_dir=str(out / "esm_trainer"),
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=s.esm_lr,
+        warmup_steps=max(1, round(WARMUP_FRACTION * steps)),
+        lr_scheduler_type="linear",
+        weight_decay=0.01,
+        adam_beta1=0.9,
+        adam_beta2=0.98,
+        adam_epsilon=1e-8,
+        max_grad_norm=1.0,
+        logging_strategy="no",
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        seed=seed,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_pin_memory=False,
+        disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
-    )  # fmt: skip
+    )
     collator = DataCollatorForLanguageModeling(build_tokenizer(s.max_length), mlm_probability=0.15)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=callbacks)
     for quiet in (PrinterCallback, ProgressCallback):
@@ -210,8 +238,16 @@ def run_esm(s: Settings, config, dataset, batch_size: int, steps: int, seed: int
     esm_trainer(s, model, dataset, batch_size, steps, seed, out, [clock]).train()
     shutil.rmtree(out / "esm_trainer", ignore_errors=True)
     points = [first, *clock.points]
-    return dict(recipe="ESM2", seed=seed, steps=points[-1]["step"], planned_steps=steps, eval_every=every,
-                parameters=model.num_parameters(), batch=f"{batch_size} proteins, padded", points=points)  # fmt: skip
+    return dict(
+        recipe="ESM2",
+        seed=seed,
+        steps=points[-1]["step"],
+        planned_steps=steps,
+        eval_every=every,
+        parameters=model.num_parameters(),
+        batch=f"{batch_size} proteins, padded",
+        points=points,
+    )
 
 
 def run_speedplm(s: Settings, config, data_root: Path, steps: int, seed: int, eval_batches, out: Path) -> dict:
@@ -224,14 +260,27 @@ def run_speedplm(s: Settings, config, data_root: Path, steps: int, seed: int, ev
     run_dir = out / f"speedplm_seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
     overrides = [
-        f"data.train={data_root}", f"data.max_length={s.max_length}", "data.num_workers=0",
-        *(f"model.{k}={v}" for k, v in SHAPES[s.shape].items()), f"model.max_position_embeddings={s.max_length}",
-        f"train.output_dir={out}", f"train.run_name={run_dir.name}", f"train.seed={seed}", f"train.max_steps={steps}",
-        f"train.tokens_per_step={s.tokens_per_step}", f"train.micro_batch_tokens={s.tokens_per_step}",
-        f"train.warmup_steps={max(1, round(WARMUP_FRACTION * steps))}", f"train.save_every={every}",
-        "train.keep_checkpoints=1000000", "train.log_every=1", "train.resume=none",
-        "eval.every=0", f"eval.max_tokens={s.max_length}", "eval.test_at_end=false", "tracking.wandb=disabled",
-    ]  # fmt: skip
+        f"data.train={data_root}",
+        f"data.max_length={s.max_length}",
+        "data.num_workers=0",
+        *(f"model.{k}={v}" for k, v in SHAPES[s.shape].items()),
+        f"model.max_position_embeddings={s.max_length}",
+        f"train.output_dir={out}",
+        f"train.run_name={run_dir.name}",
+        f"train.seed={seed}",
+        f"train.max_steps={steps}",
+        f"train.tokens_per_step={s.tokens_per_step}",
+        f"train.micro_batch_tokens={s.tokens_per_step}",
+        f"train.warmup_steps={max(1, round(WARMUP_FRACTION * steps))}",
+        f"train.save_every={every}",
+        "train.keep_checkpoints=1000000",
+        "train.log_every=1",
+        "train.resume=none",
+        "eval.every=0",
+        f"eval.max_tokens={s.max_length}",
+        "eval.test_at_end=false",
+        "tracking.wandb=disabled",
+    ]
     recipe = ROOT / "configs" / "default.yaml"
     cmd = [sys.executable, str(ROOT / "train_accelerate.py"), "--config", str(recipe), *overrides]
     env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
@@ -242,8 +291,9 @@ def run_speedplm(s: Settings, config, data_root: Path, steps: int, seed: int, ev
     log_path = out / f"speedplm_seed{seed}.log"
     with open(log_path, "w") as log:
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  timeout=3 * s.budget_s + 180)  # fmt: skip
+            proc = subprocess.run(
+                cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=3 * s.budget_s + 180
+            )
         except subprocess.TimeoutExpired as err:
             raise SpeedrunError(f"SpeedPLM run (seed {seed}) exceeded {err.timeout:.0f} s; log: {log_path}") from err
     if proc.returncode != 0:
@@ -263,9 +313,16 @@ def run_speedplm(s: Settings, config, data_root: Path, steps: int, seed: int, ev
         result = score_model(model, VocabMap.identity(), eval_batches)
         points.append(point(step, times[step]["tokens"], times[step]["time"], result, raw_time=raw[step]))
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # optimizer states: large and no longer needed
-    return dict(recipe="SpeedPLM", seed=seed, steps=points[-1]["step"], planned_steps=steps, eval_every=every,
-                parameters=model.num_parameters(), batch=f"{s.tokens_per_step} tokens, packed",
-                points=points)  # fmt: skip
+    return dict(
+        recipe="SpeedPLM",
+        seed=seed,
+        steps=points[-1]["step"],
+        planned_steps=steps,
+        eval_every=every,
+        parameters=model.num_parameters(),
+        batch=f"{s.tokens_per_step} tokens, packed",
+        points=points,
+    )
 
 
 def speedplm_clock(metrics_path: Path) -> tuple[dict, dict]:
@@ -316,8 +373,14 @@ def summarize(values: list) -> dict:
     got = [v for v in values if v is not None]
     if not got:
         return dict(mean=None, std=None, min=None, max=None, reached=0, runs=len(values))
-    return dict(mean=statistics.mean(got), std=statistics.stdev(got) if len(got) > 1 else 0.0, min=min(got),
-                max=max(got), reached=len(got), runs=len(values))  # fmt: skip
+    return dict(
+        mean=statistics.mean(got),
+        std=statistics.stdev(got) if len(got) > 1 else 0.0,
+        min=min(got),
+        max=max(got),
+        reached=len(got),
+        runs=len(values),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- outputs
@@ -335,8 +398,16 @@ def plot(runs: list[dict], path: Path) -> None:
         pts = run["points"]
         label = f"{run['recipe']} seed {run['seed']}"
         for ax, key, scale in [(axes[0], "time", 1.0), (axes[1], "tokens", 1e-6)]:
-            ax.plot([p[key] * scale for p in pts], [p["loss"] for p in pts], marker="o", ms=2.5, lw=1.2,
-                    color=colors[run["recipe"]], alpha=0.35 + 0.65 / (1 + run["seed"]), label=label)  # fmt: skip
+            ax.plot(
+                [p[key] * scale for p in pts],
+                [p["loss"] for p in pts],
+                marker="o",
+                ms=2.5,
+                lw=1.2,
+                color=colors[run["recipe"]],
+                alpha=0.35 + 0.65 / (1 + run["seed"]),
+                label=label,
+            )
     axes[0].set_xlabel("training wall time (s, evaluation excluded)")
     axes[1].set_xlabel("tokens seen (millions, non-padding)")
     axes[0].set_ylabel("validation loss (15% masked, same positions)")
@@ -355,45 +426,81 @@ def fmt(v, digits=2):
 def write_outputs(report: dict, out: Path) -> str:
     s, rows = report["settings"], []
     for sp in report["speedups"]:
-        rows.append({
-            "seed": sp["seed"], "ESM2 final loss": fmt(sp["esm_final_loss"], 4),
-            "SpeedPLM final loss": fmt(sp["speedplm_final_loss"], 4), "ESM2 time (s)": fmt(sp["esm_time"], 1),
-            "SpeedPLM time (s)": fmt(sp["speedplm_time"], 1),
-            "speedup (time)": fmt(sp["speedup_time"]) + ("*" if sp.get("resolution_limited") else ""),
-            "ESM2 tokens": fmt(sp["esm_tokens"], 0), "SpeedPLM tokens": fmt(sp["speedplm_tokens"], 0),
-            "speedup (tokens)": fmt(sp["speedup_tokens"]) + ("*" if sp.get("resolution_limited") else ""),
-        })  # fmt: skip
+        rows.append(
+            {
+                "seed": sp["seed"],
+                "ESM2 final loss": fmt(sp["esm_final_loss"], 4),
+                "SpeedPLM final loss": fmt(sp["speedplm_final_loss"], 4),
+                "ESM2 time (s)": fmt(sp["esm_time"], 1),
+                "SpeedPLM time (s)": fmt(sp["speedplm_time"], 1),
+                "speedup (time)": fmt(sp["speedup_time"]) + ("*" if sp.get("resolution_limited") else ""),
+                "ESM2 tokens": fmt(sp["esm_tokens"], 0),
+                "SpeedPLM tokens": fmt(sp["speedplm_tokens"], 0),
+                "speedup (tokens)": fmt(sp["speedup_tokens"]) + ("*" if sp.get("resolution_limited") else ""),
+            }
+        )
     if any(sp.get("resolution_limited") for sp in report["speedups"]):
-        lines_note = ["", "\\* SpeedPLM was already below the ESM2 final loss at its first evaluation after step 0: "
-                      "its crossing is interpolated between step 0 and that evaluation, so the evaluation spacing "
-                      "limits this number (conservative on a convex curve); rerun with more --evals to resolve it."]
+        lines_note = [
+            "",
+            "\\* SpeedPLM was already below the ESM2 final loss at its first evaluation after step 0: "
+            "its crossing is interpolated between step 0 and that evaluation, so the evaluation spacing "
+            "limits this number (conservative on a convex curve); rerun with more --evals to resolve it.",
+        ]
     else:
         lines_note = []
     summary = report["summary"]
     lines_summary = []
     for key in ("speedup_time", "speedup_tokens"):
         m = summary[key]
-        lines_summary.append(f"- **{key.replace('_', ' ')}**: mean {fmt(m['mean'])}, std {fmt(m['std'])}, min "
-                             f"{fmt(m['min'])}, max {fmt(m['max'])} ({m['reached']} of {m['runs']} seeds reached "
-                             f"the ESM2 final loss)")  # fmt: skip
-    runs = [{"recipe": r["recipe"], "seed": r["seed"], "parameters": r["parameters"], "batch": r["batch"],
-             "steps": r["steps"], "train time (s)": fmt(r["points"][-1]["time"], 1),
-             "tokens": r["points"][-1]["tokens"], "final loss": fmt(r["points"][-1]["loss"], 4),
-             "final accuracy": fmt(r["points"][-1]["accuracy"], 4)} for r in report["runs"]]  # fmt: skip
-    text = "\n".join([
-        "# Speedrun: SpeedPLM recipe vs ESM2 recipe (time to the ESM2 run's final validation loss)", "",
-        markdown_table(rows, list(rows[0])), *lines_note, "", *lines_summary, "", "## Runs", "",
-        markdown_table(runs, list(runs[0])),
-        "", f"Settings: shape `{s['shape']}` ({SHAPES[s['shape']]}), max length {s['max_length']}, "
-        f"{s['tokens_per_step']} tokens per step, budget {s['budget_s']} s per run, seeds {s['seeds']}, validation: "
-        f"{report['eval_tokens']:,} real tokens of the valid split, mask rate {EVAL_MASK_RATE}, seed {EVAL_SEED}, "
-        f"identical batches for both. Step times measured before the runs: SpeedPLM "
-        f"{report['calibration']['speedplm_step_s']:.3f} s, ESM2 {report['calibration']['esm_step_s']:.3f} s. "
-        "Speedup = time (tokens) the ESM2 run needed to first reach its "
-        "final validation loss / time (tokens) the SpeedPLM run needed to reach that loss (linear interpolation "
-        "between evaluations); evaluation and checkpoint time are excluded from both clocks (see eval/speedrun.py).",
-        "", f"Command: `{report['command']}`", "", f"Hardware: {report['hardware']}", "",
-    ])  # fmt: skip
+        lines_summary.append(
+            f"- **{key.replace('_', ' ')}**: mean {fmt(m['mean'])}, std {fmt(m['std'])}, min "
+            f"{fmt(m['min'])}, max {fmt(m['max'])} ({m['reached']} of {m['runs']} seeds reached "
+            f"the ESM2 final loss)"
+        )
+    runs = [
+        {
+            "recipe": r["recipe"],
+            "seed": r["seed"],
+            "parameters": r["parameters"],
+            "batch": r["batch"],
+            "steps": r["steps"],
+            "train time (s)": fmt(r["points"][-1]["time"], 1),
+            "tokens": r["points"][-1]["tokens"],
+            "final loss": fmt(r["points"][-1]["loss"], 4),
+            "final accuracy": fmt(r["points"][-1]["accuracy"], 4),
+        }
+        for r in report["runs"]
+    ]
+    text = "\n".join(
+        [
+            "# Speedrun: SpeedPLM recipe vs ESM2 recipe (time to the ESM2 run's final validation loss)",
+            "",
+            markdown_table(rows, list(rows[0])),
+            *lines_note,
+            "",
+            *lines_summary,
+            "",
+            "## Runs",
+            "",
+            markdown_table(runs, list(runs[0])),
+            "",
+            f"Settings: shape `{s['shape']}` ({SHAPES[s['shape']]}), max length {s['max_length']}, "
+            f"{s['tokens_per_step']} tokens per step, budget {s['budget_s']} s per run, seeds {s['seeds']}, "
+            f"validation: {report['eval_tokens']:,} real tokens of the valid split, "
+            f"mask rate {EVAL_MASK_RATE}, seed {EVAL_SEED}, "
+            f"identical batches for both. Step times measured before the runs: SpeedPLM "
+            f"{report['calibration']['speedplm_step_s']:.3f} s, ESM2 {report['calibration']['esm_step_s']:.3f} s. "
+            "Speedup = time (tokens) the ESM2 run needed to first reach its "
+            "final validation loss / time (tokens) the SpeedPLM run needed to reach that loss (linear interpolation "
+            "between evaluations); evaluation and checkpoint time are excluded from both clocks "
+            "(see eval/speedrun.py).",
+            "",
+            f"Command: `{report['command']}`",
+            "",
+            f"Hardware: {report['hardware']}",
+            "",
+        ]
+    )
     (out / "speedrun.md").write_text(text)
     (out / "speedrun.json").write_text(json.dumps(report, indent=1))
     plot(report["runs"], out / "speedrun.png")
@@ -412,42 +519,71 @@ def run(s: Settings, out: Path, command: str, log=print) -> dict:
     train_dir, valid_dir = resolve_split(s.data, "train", s.cache), resolve_split(s.data, "valid", s.cache)
     if train_dir.parent != valid_dir.parent:
         raise SpeedrunError(f"--data {s.data}: needs train/ and valid/ prepared side by side")
-    eval_batches = list(enumerate(build_batches(valid_dir, mask_rate=EVAL_MASK_RATE, seed=EVAL_SEED,
-                                                max_length=s.max_length, batch_tokens=16 * s.max_length,
-                                                max_tokens=s.eval_max_tokens)))  # fmt: skip
+    eval_batches = list(
+        enumerate(
+            build_batches(
+                valid_dir,
+                mask_rate=EVAL_MASK_RATE,
+                seed=EVAL_SEED,
+                max_length=s.max_length,
+                batch_tokens=16 * s.max_length,
+                max_tokens=s.eval_max_tokens,
+            )
+        )
+    )
     config = speedplm_config(s)
     dataset = esm_dataset(train_dir, s.max_length)
     mean_tokens = statistics.mean(len(d["input_ids"]) for d in dataset)
     batch_size = max(1, round(s.tokens_per_step / mean_tokens))  # ESM2: whole proteins, same real tokens per step
     log(f"calibrating step times ({s.shape}, {s.tokens_per_step} tokens/step, ESM2 batch {batch_size} proteins)")
-    calibration = dict(speedplm_step_s=calibrate_speedplm(s, train_dir, config),
-                       esm_step_s=calibrate_esm(s, dataset, batch_size, config, out))  # fmt: skip
+    calibration = dict(
+        speedplm_step_s=calibrate_speedplm(s, train_dir, config),
+        esm_step_s=calibrate_esm(s, dataset, batch_size, config, out),
+    )
     steps = {k: max(10, int(s.budget_s / calibration[f"{k}_step_s"])) for k in ("speedplm", "esm")}
-    log(f"step time SpeedPLM {calibration['speedplm_step_s']:.3f} s, ESM2 {calibration['esm_step_s']:.3f} s -> "
-        f"{steps['speedplm']} and {steps['esm']} steps in {s.budget_s} s")  # fmt: skip
+    log(
+        f"step time SpeedPLM {calibration['speedplm_step_s']:.3f} s, ESM2 {calibration['esm_step_s']:.3f} s -> "
+        f"{steps['speedplm']} and {steps['esm']} steps in {s.budget_s} s"
+    )
     runs, results = [], []
     for seed in s.seeds:
         esm = run_esm(s, config, dataset, batch_size, steps["esm"], seed, eval_batches, out)
-        log(f"seed {seed} ESM2: {esm['steps']} steps, {esm['points'][-1]['time']:.1f} s, "
-            f"loss {esm['points'][-1]['loss']:.4f}")  # fmt: skip
+        log(
+            f"seed {seed} ESM2: {esm['steps']} steps, {esm['points'][-1]['time']:.1f} s, "
+            f"loss {esm['points'][-1]['loss']:.4f}"
+        )
         ours = run_speedplm(s, config, train_dir.parent, steps["speedplm"], seed, eval_batches, out)
-        log(f"seed {seed} SpeedPLM: {ours['steps']} steps, {ours['points'][-1]['time']:.1f} s, "
-            f"loss {ours['points'][-1]['loss']:.4f}")  # fmt: skip
+        log(
+            f"seed {seed} SpeedPLM: {ours['steps']} steps, {ours['points'][-1]['time']:.1f} s, "
+            f"loss {ours['points'][-1]['loss']:.4f}"
+        )
         runs += [esm, ours]
         results.append(speedups(esm, ours))
     eval_tokens = sum(int(b["attention_mask"].sum()) for _, b in eval_batches)
     summary = {k: summarize([r[k] for r in results]) for k in ("speedup_time", "speedup_tokens")}
-    report = dict(settings=asdict(s), command=command, hardware=hardware(), calibration=calibration,
-                  planned_steps=steps, eval_tokens=eval_tokens, runs=runs, speedups=results,
-                  summary=summary)  # fmt: skip
+    report = dict(
+        settings=asdict(s),
+        command=command,
+        hardware=hardware(),
+        calibration=calibration,
+        planned_steps=steps,
+        eval_tokens=eval_tokens,
+        runs=runs,
+        speedups=results,
+        summary=summary,
+    )
     log(write_outputs(report, out))
     return report
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(prog="python -m eval.speedrun", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m eval.speedrun",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     p.add_argument("--short", action="store_true", help="tiny models, 1 seed, a few seconds per run (tests)")
     p.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (--short: 0)")
     p.add_argument("--budget-s", type=float, help="training seconds per run (default 300; --short 5)")
@@ -466,8 +602,14 @@ def main(argv=None) -> int:
     for key in mode:
         if getattr(args, key) is not None:
             mode[key] = getattr(args, key)
-    settings = Settings(**mode, data=args.data, cache=args.cache, threads=args.threads, esm_lr=args.esm_lr,
-                        calibration_steps=2 if args.short else 4)  # fmt: skip
+    settings = Settings(
+        **mode,
+        data=args.data,
+        cache=args.cache,
+        threads=args.threads,
+        esm_lr=args.esm_lr,
+        calibration_steps=2 if args.short else 4,
+    )
     try:
         run(settings, Path(args.out), "python -m eval.speedrun " + shlex.join(argv))
     except (SpeedrunError, BenchmarkError, ValueError) as err:

@@ -28,13 +28,24 @@ from training.loader import build_loader
 def esm_twin(config: SpeedPLMConfig) -> EsmForMaskedLM:
     """ESM2 at the same hidden size, depth and MLP width (ESM2-8M: 320 x 6, 20 heads, MLP 1280)."""
     heads = 20 if config.hidden_size % 20 == 0 else config.num_attention_heads
-    return EsmForMaskedLM(EsmConfig(
-        vocab_size=33, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=heads, intermediate_size=config.intermediate_size, max_position_embeddings=1026,
-        position_embedding_type="rotary", pad_token_id=1, mask_token_id=32, token_dropout=False,
-        emb_layer_norm_before=False, attn_implementation="sdpa",
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,  # as the released ESM2 configs
-    ))  # fmt: skip
+    return EsmForMaskedLM(
+        EsmConfig(
+            vocab_size=33,
+            hidden_size=config.hidden_size,
+            num_hidden_layers=config.num_hidden_layers,
+            num_attention_heads=heads,
+            intermediate_size=config.intermediate_size,
+            max_position_embeddings=1026,
+            position_embedding_type="rotary",
+            pad_token_id=1,
+            mask_token_id=32,
+            token_dropout=False,
+            emb_layer_norm_before=False,
+            attn_implementation="sdpa",
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,  # as the released ESM2 configs
+        )
+    )
 
 
 def builtin_train_dir(cache: Path) -> Path:
@@ -69,20 +80,32 @@ def measure(preset: str, rows: int, max_length: int, steps: int, warmup: int, ca
     common = dict(max_length=max_length, tokens_per_micro_batch=rows * max_length, collator=collator, seed=0)
     packed = [b for b, _ in zip(build_loader(shard_dir, **common), range(n))]
     padded_iter = build_loader(shard_dir, packing=False, **common)
-    padded = [{k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "labels")}
-              for b, _ in zip(padded_iter, range(n))]  # fmt: skip
+    padded = [
+        {k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "labels")}
+        for b, _ in zip(padded_iter, range(n))
+    ]
     config = SpeedPLMConfig.from_preset(preset)
     speedplm = SpeedPLMForMaskedLM(config)
     speedplm.config._attn_implementation = "sdpa"
     esm = esm_twin(config)
     results = []
-    for name, model, batches, layout in [("EsmForMaskedLM (HF)", esm, padded, "padded"),
-                                         ("SpeedPLMForMaskedLM", speedplm, packed, "packed")]:  # fmt: skip
+    for name, model, batches, layout in [
+        ("EsmForMaskedLM (HF)", esm, padded, "padded"),
+        ("SpeedPLMForMaskedLM", speedplm, packed, "packed"),
+    ]:
         seconds, tokens = time_steps(model, batches, steps, warmup)
         slots = statistics.mean(b["input_ids"].numel() for b in batches[warmup:])
-        results.append(dict(model=name, params_m=round(model.num_parameters() / 1e6, 2), layout=layout,
-                            real_tokens_per_step=round(tokens), padding_waste=round(1 - tokens / slots, 3),
-                            step_s=round(seconds, 3), tokens_per_s=round(tokens / seconds)))  # fmt: skip
+        results.append(
+            dict(
+                model=name,
+                params_m=round(model.num_parameters() / 1e6, 2),
+                layout=layout,
+                real_tokens_per_step=round(tokens),
+                padding_waste=round(1 - tokens / slots, 3),
+                step_s=round(seconds, 3),
+                tokens_per_s=round(tokens / seconds),
+            )
+        )
     base = results[0]["tokens_per_s"]
     for r in results:
         r["speedup"] = round(r["tokens_per_s"] / base, 2)
@@ -117,8 +140,10 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     results = measure(args.preset, args.rows, args.max_length, args.steps, args.warmup, Path(args.cache))
-    print(f"train step, CPU fp32, {torch.get_num_threads()} threads, {args.rows} x {args.max_length}, "
-          f"median of {args.steps} steps")  # fmt: skip
+    print(
+        f"train step, CPU fp32, {torch.get_num_threads()} threads, {args.rows} x {args.max_length}, "
+        f"median of {args.steps} steps"
+    )
     print(table(results))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))

@@ -16,6 +16,11 @@ SpeedPLMModel.register_for_auto_class("AutoModel")
 SpeedPLMForMaskedLM.register_for_auto_class("AutoModelForMaskedLM")
 
 __all__ = [
-    "ESM2_VOCAB", "PRESETS", "SpeedPLMConfig", "SpeedPLMForMaskedLM", "SpeedPLMModel", "SpeedPLMPreTrainedModel",
+    "ESM2_VOCAB",
+    "PRESETS",
+    "SpeedPLMConfig",
+    "SpeedPLMForMaskedLM",
+    "SpeedPLMModel",
+    "SpeedPLMPreTrainedModel",
     "build_tokenizer",
-]  # fmt: skip
+]

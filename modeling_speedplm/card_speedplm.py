@@ -3,17 +3,26 @@
 from .configuration_speedplm import SpeedPLMConfig
 
 
-def model_card(config: SpeedPLMConfig, num_parameters: int, repo_id: str = "<checkpoint dir or hub id>",
-               training_summary: str | None = None) -> str:  # fmt: skip
+def model_card(
+    config: SpeedPLMConfig,
+    num_parameters: int,
+    repo_id: str = "<checkpoint dir or hub id>",
+    training_summary: str | None = None,
+) -> str:
     switches = ", ".join(
-        name for name, on in [
-            ("U-Net skips", config.unet), (f"{config.value_embeddings} value-embedding tables", config.value_embeddings),
-            ("QK-norm", config.qk_norm), ("x0 mixing", config.x0_mixing),
+        name
+        for name, on in [
+            ("U-Net skips", config.unet),
+            (f"{config.value_embeddings} value-embedding tables", config.value_embeddings),
+            ("QK-norm", config.qk_norm),
+            ("x0 mixing", config.x0_mixing),
             (f"logit soft-cap {config.soft_logit_cap:g}", config.soft_logit_cap),
             (f"sliding window {config.sliding_window}", config.sliding_window is not None),
             ("tied embeddings", config.tie_word_embeddings),
-        ] if on
-    )  # fmt: skip
+        ]
+        if on
+    )
+    heads = f"{config.num_attention_heads} heads of {config.head_dim}"
     return f"""---
 library_name: transformers
 tags: [protein, masked-lm, speedplm, esm2]
@@ -27,7 +36,7 @@ A masked-language-model encoder over amino-acid sequences (ESM2 vocabulary and t
 | | |
 |---|---|
 | parameters | {num_parameters:,} ({num_parameters / 1e6:.1f} M) |
-| blocks x hidden | {config.num_hidden_layers} x {config.hidden_size}, {config.num_attention_heads} heads of {config.head_dim} |
+| blocks x hidden | {config.num_hidden_layers} x {config.hidden_size}, {heads} |
 | MLP | ReLU², width {config.intermediate_size} |
 | attention | rotary (theta {config.rope_theta:g}), bidirectional, per-protein document masking |
 | switches | {switches or "none"} |

@@ -9,25 +9,29 @@ from transformers import PretrainedConfig
 TRITON_KERNELS = ("linear_relu2", "qk_norm_rotary", "newton_schulz")
 
 # ESM2 vocabulary, in ESM2's order (fair-esm `Alphabet`), so that token ids match ESM2 checkpoints one for one.
+# fmt: off
 ESM2_VOCAB = (
     "<cls>", "<pad>", "<eos>", "<unk>",
     "L", "A", "G", "V", "S", "E", "R", "T", "I", "D", "P", "K", "Q", "N", "F", "Y", "M", "H", "W", "C",
     "X", "B", "U", "Z", "O", ".", "-", "<null_1>", "<mask>",
-)  # fmt: skip
+)
+# fmt: on
 
 # Size presets: architecture fields only. The "esm2-*-like" rows match ESM2's parameter counts (same hidden size,
 # depth and MLP width) with wider heads (64) because 16-dim heads waste tensor-core time; `speedrun-133m` is the
 # SpeedrunningPLMs default (24 blocks, hidden 768, MLP 8/3 -> 2048, U-Net + value embeddings).
+# fmt: off
 PRESETS = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, mlp_ratio=2.0, value_embeddings=2,
-                 max_position_embeddings=256),
-    "esm2-8m-like": dict(hidden_size=320, num_hidden_layers=6, num_attention_heads=5, mlp_ratio=4.0),
-    "esm2-35m-like": dict(hidden_size=480, num_hidden_layers=12, num_attention_heads=8, mlp_ratio=4.0),
+    "tiny":           dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, mlp_ratio=2.0,
+                           value_embeddings=2, max_position_embeddings=256),
+    "esm2-8m-like":   dict(hidden_size=320, num_hidden_layers=6, num_attention_heads=5, mlp_ratio=4.0),
+    "esm2-35m-like":  dict(hidden_size=480, num_hidden_layers=12, num_attention_heads=8, mlp_ratio=4.0),
     "esm2-150m-like": dict(hidden_size=640, num_hidden_layers=30, num_attention_heads=10, mlp_ratio=4.0),
-    "speedrun-133m": dict(hidden_size=768, num_hidden_layers=24, num_attention_heads=6, mlp_ratio=8 / 3),
+    "speedrun-133m":  dict(hidden_size=768, num_hidden_layers=24, num_attention_heads=6, mlp_ratio=8 / 3),
     # ESM2-650M has 33 layers; an odd depth has no U-Net mirror, so this preset keeps 33 and turns the skips off.
     "esm2-650m-like": dict(hidden_size=1280, num_hidden_layers=33, num_attention_heads=20, mlp_ratio=4.0, unet=False),
 }
+# fmt: on
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "flex_attention", "eager")
 
@@ -44,8 +48,9 @@ def parse_kernels(choice: str) -> tuple[str, ...] | None:
     names = tuple(choice.split("+")) if isinstance(choice, str) else ()
     unknown = [n for n in names if n not in TRITON_KERNELS]
     if not names or unknown or len(set(names)) != len(names):
-        raise ValueError(f"kernels={choice!r}: use 'auto', 'triton', 'torch' or a '+'-joined subset of "
-                         f"{list(TRITON_KERNELS)}")  # fmt: skip
+        raise ValueError(
+            f"kernels={choice!r}: use 'auto', 'triton', 'torch' or a '+'-joined subset of {list(TRITON_KERNELS)}"
+        )
     return names
 
 
@@ -146,8 +151,14 @@ class SpeedPLMConfig(PretrainedConfig):
         def fail(field, why):
             raise ValueError(f"SpeedPLMConfig.{field}={getattr(self, field)!r}: {why}")
 
-        for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "mlp_multiple_of",
-                      "max_position_embeddings"):  # fmt: skip
+        for field in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "mlp_multiple_of",
+            "max_position_embeddings",
+        ):
             if not isinstance(getattr(self, field), int) or getattr(self, field) <= 0:
                 fail(field, "must be a positive integer")
         if self.hidden_size % self.num_attention_heads:

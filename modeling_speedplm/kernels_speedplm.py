@@ -32,10 +32,23 @@ except ImportError:
 HAS_TRITON = triton is not None
 
 __all__ = [
-    "AUTO_KERNELS", "HAS_TRITON", "INTERPRET", "NS_COEFFICIENTS", "TRITON_KERNELS", "apply_rotary", "linear_relu2",
-    "linear_relu2_reference", "newton_schulz", "newton_schulz_reference", "parse_kernels", "qk_norm_rotary",
-    "qk_norm_rotary_reference", "select_kernels", "xxt", "xxt_reference",
-]  # fmt: skip
+    "AUTO_KERNELS",
+    "HAS_TRITON",
+    "INTERPRET",
+    "NS_COEFFICIENTS",
+    "TRITON_KERNELS",
+    "apply_rotary",
+    "linear_relu2",
+    "linear_relu2_reference",
+    "newton_schulz",
+    "newton_schulz_reference",
+    "parse_kernels",
+    "qk_norm_rotary",
+    "qk_norm_rotary_reference",
+    "select_kernels",
+    "xxt",
+    "xxt_reference",
+]
 
 
 def _interpreting() -> bool:
@@ -58,8 +71,15 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def _matmul_configs():
     if INTERPRET:  # one small config: autotuning under the interpreter would only cost time
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4)]
-    shapes = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 3, 4), (64, 256, 32, 4, 4),
-              (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)]  # fmt: skip
+    shapes = [
+        (128, 256, 64, 3, 8),
+        (128, 128, 64, 4, 8),
+        (128, 128, 64, 3, 4),
+        (64, 256, 32, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+    ]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=st, num_warps=w)
         for bm, bn, bk, st, w in shapes
@@ -73,24 +93,41 @@ if HAS_TRITON:
 
     @triton.jit
     def _cast(x, dtype: tl.constexpr):
-        if _INTERPRET:  # compile-time branch: absent from GPU code
+        if _INTERPRET:  # noqa: SIM102 (two constexpr branches: the outer one removes the block from GPU code)
             if dtype == tl.bfloat16:  # round to nearest even by hand, then the truncating cast is exact
                 bits = x.to(tl.uint32, bitcast=True)
                 x = (bits + 0x7FFF + ((bits >> 16) & 1)).to(tl.float32, bitcast=True)
         return x.to(dtype)
 
     @triton.jit
-    def _dot_tile(a_ptr, sam, sak, b_ptr, sbn, sbk, rm, rn, M, N, K, PRECISION: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    def _dot_tile(
+        a_ptr,
+        sam,
+        sak,
+        b_ptr,
+        sbn,
+        sbk,
+        rm,
+        rn,
+        M,
+        N,
+        K,
+        PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         """fp32 (BLOCK_M, BLOCK_N) tile of A @ B.T for rows rm of A (M, K) and rows rn of B (N, K); masked edges."""
         rk = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
-            a = tl.load(a_ptr + rm[:, None] * sam + kk[None, :] * sak, mask=(rm[:, None] < M) & (kk[None, :] < K),
-                        other=0.0)
-            b = tl.load(b_ptr + rn[None, :] * sbn + kk[:, None] * sbk, mask=(rn[None, :] < N) & (kk[:, None] < K),
-                        other=0.0)
+            a = tl.load(
+                a_ptr + rm[:, None] * sam + kk[None, :] * sak, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0
+            )
+            b = tl.load(
+                b_ptr + rn[None, :] * sbn + kk[:, None] * sbk, mask=(rn[None, :] < N) & (kk[:, None] < K), other=0.0
+            )
             if _INTERPRET:
                 a, b = a.to(tl.float32), b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
@@ -102,10 +139,27 @@ if HAS_TRITON:
     # ---------------------------------------------------------------------------------------------------------------
     @triton.autotune(configs=_matmul_configs(), key=["M", "N", "K"])
     @triton.jit
-    def _linear_relu2_kernel(x_ptr, w_ptr, out_ptr, pre_ptr, M, N, K, sxm, sxk, swn, swk, som, son,
-                             STORE_PRE: tl.constexpr, PRECISION: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             GROUP_M: tl.constexpr):  # fmt: skip
+    def _linear_relu2_kernel(
+        x_ptr,
+        w_ptr,
+        out_ptr,
+        pre_ptr,
+        M,
+        N,
+        K,
+        sxm,
+        sxk,
+        swn,
+        swk,
+        som,
+        son,
+        STORE_PRE: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
         # x (M tokens, K), w (N features, K), out (M, N). Grouped launch order (Triton's matmul tutorial): GROUP_M
         # row-tiles sweep all column-tiles together, so their x rows and w stay in L2.
         pid = tl.program_id(0)
@@ -155,27 +209,78 @@ if HAS_TRITON:
         tl.store(dx_ptr + h * (2 * HALF) + d + HALF, _cast(rstd * (dn2 - n2 * dot), dt), mask=mask)
 
     @triton.jit
-    def _qk_norm_rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, dq_ptr, dk_ptr, L, H,
-                               sqb, sql, sqh, skb, skl, skh, scb, scl, sgqb, sgql, sgqh, sgkb, sgkl, sgkh, eps,
-                               BACKWARD: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                               BLOCK_HALF: tl.constexpr):  # fmt: skip
+    def _qk_norm_rotary_kernel(
+        q_ptr,
+        k_ptr,
+        cos_ptr,
+        sin_ptr,
+        qo_ptr,
+        ko_ptr,
+        dq_ptr,
+        dk_ptr,
+        L,
+        H,
+        sqb,
+        sql,
+        sqh,
+        skb,
+        skl,
+        skh,
+        scb,
+        scl,
+        sgqb,
+        sgql,
+        sgqh,
+        sgkb,
+        sgkl,
+        sgkh,
+        eps,
+        BACKWARD: tl.constexpr,
+        HALF: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK_HALF: tl.constexpr,
+    ):
         # Forward: (q, k) -> (qo, ko). Backward: grads (dq_ptr, dk_ptr) of the outputs -> (qo, ko) = input grads.
         row = tl.program_id(0).to(tl.int64)
-        b, l = row // L, row % L
+        b, t = row // L, row % L  # batch row, token
         h = tl.arange(0, BLOCK_H)[:, None]
         d = tl.arange(0, BLOCK_HALF)[None, :]
         mask = (h < H) & (d < HALF)
-        c = tl.load(cos_ptr + b * scb + l * scl + d, mask=d < HALF, other=0.0)
-        s = tl.load(sin_ptr + b * scb + l * scl + d, mask=d < HALF, other=0.0)
+        c = tl.load(cos_ptr + b * scb + t * scl + d, mask=d < HALF, other=0.0)
+        s = tl.load(sin_ptr + b * scb + t * scl + d, mask=d < HALF, other=0.0)
         out = row * H * 2 * HALF  # outputs are contiguous (B, L, H, D)
         if BACKWARD:
-            _norm_rotate_backward(q_ptr + b * sqb + l * sql, sqh, dq_ptr + b * sgqb + l * sgql, sgqh, qo_ptr + out,
-                                  c, s, h, d, mask, eps, HALF)
-            _norm_rotate_backward(k_ptr + b * skb + l * skl, skh, dk_ptr + b * sgkb + l * sgkl, sgkh, ko_ptr + out,
-                                  c, s, h, d, mask, eps, HALF)
+            _norm_rotate_backward(
+                q_ptr + b * sqb + t * sql,
+                sqh,
+                dq_ptr + b * sgqb + t * sgql,
+                sgqh,
+                qo_ptr + out,
+                c,
+                s,
+                h,
+                d,
+                mask,
+                eps,
+                HALF,
+            )
+            _norm_rotate_backward(
+                k_ptr + b * skb + t * skl,
+                skh,
+                dk_ptr + b * sgkb + t * sgkl,
+                sgkh,
+                ko_ptr + out,
+                c,
+                s,
+                h,
+                d,
+                mask,
+                eps,
+                HALF,
+            )
         else:
-            _norm_rotate(q_ptr + b * sqb + l * sql, sqh, qo_ptr + out, c, s, h, d, mask, eps, HALF)
-            _norm_rotate(k_ptr + b * skb + l * skl, skh, ko_ptr + out, c, s, h, d, mask, eps, HALF)
+            _norm_rotate(q_ptr + b * sqb + t * sql, sqh, qo_ptr + out, c, s, h, d, mask, eps, HALF)
+            _norm_rotate(k_ptr + b * skb + t * skl, skh, ko_ptr + out, c, s, h, d, mask, eps, HALF)
 
     # ---------------------------------------------------------------------------------------------------------------
     # (c) out = alpha * X @ X.T + beta * C for symmetric C: the product is symmetric, so only tiles with
@@ -183,9 +288,28 @@ if HAS_TRITON:
     # modded-nanogpt's XXT / ba_plus_cAA kernels (@byronxu99, microsoft/dion's newton_schulz_triton).
     # ---------------------------------------------------------------------------------------------------------------
     @triton.jit
-    def _xxt_kernel(x_ptr, c_ptr, out_ptr, M, K, sxb, sxm, sxk, scb, scm, scn, sob, som, son, alpha, beta,
-                    HAS_C: tl.constexpr, PRECISION: tl.constexpr,
-                    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    def _xxt_kernel(
+        x_ptr,
+        c_ptr,
+        out_ptr,
+        M,
+        K,
+        sxb,
+        sxm,
+        sxk,
+        scb,
+        scm,
+        scn,
+        sob,
+        som,
+        son,
+        alpha,
+        beta,
+        HAS_C: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         # Grid (tiles, tiles, batch): a stack of same-shape matrices (Muon's 24 blocks x 4 shapes) in one launch.
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         if pid_m > pid_n:  # lower-triangle tile: written by its mirror
@@ -204,14 +328,19 @@ if HAS_TRITON:
         acc = _cast(acc, out_ptr.dtype.element_ty)
         tl.store(out_ptr + rm[:, None] * som + rn[None, :] * son, acc, mask=mask)
         if pid_m != pid_n:
-            tl.store(out_ptr + rn[:, None] * som + rm[None, :] * son, tl.trans(acc),
-                     mask=(rn[:, None] < M) & (rm[None, :] < M))
+            tl.store(
+                out_ptr + rn[:, None] * som + rm[None, :] * son,
+                tl.trans(acc),
+                mask=(rn[:, None] < M) & (rm[None, :] < M),
+            )
 
 
 def _require_triton():
     if not HAS_TRITON:
-        raise RuntimeError("speedplm kernels='triton' needs the `triton` package (pip install triton); "
-                           "use kernels='torch' or 'auto' without it")  # fmt: skip
+        raise RuntimeError(
+            "speedplm kernels='triton' needs the `triton` package (pip install triton); "
+            "use kernels='torch' or 'auto' without it"
+        )
 
 
 def _check_device(t: torch.Tensor):
@@ -235,8 +364,20 @@ def _linear_relu2_op(x: torch.Tensor, weight: torch.Tensor, save_pre: bool) -> t
     out = x.new_empty(m, n)
     pre = x.new_empty(m, n) if save_pre else x.new_empty(0)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _linear_relu2_kernel[grid](x, weight, out, pre, m, n, k, *x.stride(), *weight.stride(), *out.stride(),
-                               STORE_PRE=save_pre, PRECISION=_dot_precision(x.dtype))  # fmt: skip
+    _linear_relu2_kernel[grid](
+        x,
+        weight,
+        out,
+        pre,
+        m,
+        n,
+        k,
+        *x.stride(),
+        *weight.stride(),
+        *out.stride(),
+        STORE_PRE=save_pre,
+        PRECISION=_dot_precision(x.dtype),
+    )
     return out, pre
 
 
@@ -270,8 +411,10 @@ def _qk_launch(q, k, cos, sin, eps, dq=None, dk=None):
     _check_device(q)
     batch, length, heads, dim = q.shape
     if dim % 2 or k.shape != q.shape or cos.shape != (batch, length, dim // 2) or cos.shape != sin.shape:
-        raise ValueError(f"qk_norm_rotary: q {tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}, sin "
-                         f"{tuple(sin.shape)}: need q, k (B, L, H, D), D even, and cos, sin (B, L, D/2)")  # fmt: skip
+        raise ValueError(
+            f"qk_norm_rotary: q {tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}, sin "
+            f"{tuple(sin.shape)}: need q, k (B, L, H, D), D even, and cos, sin (B, L, D/2)"
+        )
     # Any strides, except that the head dim must be unit-stride (a grad can arrive expanded, with stride 0).
     q, k, cos, sin, dq, dk = (t if t is None or t.stride(-1) == 1 else t.contiguous() for t in (q, k, cos, sin, dq, dk))
     backward = dq is not None
@@ -280,21 +423,48 @@ def _qk_launch(q, k, cos, sin, eps, dq=None, dk=None):
     g_q, g_k = (dq, dk) if backward else (q, k)  # unused pointers in forward
     half = dim // 2
     _qk_norm_rotary_kernel[(batch * length,)](
-        q, k, cos, sin, qo, ko, g_q, g_k, length, heads, *q.stride()[:3], *k.stride()[:3], cos.stride(0),
-        cos.stride(1), *g_q.stride()[:3], *g_k.stride()[:3], eps, BACKWARD=backward, HALF=half,
-        BLOCK_H=triton.next_power_of_2(heads), BLOCK_HALF=triton.next_power_of_2(half))  # fmt: skip
+        q,
+        k,
+        cos,
+        sin,
+        qo,
+        ko,
+        g_q,
+        g_k,
+        length,
+        heads,
+        *q.stride()[:3],
+        *k.stride()[:3],
+        cos.stride(0),
+        cos.stride(1),
+        *g_q.stride()[:3],
+        *g_k.stride()[:3],
+        eps,
+        BACKWARD=backward,
+        HALF=half,
+        BLOCK_H=triton.next_power_of_2(heads),
+        BLOCK_HALF=triton.next_power_of_2(half),
+    )
     return qo, ko
 
 
 @torch.library.custom_op("speedplm::qk_norm_rotary", mutates_args=())
-def _qk_norm_rotary_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def _qk_norm_rotary_op(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     return _qk_launch(q, k, cos, sin, eps)
 
 
 @torch.library.custom_op("speedplm::qk_norm_rotary_backward", mutates_args=())
-def _qk_norm_rotary_backward_op(dq: torch.Tensor, dk: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                                cos: torch.Tensor, sin: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _qk_norm_rotary_backward_op(
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     return _qk_launch(q, k, cos, sin, eps, dq, dk)
 
 
@@ -335,9 +505,24 @@ def _xxt_op(x: torch.Tensor, alpha: float, beta: float, c: torch.Tensor | None) 
     block, block_k = (16, 16) if INTERPRET else ((64, 64) if m <= 1024 else (128, 64))
     cc = out if c is None else (c if c.dim() == 3 else c[None])
     tiles = triton.cdiv(m, block)
-    _xxt_kernel[(tiles, tiles, batch)](x3, cc, out, m, k, *x3.stride(), *cc.stride(), *out.stride(), alpha, beta,
-                                       HAS_C=c is not None, PRECISION=_dot_precision(x.dtype), BLOCK=block,
-                                       BLOCK_K=block_k, num_warps=4 if block == 64 else 8, num_stages=3)  # fmt: skip
+    _xxt_kernel[(tiles, tiles, batch)](
+        x3,
+        cc,
+        out,
+        m,
+        k,
+        *x3.stride(),
+        *cc.stride(),
+        *out.stride(),
+        alpha,
+        beta,
+        HAS_C=c is not None,
+        PRECISION=_dot_precision(x.dtype),
+        BLOCK=block,
+        BLOCK_K=block_k,
+        num_warps=4 if block == 64 else 8,
+        num_stages=3,
+    )
     return out if x.dim() == 3 else out[0]
 
 
@@ -388,8 +573,7 @@ def qk_norm_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: tor
     return q_out, k_out
 
 
-def qk_norm_rotary_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                             eps: float = 1e-6):  # fmt: skip
+def qk_norm_rotary_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float = 1e-6):
     """Torch twin: parameter-free RMSNorm, then apply_rotary, exactly the model's unfused path."""
     return tuple(apply_rotary(F.rms_norm(t, (t.size(-1),), eps=eps), cos.float(), sin.float()) for t in (q, k))
 
@@ -409,8 +593,14 @@ def xxt_reference(x: torch.Tensor, alpha: float = 1.0, beta: float = 0.0, c: tor
 NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)
 
 
-def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients=NS_COEFFICIENTS, eps: float = 1e-7,
-                  use_triton: bool | None = None, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:  # fmt: skip
+def newton_schulz(
+    G: torch.Tensor,
+    steps: int = 5,
+    coefficients=NS_COEFFICIENTS,
+    eps: float = 1e-7,
+    use_triton: bool | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
     """Orthogonalize G (~U V^T of its SVD) in bf16, like torch.optim.Muon, with X X^T and b A + c A A (A symmetric,
     so A A = A A^T) on the symmetric xxt kernel. G is one matrix (M, N) or a stack of same-shape matrices (B, M, N),
     orthogonalised each on its own in one launch per product. use_triton=None: on CUDA with triton."""
@@ -432,8 +622,13 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients=NS_COEFFICIENTS,
     return X.mT if tall else X
 
 
-def newton_schulz_reference(G: torch.Tensor, steps: int = 5, coefficients=NS_COEFFICIENTS, eps: float = 1e-7,
-                            dtype: torch.dtype = torch.bfloat16):  # fmt: skip
+def newton_schulz_reference(
+    G: torch.Tensor,
+    steps: int = 5,
+    coefficients=NS_COEFFICIENTS,
+    eps: float = 1e-7,
+    dtype: torch.dtype = torch.bfloat16,
+):
     """Torch twin: for one matrix, the same operations as torch.optim.Muon's `_zeropower_via_newtonschulz`
     (bit-identical in bf16; CPUs run bf16 matmuls ~19x slower than fp32, so the CPU path may ask for fp32); a stack
     (B, M, N) runs the same steps as batched products."""

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.dynamic_module_utils import custom_object_save
 from transformers import initialization as init
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
 
 from .attention_speedplm import ATTENTION_FUNCTIONS, build_attention_mask, resolve_implementation

@@ -152,8 +152,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if endpoint is None:
             return self._send(404, {"error": f"no route for {self.command} {path}"}, record)
         if endpoint not in _AUTH_FREE and self.headers.get("Authorization") != f"Bearer {hub.token}":
-            return self._send(401, {"error": "Invalid credentials in Authorization header"}, record,
-                              {"X-Error-Message": "Invalid credentials in Authorization header"})
+            return self._send(
+                401,
+                {"error": "Invalid credentials in Authorization header"},
+                record,
+                {"X-Error-Message": "Invalid credentials in Authorization header"},
+            )
         params = {k: unquote(v) for k, v in match.groupdict().items() if v is not None}
         status, payload = getattr(hub, f"_on_{endpoint}")(body=body, **params)
         self._send(status, payload, record)
@@ -231,8 +235,14 @@ class HubServer:
 
     # ----- faults -----
 
-    def fail(self, status: int, count: int = 1, endpoint: str | None = None, retry_after: int | None = None,
-             echo_auth: bool = False) -> None:
+    def fail(
+        self,
+        status: int,
+        count: int = 1,
+        endpoint: str | None = None,
+        retry_after: int | None = None,
+        echo_auth: bool = False,
+    ) -> None:
         """Answer the next ``count`` requests to ``endpoint`` (any if None) with ``status``."""
         with self._lock:
             self._faults.append(Fault(endpoint, count, status, retry_after, echo_auth))
@@ -407,6 +417,7 @@ class HubServer:
                 else:
                     return 400, {"error": f"unknown commit line {key!r}"}
             oid = hashlib.sha1(f"{head}{time.time_ns()}{sorted(changed)}".encode()).hexdigest()
-            r.branches[rev].append(Commit(oid, header.get("summary", ""), header.get("description", ""), rev,
-                                          tree, changed, lfs_paths))
+            r.branches[rev].append(
+                Commit(oid, header.get("summary", ""), header.get("description", ""), rev, tree, changed, lfs_paths)
+            )
         return 200, {"success": True, "commitOid": oid, "commitUrl": f"{self.url}/{repo}/commit/{oid}"}

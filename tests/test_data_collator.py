@@ -133,10 +133,12 @@ def test_batch_form_and_tokenizer_agreement(tokenizer):
     seqs = [UBIQUITIN, UBIQUITIN[:30]]
     packed = MLMCollator().from_sequences(seqs, packing=True, length=128)
     assert {k: (v.shape, v.dtype) for k, v in packed.items()} == {
-        "input_ids": ((1, 128), torch.long), "labels": ((1, 128), torch.long),
-        "position_ids": ((1, 128), torch.long), "document_ids": ((1, 128), torch.int32),
+        "input_ids": ((1, 128), torch.long),
+        "labels": ((1, 128), torch.long),
+        "position_ids": ((1, 128), torch.long),
+        "document_ids": ((1, 128), torch.int32),
         "attention_mask": ((1, 128), torch.long),
-    }  # fmt: skip
+    }
     n0, n1 = len(seqs[0]) + 2, len(seqs[1]) + 2
     assert packed["position_ids"][0, :n0].tolist() == list(range(n0))
     assert packed["position_ids"][0, n0 : n0 + n1].tolist() == list(range(n1))

@@ -46,8 +46,11 @@ def saved_dataset(tmp_path_factory, proteins):
 
 
 def test_known_corpora():
-    assert CORPORA == {"omg_prot50": "Synthyra/omg_prot50", "uniref50": "Synthyra/uniref50",
-                       "og_prot90": "Synthyra/og_prot90"}  # fmt: skip
+    assert CORPORA == {
+        "omg_prot50": "Synthyra/omg_prot50",
+        "uniref50": "Synthyra/uniref50",
+        "og_prot90": "Synthyra/og_prot90",
+    }
 
 
 def test_download_everything_then_prepare(tmp_path, hub_layout, proteins):
@@ -64,16 +67,34 @@ def test_download_everything_then_prepare(tmp_path, hub_layout, proteins):
 def test_fetch_less_by_shards_and_by_sequences(tmp_path, hub_layout):
     files = download_corpus("uniref50", tmp_path / "a", source=str(hub_layout), max_shards=1, log=lambda *a: None)
     assert all(len(f) == 1 and f[0].name.endswith("00000-of-00002.parquet") for f in files.values())
-    files = download_corpus("og_prot90", tmp_path / "b", source=str(hub_layout), max_sequences=20,
-                            splits=("train", "valid"), log=lambda *a: None)  # fmt: skip
+    files = download_corpus(
+        "og_prot90",
+        tmp_path / "b",
+        source=str(hub_layout),
+        max_sequences=20,
+        splits=("train", "valid"),
+        log=lambda *a: None,
+    )
     assert pq.read_table(files["train"][0]).num_rows == 20  # spans both train shards (15 + 5)
     assert pq.read_table(files["valid"][0]).num_rows == 6  # the split has only 6
     assert not (tmp_path / "b" / "test").exists()
 
 
 def test_download_from_save_to_disk_dir_and_cli(tmp_path, saved_dataset, capsys):
-    rc = main(["download", "omg_prot50", "--out", str(tmp_path / "raw"), "--source", str(saved_dataset),
-               "--max-sequences", "5", "--prepare", str(tmp_path / "shards")])  # fmt: skip
+    rc = main(
+        [
+            "download",
+            "omg_prot50",
+            "--out",
+            str(tmp_path / "raw"),
+            "--source",
+            str(saved_dataset),
+            "--max-sequences",
+            "5",
+            "--prepare",
+            str(tmp_path / "shards"),
+        ]
+    )
     assert rc == 0
     for split in SPLITS:
         assert ShardSet(tmp_path / "shards" / split).num_docs == 5

@@ -28,8 +28,17 @@ def small_shards(tmp_path_factory):
 
 
 def loader(shards, rank=0, workers=0, **kw):
-    return build_loader(shards, max_length=MAX_LEN, tokens_per_micro_batch=ROWS * MAX_LEN, rank=rank, world_size=2,
-                        seed=7, num_workers=workers, collator=MLMCollator(seed=3), **kw)  # fmt: skip
+    return build_loader(
+        shards,
+        max_length=MAX_LEN,
+        tokens_per_micro_batch=ROWS * MAX_LEN,
+        rank=rank,
+        world_size=2,
+        seed=7,
+        num_workers=workers,
+        collator=MLMCollator(seed=3),
+        **kw,
+    )
 
 
 def take(it, n):
@@ -114,8 +123,12 @@ def test_rows_are_full_packed_sequences(small_shards):
 
 
 def test_eval_loader_is_finite_repeatable_and_covers_everything(small_shards):
-    kw = dict(max_length=MAX_LEN, tokens_per_micro_batch=ROWS * MAX_LEN, world_size=2,
-              collator=MLMCollator(mask_rate=0.15, seed=1))  # fmt: skip
+    kw = dict(
+        max_length=MAX_LEN,
+        tokens_per_micro_batch=ROWS * MAX_LEN,
+        world_size=2,
+        collator=MLMCollator(mask_rate=0.15, seed=1),
+    )
     covered = []
     for rank in (0, 1):
         ev = build_eval_loader(small_shards, rank=rank, **kw)
@@ -127,8 +140,13 @@ def test_eval_loader_is_finite_repeatable_and_covers_everything(small_shards):
 
 
 def test_padded_mode_one_protein_per_row(small_shards):
-    ev = build_eval_loader(small_shards, max_length=MAX_LEN, tokens_per_micro_batch=4 * MAX_LEN, packing=False,
-                           collator=MLMCollator(mask_rate=0.15))  # fmt: skip
+    ev = build_eval_loader(
+        small_shards,
+        max_length=MAX_LEN,
+        tokens_per_micro_batch=4 * MAX_LEN,
+        packing=False,
+        collator=MLMCollator(mask_rate=0.15),
+    )
     batch = next(iter(ev))
     longest = int(batch["attention_mask"].sum(1).max())
     assert batch["input_ids"].shape == (4, longest) and longest <= MAX_LEN
@@ -143,8 +161,14 @@ def test_global_batch_sets_grad_accumulation(small_shards):
         loader(small_shards, global_batch_tokens=3 * MAX_LEN)
     state = ld.state_dict()
     with pytest.raises(ValueError, match="seed"):
-        build_loader(small_shards, max_length=MAX_LEN, tokens_per_micro_batch=ROWS * MAX_LEN, world_size=2,
-                     seed=8, collator=MLMCollator()).load_state_dict(state)  # fmt: skip
+        build_loader(
+            small_shards,
+            max_length=MAX_LEN,
+            tokens_per_micro_batch=ROWS * MAX_LEN,
+            world_size=2,
+            seed=8,
+            collator=MLMCollator(),
+        ).load_state_dict(state)
 
 
 def test_builtin_padding_waste_under_two_percent(tmp_path):
@@ -155,7 +179,8 @@ def test_builtin_padding_waste_under_two_percent(tmp_path):
 
 
 def test_too_little_data_for_one_round_is_an_error(small_shards):
-    ld = build_loader(small_shards, max_length=MAX_LEN, tokens_per_micro_batch=100 * MAX_LEN, world_size=2,
-                      collator=MLMCollator())  # fmt: skip
+    ld = build_loader(
+        small_shards, max_length=MAX_LEN, tokens_per_micro_batch=100 * MAX_LEN, world_size=2, collator=MLMCollator()
+    )
     with pytest.raises(ValueError, match="too little data"):
         next(iter(ld))

@@ -43,8 +43,14 @@ def parquet_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def fixture_run(tmp_path_factory, parquet_file):
     out = tmp_path_factory.mktemp("prepared")
-    inputs = [BAD, FIX / "crlf_bom.fasta", FIX / "proteins.fasta.gz", FIX / "proteins.csv", FIX / "proteins.tsv",
-              parquet_file]  # fmt: skip
+    inputs = [
+        BAD,
+        FIX / "crlf_bom.fasta",
+        FIX / "proteins.fasta.gz",
+        FIX / "proteins.csv",
+        FIX / "proteins.tsv",
+        parquet_file,
+    ]
     report = prepare([str(p) for p in inputs], out, overwrite=True, log=lambda *a, **k: None)
     return out, report
 
@@ -101,8 +107,15 @@ def test_over_long_is_kept_whole_and_counted_as_cropped(fixture_run):
 def test_duplicate_ids_are_reported(fixture_run):
     _, report = fixture_run
     dup = [d for d in report["duplicate_ids"] if d["id"] == "sp|P0CG48|UBB_HUMAN"]
-    assert dup == [dict(file=str(BAD), line=header_line(BAD, "sp|P0CG48|UBB_HUMAN duplicate"), id="sp|P0CG48|UBB_HUMAN",
-                        first_file=str(BAD), first_line=1)]  # fmt: skip
+    assert dup == [
+        dict(
+            file=str(BAD),
+            line=header_line(BAD, "sp|P0CG48|UBB_HUMAN duplicate"),
+            id="sp|P0CG48|UBB_HUMAN",
+            first_file=str(BAD),
+            first_line=1,
+        )
+    ]
     first_crlf = next(d for d in report["duplicate_ids"] if d["id"] == "P0CG48")
     assert Path(first_crlf["first_file"]).name == "crlf_bom.fasta"  # BOM is not part of the first id
 
@@ -112,9 +125,14 @@ def test_duplicate_ids_can_be_rejected(tmp_path):
     assert sum(r["reason"].startswith("duplicate_id") for r in report["rejected"]) == 1
 
 
-@pytest.mark.parametrize("name, needle", [("truncated.fasta.gz", "truncated.fasta.gz"),
-                                          ("no_sequence_column.csv", "no 'sequence' column"),
-                                          ("missing.fasta", "missing.fasta")])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, needle",
+    [
+        ("truncated.fasta.gz", "truncated.fasta.gz"),
+        ("no_sequence_column.csv", "no 'sequence' column"),
+        ("missing.fasta", "missing.fasta"),
+    ],
+)
 def test_unreadable_input_exits_nonzero_naming_the_file(tmp_path, capsys, name, needle):
     out = tmp_path / "out"
     assert main(["prepare", "--input", str(FIX / name), "--out", str(out)]) == 1
@@ -149,8 +167,13 @@ def test_corrupted_shard_is_named_when_loaded(tmp_path, capsys):
 
 
 def test_split_fractions_and_dedup_on_any_input(tmp_path):
-    report = prepare([str(FIX / "proteins.fasta.gz"), str(FIX / "proteins.tsv")], tmp_path, dedup=True,
-                     split_fractions=(98, 1, 1), log=lambda *a: None)  # fmt: skip
+    report = prepare(
+        [str(FIX / "proteins.fasta.gz"), str(FIX / "proteins.tsv")],
+        tmp_path,
+        dedup=True,
+        split_fractions=(98, 1, 1),
+        log=lambda *a: None,
+    )
     assert [r["reason"].split(":")[0] for r in report["rejected"]] == ["duplicate_sequence"]  # KCNE2 twice
     assert sum(c["sequences"] for c in report["splits"].values()) == report["accepted"] == 4
 

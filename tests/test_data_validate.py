@@ -4,8 +4,15 @@ import numpy as np
 import pytest
 
 from training.validate import (
-    MASK, UNK, VOCAB, ValidationPolicy, build_lut, decode, encode, validate_batch,
-)  # fmt: skip
+    MASK,
+    UNK,
+    VOCAB,
+    ValidationPolicy,
+    build_lut,
+    decode,
+    encode,
+    validate_batch,
+)
 
 UBIQUITIN = "MQIFVKTLTGKTITLEVEPSDTIENVKAKIQDKEGIPPDQQRLIFAGKQLEDGRTLSDYNIQKESTLHLVLRLRGG"  # P0CG48
 FXYD3 = "MQKVTLGLLVFLAGFPVLDANDLEDKNSPFYYDWHSLQVGGLICAGVLCAMGIIIVMSAKCKCKFGQKSGHHPGETPPLITPGSAQS"  # Q14802
@@ -60,10 +67,16 @@ def test_default_policy_normalizes():
 
 
 def test_policy_switches():
-    strict = ValidationPolicy(lowercase="reject", strip_terminal_stop=False, allow_ambiguous=False, min_length=10,
-                              reject_longer_than=50)  # fmt: skip
-    cases = {FXYD3.lower(): "lowercase", UBIQUITIN[:40] + "*": "internal_stop", "MQIFXVKTLTGK": "ambiguous_residue",
-             "MQIFV": "too_short", UBIQUITIN: "too_long"}  # fmt: skip
+    strict = ValidationPolicy(
+        lowercase="reject", strip_terminal_stop=False, allow_ambiguous=False, min_length=10, reject_longer_than=50
+    )
+    cases = {
+        FXYD3.lower(): "lowercase",
+        UBIQUITIN[:40] + "*": "internal_stop",
+        "MQIFXVKTLTGK": "ambiguous_residue",
+        "MQIFV": "too_short",
+        UBIQUITIN: "too_long",
+    }
     for seq, expected in cases.items():
         with pytest.raises(ValueError) as err:
             encode(seq, strict)

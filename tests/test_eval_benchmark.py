@@ -54,8 +54,9 @@ def checkpoints(tmp_path_factory):
 
 def run_cli(*args, timeout=300):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -77,14 +78,46 @@ def assert_png(path):
 
 @pytest.mark.slow
 def test_benchmark_cli_writes_csv_md_png(prepared, checkpoints, tmp_path):
-    code, out = run_cli("-m", "eval.benchmark", "--models", checkpoints["speedplm"], checkpoints["esm"],
-                        "--data", prepared, "--split", "test", "--mask-rate", "0.15", "--seed", "0",
-                        "--out", tmp_path, "--max-tokens", "20000", "--batch-tokens", "4096")  # fmt: skip
+    code, out = run_cli(
+        "-m",
+        "eval.benchmark",
+        "--models",
+        checkpoints["speedplm"],
+        checkpoints["esm"],
+        "--data",
+        prepared,
+        "--split",
+        "test",
+        "--mask-rate",
+        "0.15",
+        "--seed",
+        "0",
+        "--out",
+        tmp_path,
+        "--max-tokens",
+        "20000",
+        "--batch-tokens",
+        "4096",
+    )
     assert code == 0, out
     rows = read_csv(tmp_path / "results.csv")
-    assert list(rows[0]) == ["model", "parameters", "tokens_scored", "loss", "perplexity", "accuracy",
-                             "precision_weighted", "recall_weighted", "f1_weighted", "precision_macro",
-                             "recall_macro", "f1_macro", "mcc", "masked_positions_sha256", "seconds"]  # fmt: skip
+    assert list(rows[0]) == [
+        "model",
+        "parameters",
+        "tokens_scored",
+        "loss",
+        "perplexity",
+        "accuracy",
+        "precision_weighted",
+        "recall_weighted",
+        "f1_weighted",
+        "precision_macro",
+        "recall_macro",
+        "f1_macro",
+        "mcc",
+        "masked_positions_sha256",
+        "seconds",
+    ]
     assert [r["model"] for r in rows] == [str(checkpoints["speedplm"]), str(checkpoints["esm"])]
     assert rows[0]["tokens_scored"] == rows[1]["tokens_scored"] and int(rows[0]["tokens_scored"]) > 500
     assert rows[0]["masked_positions_sha256"] == rows[1]["masked_positions_sha256"]
@@ -185,14 +218,36 @@ def test_vocab_map_gathers_logits_and_merges_extras():
 
 @pytest.mark.slow
 def test_benchmark_two_ranks_match_one_rank(prepared, checkpoints, tmp_path):
-    common = ["--models", checkpoints["speedplm"], checkpoints["esm"], "--data", prepared, "--split", "valid",
-              "--batch-tokens", "2048", "--max-tokens", "12000"]  # fmt: skip
+    common = [
+        "--models",
+        checkpoints["speedplm"],
+        checkpoints["esm"],
+        "--data",
+        prepared,
+        "--split",
+        "valid",
+        "--batch-tokens",
+        "2048",
+        "--max-tokens",
+        "12000",
+    ]
     code, out = run_cli("-m", "eval.benchmark", *common, "--out", tmp_path / "one")
     assert code == 0, out
     port = str(29500 + os.getpid() % 400)
-    code, out = run_cli("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                        "--main_process_port", port, "-m", "eval.benchmark", *common,
-                        "--out", tmp_path / "two")  # fmt: skip
+    code, out = run_cli(
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        port,
+        "-m",
+        "eval.benchmark",
+        *common,
+        "--out",
+        tmp_path / "two",
+    )
     assert code == 0, out
     one, two = read_csv(tmp_path / "one" / "results.csv"), read_csv(tmp_path / "two" / "results.csv")
     for a, b in zip(one, two):
@@ -243,10 +298,21 @@ def test_probe_features_do_not_depend_on_batching_or_padding(checkpoints):
 def test_speedup_interpolates_the_curves():
     from eval.speedrun import reach, speedups
 
-    esm = {"seed": 0, "points": [dict(time=0, tokens=0, loss=3.5), dict(time=10, tokens=100, loss=3.0),
-                                 dict(time=20, tokens=200, loss=2.8)]}  # fmt: skip
-    ours = {"points": [dict(time=0, tokens=0, loss=3.5), dict(time=4, tokens=80, loss=3.0),
-                       dict(time=8, tokens=160, loss=2.6)]}  # fmt: skip
+    esm = {
+        "seed": 0,
+        "points": [
+            dict(time=0, tokens=0, loss=3.5),
+            dict(time=10, tokens=100, loss=3.0),
+            dict(time=20, tokens=200, loss=2.8),
+        ],
+    }
+    ours = {
+        "points": [
+            dict(time=0, tokens=0, loss=3.5),
+            dict(time=4, tokens=80, loss=3.0),
+            dict(time=8, tokens=160, loss=2.6),
+        ]
+    }
     assert reach(ours["points"], 2.8, "time") == pytest.approx(6.0)
     assert reach(ours["points"], 2.0, "time") is None
     result = speedups(esm, ours)
@@ -267,8 +333,9 @@ def test_speedplm_clock_uses_the_trainers_train_seconds(tmp_path):
 
 @pytest.mark.slow
 def test_speedrun_short_end_to_end(prepared, tmp_path):
-    code, out = run_cli("-m", "eval.speedrun", "--short", "--threads", "1", "--data", prepared, "--out", tmp_path,
-                        timeout=400)  # fmt: skip
+    code, out = run_cli(
+        "-m", "eval.speedrun", "--short", "--threads", "1", "--data", prepared, "--out", tmp_path, timeout=400
+    )
     assert code == 0, out
     report = json.loads((tmp_path / "speedrun.json").read_text())
     assert {r["recipe"] for r in report["runs"]} == {"SpeedPLM", "ESM2"}

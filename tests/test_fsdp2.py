@@ -10,10 +10,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from safetensors.torch import load_file
-
 from conftest import free_port
 from hub_server import HubServer
+from safetensors.torch import load_file
 from test_train_e2e import rows, run_training, shards, train_losses  # noqa: F401  (shards is a fixture)
 
 pytestmark = pytest.mark.slow
@@ -64,9 +63,13 @@ def _rank(rank, world, port, out_path):
             assert all(isinstance(b, DTensor) and b.placements == p.placements for b, p in zip(buffers, params))
             sharded_state = get_optimizer_state_dict(module, optimizer)  # what a sharded (DCP) checkpoint saves
             assert all(isinstance(s["momentum_buffer"], DTensor) for s in sharded_state["state"].values())
-            results.append({"params": [p.full_tensor() for p in params],
-                            "buffers": [b.full_tensor() for b in buffers],
-                            "local_rows": [p.to_local().shape[0] for p in params]})  # fmt: skip
+            results.append(
+                {
+                    "params": [p.full_tensor() for p in params],
+                    "buffers": [b.full_tensor() for b in buffers],
+                    "local_rows": [p.to_local().shape[0] for p in params],
+                }
+            )
         torch.save(results, f"{out_path}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -104,8 +107,13 @@ def test_muon_on_dtensor_shards_equals_full_tensors(tmp_path):
 def test_fsdp2_trains_like_one_rank_resumes_exactly_and_saves_full_model(tmp_path, shards):  # noqa: F811
     """2 gloo ranks x 2 accumulation steps under FSDP2 vs 1 rank x 4 accumulation steps, same tokens per step.
     Measured on the CI CPU: train losses agree to 7e-8 relative, validation loss to 2e-9; the test allows 1e-6."""
-    common = ["train.max_steps=6", "eval.every=3", "train.save_every=3", "train.keep_checkpoints=5",
-              "train.tokens_per_step=4096"]  # fmt: skip
+    common = [
+        "train.max_steps=6",
+        "eval.every=3",
+        "train.save_every=3",
+        "train.keep_checkpoints=5",
+        "train.tokens_per_step=4096",
+    ]
     code, out = run_training(tmp_path, shards, *common, name="one")
     assert code == 0, out[-3000:]
     assert "1 rank(s) x 4 accumulation step(s)" in out
@@ -114,8 +122,15 @@ def test_fsdp2_trains_like_one_rank_resumes_exactly_and_saves_full_model(tmp_pat
     env = {"HF_TOKEN": canary, "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")}
     hub = ["hub.push=true", f"hub.model_id={repo}", "hub.push_every=3", "hub.backoff_s=0.1"]
     with HubServer(canary) as server:
-        code, out = run_training(tmp_path, shards, *common, *hub, name="fsdp", accelerate_config=FSDP2_CPU,
-                                 env={**env, "HF_ENDPOINT": server.url})  # fmt: skip
+        code, out = run_training(
+            tmp_path,
+            shards,
+            *common,
+            *hub,
+            name="fsdp",
+            accelerate_config=FSDP2_CPU,
+            env={**env, "HF_ENDPOINT": server.url},
+        )
         assert code == 0, out[-3000:]
         pushed = server.files(repo)
         commits = [c.message for c in server.commits(repo)]
@@ -142,7 +157,8 @@ def test_fsdp2_trains_like_one_rank_resumes_exactly_and_saves_full_model(tmp_pat
     final = run / "final"
     assert not any(p.name.startswith("_fsdp") for p in final.iterdir())
     assert json.loads((final / "config.json").read_text())["auto_map"]["AutoModelForMaskedLM"] == (
-        "modeling_speedplm.SpeedPLMForMaskedLM")  # fmt: skip
+        "modeling_speedplm.SpeedPLMForMaskedLM"
+    )
     full, ref = load_file(final / "model.safetensors"), load_file(tmp_path / "one" / "final" / "model.safetensors")
     assert full.keys() == ref.keys()
     assert all(full[k].shape == ref[k].shape for k in ref)

@@ -10,13 +10,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gpu_benchmark_dry_run():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the script must set it itself
-    proc = subprocess.run([sys.executable, "-m", "eval.gpu_benchmark", "--dry-run"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "eval.gpu_benchmark", "--dry-run"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     out = proc.stdout
     assert proc.returncode == 0, out[-4000:] + proc.stderr[-4000:]
     for title in ("## Parity", "## Per-kernel time", "## Newton-Schulz", "## Attention", "## End-to-end train step"):
         assert title in out
-    e2e = out[out.index("## End-to-end"):].splitlines()
+    e2e = out[out.index("## End-to-end") :].splitlines()
     assert [line.split()[0] for line in e2e[3:6]] == ["torch", "triton", "linear_relu2"]  # kernels on, off, one
     for line in e2e[3:6]:  # the same model, data and seed: the same losses whichever kernels run
         assert line.split()[-3:] == e2e[3].split()[-3:]

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+from hub_server import HubServer
 from huggingface_hub import constants
 
-from hub_server import HubServer
 from training.hub import HubPusher, HubPushError
 
 REPO = "speedplm-test/tiny"

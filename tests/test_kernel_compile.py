@@ -12,8 +12,14 @@ KERNELS = ("_linear_relu2_kernel", "_qk_norm_rotary_kernel", "_xxt_kernel")
 
 def run_check(*args):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
-    return subprocess.run([sys.executable, "-m", "eval.kernel_compile_check", "--arch", "90", "--dtype", "bfloat16",
-                           *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "eval.kernel_compile_check", "--arch", "90", "--dtype", "bfloat16", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def rows(out: str) -> list[list[str]]:

@@ -68,8 +68,13 @@ def test_module_matches_sklearn(masked_lm):
     result = masked_lm().compute(predictions=preds, references=refs, losses=losses)
 
     labels = np.unique(refs)
-    expected = {"tokens": len(refs), "loss": losses.mean(), "perplexity": math.exp(losses.mean()),
-                "accuracy": accuracy_score(refs, preds), "mcc": matthews_corrcoef(refs, preds)}  # fmt: skip
+    expected = {
+        "tokens": len(refs),
+        "loss": losses.mean(),
+        "perplexity": math.exp(losses.mean()),
+        "accuracy": accuracy_score(refs, preds),
+        "mcc": matthews_corrcoef(refs, preds),
+    }
     for average in ("weighted", "macro"):
         p, r, f, _ = precision_recall_fscore_support(refs, preds, labels=labels, average=average, zero_division=0)
         expected.update({f"precision_{average}": p, f"recall_{average}": r, f"f1_{average}": f})
@@ -111,8 +116,11 @@ def test_accumulator_matches_module_and_sklearn(masked_lm):
 
 def test_accumulator_is_token_weighted_across_batches():
     # Batches with very different numbers of scored tokens and loss levels: a per-batch mean is visibly wrong.
-    batches = [random_batch(10, batch=2, mask_rate=0.02, temperature=0.3), random_batch(11, batch=8, mask_rate=0.5),
-               random_batch(12, batch=1, mask_rate=0.1, temperature=3.0)]  # fmt: skip
+    batches = [
+        random_batch(10, batch=2, mask_rate=0.02, temperature=0.3),
+        random_batch(11, batch=8, mask_rate=0.5),
+        random_batch(12, batch=1, mask_rate=0.1, temperature=3.0),
+    ]
     many = MaskedLMAccumulator(V)
     per_batch_losses = []
     for logits, labels in batches:
@@ -121,7 +129,9 @@ def test_accumulator_is_token_weighted_across_batches():
         one.update(logits, labels)
         per_batch_losses.append(one.compute()["loss"])
     big = MaskedLMAccumulator(V)
-    big.update(torch.cat([l.reshape(-1, V) for l, _ in batches]), torch.cat([y.reshape(-1) for _, y in batches]))
+    big.update(
+        torch.cat([logits.reshape(-1, V) for logits, _ in batches]), torch.cat([y.reshape(-1) for _, y in batches])
+    )
     assert torch.equal(many.confusion, big.confusion)
     assert_same(many.compute(), big.compute(), rel=1e-12)
     # Control: the anchor's average of per-batch losses is not the loss over the union of tokens.
@@ -160,12 +170,18 @@ def _rank_batches(rank: int):
 
 def _gloo_rank(rank: int, world_size: int, port: int, out_dir: str):
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                         world_size=world_size)  # fmt: skip
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
     try:
         # accelerate reads the topology from these variables and reuses the initialised group.
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                          LOCAL_WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")  # fmt: skip
+        os.environ.update(
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE=str(world_size),
+            OMP_NUM_THREADS="1",
+        )
         from accelerate import Accelerator
 
         accelerator = Accelerator(cpu=True)

@@ -43,11 +43,20 @@ def test_mlp_width_rounded_to_multiple():
 
 
 def test_config_round_trips_through_dict():
-    config = SpeedPLMConfig.from_preset("tiny", sliding_window=16, tie_word_embeddings=True,
-                                        kernels="linear_relu2+newton_schulz")
+    config = SpeedPLMConfig.from_preset(
+        "tiny", sliding_window=16, tie_word_embeddings=True, kernels="linear_relu2+newton_schulz"
+    )
     again = SpeedPLMConfig(**config.to_dict())
-    for key in ("hidden_size", "num_hidden_layers", "value_embeddings", "sliding_window", "tie_word_embeddings",
-                "mask_token_id", "soft_logit_cap", "kernels"):  # fmt: skip
+    for key in (
+        "hidden_size",
+        "num_hidden_layers",
+        "value_embeddings",
+        "sliding_window",
+        "tie_word_embeddings",
+        "mask_token_id",
+        "soft_logit_cap",
+        "kernels",
+    ):
         assert getattr(again, key) == getattr(config, key), key
 
 
@@ -63,7 +72,11 @@ def test_preset_parameter_counts():
         print(f"  {name:16s} {n / 1e6:8.2f} M")
     assert abs(counts["speedrun-133m"] - 133e6) / 133e6 < 0.02
     # "-like" presets match ESM2 sizes (7.5 M, 35 M, 150 M, 650 M) within 5%
-    for name, esm in [("esm2-8m-like", 7.5e6), ("esm2-35m-like", 33.5e6), ("esm2-150m-like", 148e6),
-                      ("esm2-650m-like", 651e6)]:  # fmt: skip
+    for name, esm in [
+        ("esm2-8m-like", 7.5e6),
+        ("esm2-35m-like", 33.5e6),
+        ("esm2-150m-like", 148e6),
+        ("esm2-650m-like", 651e6),
+    ]:
         assert abs(counts[name] - esm) / esm < 0.05, (name, counts[name])
     assert counts["tiny"] < 500_000

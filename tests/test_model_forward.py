@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import PROTEINS, randomized_tiny_model
+
 from modeling_speedplm.modeling_speedplm import positions_from
 
 

@@ -7,7 +7,6 @@ import textwrap
 
 import pytest
 import torch
-
 from conftest import PROTEINS, randomized_tiny_model
 
 LOADER = textwrap.dedent(
@@ -68,8 +67,16 @@ def checkpoint(tmp_path_factory):
 def test_checkpoint_folder_contents(checkpoint):
     _, directory = checkpoint
     files = {p.name for p in directory.iterdir()}
-    assert {"config.json", "model.safetensors", "vocab.txt", "tokenizer_config.json", "README.md",
-            "modeling_speedplm.py", "configuration_speedplm.py", "attention_speedplm.py"} <= files  # fmt: skip
+    assert {
+        "config.json",
+        "model.safetensors",
+        "vocab.txt",
+        "tokenizer_config.json",
+        "README.md",
+        "modeling_speedplm.py",
+        "configuration_speedplm.py",
+        "attention_speedplm.py",
+    } <= files
     auto_map = json.loads((directory / "config.json").read_text())["auto_map"]
     assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForMaskedLM"}
     card = (directory / "README.md").read_text()
@@ -82,8 +89,14 @@ def test_round_trip_in_fresh_process(checkpoint, tmp_path, tokenizer, block_trit
     out = tmp_path / "out.pt"
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     args = [sys.executable, "-c", LOADER, str(directory), json.dumps(PROTEINS), str(out)]
-    result = subprocess.run(args + (["--no-triton"] if block_triton else []), cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        args + (["--no-triton"] if block_triton else []),
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = torch.load(out)
     batch = tokenizer(PROTEINS, padding=True, return_tensors="pt")

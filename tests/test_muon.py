@@ -1,12 +1,11 @@
 """DistributedMuon: one rank is torch.optim.Muon bit for bit; N gloo ranks give the same parameters as one rank."""
 
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from conftest import free_port
+
 from training import muon
 from training.muon import DistributedMuon
 
@@ -31,10 +30,13 @@ def run(params, optimizer):
     return [p.detach().clone() for p in params]
 
 
-@pytest.mark.parametrize("hyper", [
-    dict(lr=0.02, weight_decay=0.1, momentum=0.95),
-    dict(lr=0.05, weight_decay=0.0, momentum=0.9, nesterov=False, adjust_lr_fn="match_rms_adamw"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "hyper",
+    [
+        dict(lr=0.02, weight_decay=0.1, momentum=0.95),
+        dict(lr=0.05, weight_decay=0.0, momentum=0.9, nesterov=False, adjust_lr_fn="match_rms_adamw"),
+    ],
+)
 def test_one_rank_is_torch_muon(hyper):
     ours = make_params()
     theirs = make_params()
@@ -56,8 +58,10 @@ def test_cpu_default_orthogonalizes_in_fp32_close_to_bf16():
     assert any(not torch.equal(a, b) for a, b in zip(got, ref))
 
 
-@pytest.mark.parametrize("kernels, use_triton", [("auto", None), ("torch", False), ("triton", True),
-                                                ("linear_relu2", False), ("linear_relu2+newton_schulz", True)])
+@pytest.mark.parametrize(
+    "kernels, use_triton",
+    [("auto", None), ("torch", False), ("triton", True), ("linear_relu2", False), ("linear_relu2+newton_schulz", True)],
+)
 def test_kernels_setting_is_the_model_configs(kernels, use_triton):
     """The trainer passes model.config.kernels: Triton Newton-Schulz iff the selection names it (None: CUDA decides)."""
     assert DistributedMuon([torch.nn.Parameter(torch.zeros(2, 2))], kernels=kernels).use_triton is use_triton

@@ -24,9 +24,16 @@ def test_speedrun_recipe_is_the_anchor_setting():
 
 
 def test_overrides_are_yaml_typed():
-    config = load_config(str(ROOT / "configs" / "default.yaml"),
-                         ["train.max_steps=7", "eval.max_tokens=null", "model.sliding_window=32",
-                          "train.inject_nan_at=[3, 4]", "tracking.wandb=offline"])  # fmt: skip
+    config = load_config(
+        str(ROOT / "configs" / "default.yaml"),
+        [
+            "train.max_steps=7",
+            "eval.max_tokens=null",
+            "model.sliding_window=32",
+            "train.inject_nan_at=[3, 4]",
+            "tracking.wandb=offline",
+        ],
+    )
     assert config.train.max_steps == 7 and config.eval.max_tokens is None
     assert config.model_config().sliding_window == 32 and config.train.inject_nan_at == [3, 4]
     assert parse_override("data.train=/x/y") == ("data", "train", "/x/y")

@@ -17,11 +17,20 @@ pytestmark = pytest.mark.slow
 
 # Small but real: a tiny SpeedPLM on real proteins, 2 micro-batches of 1024 tokens per step (accumulation).
 SMALL = [
-    "model.hidden_size=64", "model.num_hidden_layers=4", "model.num_attention_heads=2", "model.value_embeddings=2",
-    "model.max_position_embeddings=128", "data.max_length=128", "train.micro_batch_tokens=1024",
-    "train.tokens_per_step=2048", "train.warmup_steps=2", "train.log_every=1", "eval.max_tokens=4000",
-    "train.muon_momentum_warmup_steps=10", "train.cpu_threads=1",
-]  # fmt: skip
+    "model.hidden_size=64",
+    "model.num_hidden_layers=4",
+    "model.num_attention_heads=2",
+    "model.value_embeddings=2",
+    "model.max_position_embeddings=128",
+    "data.max_length=128",
+    "train.micro_batch_tokens=1024",
+    "train.tokens_per_step=2048",
+    "train.warmup_steps=2",
+    "train.log_every=1",
+    "eval.max_tokens=4000",
+    "train.muon_momentum_warmup_steps=10",
+    "train.cpu_threads=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -44,25 +53,60 @@ def shards(tmp_path_factory):
     return out
 
 
-def run_training(tmp_path, shards, *overrides, config="configs/default.yaml", env=None, ranks=1, wait=True,
-                 name="run", accelerate_config=None):  # fmt: skip
+def run_training(
+    tmp_path,
+    shards,
+    *overrides,
+    config="configs/default.yaml",
+    env=None,
+    ranks=1,
+    wait=True,
+    name="run",
+    accelerate_config=None,
+):
     """`accelerate_config`: launch with `accelerate launch --config_file accelerate_configs/<it>` (its own ranks)."""
-    args = ["--config", str(ROOT / config), f"data.train={shards}", f"train.output_dir={tmp_path}",
-            f"train.run_name={name}", *SMALL, *overrides]  # fmt: skip
+    args = [
+        "--config",
+        str(ROOT / config),
+        f"data.train={shards}",
+        f"train.output_dir={tmp_path}",
+        f"train.run_name={name}",
+        *SMALL,
+        *overrides,
+    ]
     port = 29600 + os.getpid() % 300
     if accelerate_config is not None:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "accelerate_configs" / accelerate_config), "--main_process_port", str(port),
-               str(ROOT / "train_accelerate.py"), *args]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(ROOT / "accelerate_configs" / accelerate_config),
+            "--main_process_port",
+            str(port),
+            str(ROOT / "train_accelerate.py"),
+            *args,
+        ]
     elif ranks == 1:
         cmd = [sys.executable, str(ROOT / "train_accelerate.py"), *args]
     else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(ranks),
-               "--main_process_port", str(port), str(ROOT / "train_accelerate.py"), *args]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(ranks),
+            "--main_process_port",
+            str(port),
+            str(ROOT / "train_accelerate.py"),
+            *args,
+        ]
     full_env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}  # a token only where a test gives one
     full_env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})})
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     if not wait:
         return proc
     out, _ = proc.communicate(timeout=600)
@@ -102,15 +146,23 @@ def test_default_recipe_end_to_end(tmp_path, shards):
     assert train_rows[-1]["tokens"] > 30 * 2048 * 0.9  # packed rows: little padding
     run = tmp_path / "run"
     assert (run / "config.yaml").exists() and sorted(p.name for p in (run / "checkpoints").iterdir()) == [
-        "step-000020", "step-000030"]  # fmt: skip
+        "step-000020",
+        "step-000030",
+    ]
     loader = (
         "import sys, torch; from transformers import AutoModelForMaskedLM, AutoTokenizer;"
         "m = AutoModelForMaskedLM.from_pretrained(sys.argv[1], trust_remote_code=True);"
         "t = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True);"
         "print(m(**t(['MKTAYIAKQRQISFVKSHFSRQ'], return_tensors='pt')).logits.shape)"
     )
-    result = subprocess.run([sys.executable, "-c", loader, str(run / "final")], cwd=tmp_path, capture_output=True,
-                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", loader, str(run / "final")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=120,
+    )
     assert result.returncode == 0 and "torch.Size([1, 24, 33])" in result.stdout, result.stderr[-2000:]
 
 
@@ -118,8 +170,9 @@ def test_default_recipe_end_to_end(tmp_path, shards):
 def reference_run(tmp_path_factory, shards):
     """An uninterrupted 12-step run, checkpoints every 3 steps (all kept)."""
     tmp = tmp_path_factory.mktemp("reference")
-    code, out = run_training(tmp, shards, "train.max_steps=12", "train.save_every=3", "train.keep_checkpoints=10",
-                             "eval.every=0")  # fmt: skip
+    code, out = run_training(
+        tmp, shards, "train.max_steps=12", "train.save_every=3", "train.keep_checkpoints=10", "eval.every=0"
+    )
     assert code == 0, out[-3000:]
     return tmp, train_losses(tmp)
 
@@ -140,8 +193,9 @@ def test_kill9_then_resume_is_bit_identical(tmp_path, shards, reference_run):
 
     # Control: same checkpoint, data position not restored -> the losses after the resume point differ.
     ckpt = tmp_path / "run" / "checkpoints" / "step-000003"
-    code, out = run_training(tmp_path, shards, *overrides, f"train.resume={ckpt}", "train.resume_data_state=false",
-                             name="control")  # fmt: skip
+    code, out = run_training(
+        tmp_path, shards, *overrides, f"train.resume={ckpt}", "train.resume_data_state=false", name="control"
+    )
     assert code == 0, out[-3000:]
     control = train_losses(tmp_path, "control")
     assert all(control[s] != expected[s] for s in range(4, 13))
@@ -158,8 +212,15 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, shards, reference_run):
     data[-10] ^= 0xFF
     weights.write_bytes(bytes(data))
     # resume with more steps: step-000012 is corrupt, so the run continues from step-000009
-    code, out = run_training(tmp_path, shards, "train.max_steps=12", "train.save_every=3", "eval.every=0",
-                             "train.resume=auto", "train.keep_checkpoints=10")  # fmt: skip
+    code, out = run_training(
+        tmp_path,
+        shards,
+        "train.max_steps=12",
+        "train.save_every=3",
+        "eval.every=0",
+        "train.resume=auto",
+        "train.keep_checkpoints=10",
+    )
     assert code == 0, out[-3000:]
     assert f"{weights} is corrupt" in out and "step-000009" in out
     assert train_losses(tmp_path) == expected
@@ -170,7 +231,9 @@ def test_resume_refuses_another_model_shape(tmp_path, shards, reference_run):
     import shutil
 
     shutil.copytree(ref_dir / "run", tmp_path / "run")
-    code, out = run_training(tmp_path, shards, "train.max_steps=14", "model.hidden_size=96", "model.num_attention_heads=3")
+    code, out = run_training(
+        tmp_path, shards, "train.max_steps=14", "model.hidden_size=96", "model.num_attention_heads=3"
+    )
     assert code != 0 and "holds a different model" in out
 
 
@@ -186,13 +249,23 @@ def test_sigterm_saves_and_exits_143(tmp_path, shards):
 
 
 def test_injected_nan_skips_the_step(tmp_path, shards):
-    code, out = run_training(tmp_path, shards, "train.max_steps=8", "train.save_every=1", "train.keep_checkpoints=10",
-                             "eval.every=0", "train.inject_nan_at=[5]")  # fmt: skip
+    code, out = run_training(
+        tmp_path,
+        shards,
+        "train.max_steps=8",
+        "train.save_every=1",
+        "train.keep_checkpoints=10",
+        "eval.every=0",
+        "train.inject_nan_at=[5]",
+    )
     assert code == 0, out[-3000:]
     by_step = {r["step"]: r for r in rows(tmp_path)}
     assert by_step[5]["bad_steps"] == 0 and by_step[6]["bad_steps"] == 1 and by_step[6]["loss"] is None
     ckpts = tmp_path / "run" / "checkpoints"
-    before, after = load_file(ckpts / "step-000005" / "model.safetensors"), load_file(ckpts / "step-000006" / "model.safetensors")
+    before, after = (
+        load_file(ckpts / "step-000005" / "model.safetensors"),
+        load_file(ckpts / "step-000006" / "model.safetensors"),
+    )
     assert all(torch.equal(before[k], after[k]) for k in before)  # the skipped step changed nothing
     later = load_file(ckpts / "step-000007" / "model.safetensors")
     assert not all(torch.equal(after[k], later[k]) for k in after)  # the next step trains again
@@ -203,8 +276,9 @@ def test_injected_nan_skips_the_step(tmp_path, shards):
 
 
 def test_repeated_nan_stops_the_run(tmp_path, shards):
-    code, out = run_training(tmp_path, shards, "train.max_steps=10", "eval.every=0", "train.inject_nan_at=[2,3,4]",
-                             "train.max_bad_steps=3")  # fmt: skip
+    code, out = run_training(
+        tmp_path, shards, "train.max_steps=10", "eval.every=0", "train.inject_nan_at=[2,3,4]", "train.max_bad_steps=3"
+    )
     assert code != 0 and "3 non-finite steps in a row" in out
 
 

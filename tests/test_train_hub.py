@@ -6,7 +6,6 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from hub_server import HubServer
 from test_train_e2e import rows, run_training, shards  # noqa: F401  (shards is a fixture)
 
@@ -20,8 +19,14 @@ def canary():
 
 
 def hub_env(server, canary, tmp_path):
-    return {"HF_TOKEN": canary, "HF_ENDPOINT": server.url, "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0",
-            "HF_HOME": str(tmp_path / "hf_home"), "WANDB_SILENT": "true"}  # fmt: skip
+    return {
+        "HF_TOKEN": canary,
+        "HF_ENDPOINT": server.url,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_OFFLINE": "0",
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "WANDB_SILENT": "true",
+    }
 
 
 def every_file_text(directory: Path):
@@ -38,9 +43,17 @@ def test_push_survives_faults_and_lands_identical(tmp_path, shards, canary):  # 
         # refuse connections for a while once training is under way (the step-4 push meets a dead server)
         threading.Timer(0.5, server.refuse_for, args=(1.5,)).start()
         code, out = run_training(
-            tmp_path, shards, "train.max_steps=8", "eval.every=4", "hub.push=true", f"hub.model_id={REPO}",
-            "hub.push_every=4", "hub.backoff_s=0.2", "tracking.wandb=offline", env=hub_env(server, canary, tmp_path),
-        )  # fmt: skip
+            tmp_path,
+            shards,
+            "train.max_steps=8",
+            "eval.every=4",
+            "hub.push=true",
+            f"hub.model_id={REPO}",
+            "hub.push_every=4",
+            "hub.backoff_s=0.2",
+            "tracking.wandb=offline",
+            env=hub_env(server, canary, tmp_path),
+        )
         assert code == 0, out[-3000:]
         commits = server.commits(REPO)
         messages = [c.message for c in commits]
@@ -69,9 +82,15 @@ def test_failed_last_push_exits_non_zero(tmp_path, shards, canary):  # noqa: F81
     with HubServer(canary) as server:
         server.fail(403, endpoint="commit", count=100)
         code, out = run_training(
-            tmp_path, shards, "train.max_steps=3", "eval.every=0", "hub.push=true", f"hub.model_id={REPO}",
-            "hub.backoff_s=0.1", env=hub_env(server, canary, tmp_path),
-        )  # fmt: skip
+            tmp_path,
+            shards,
+            "train.max_steps=3",
+            "eval.every=0",
+            "hub.push=true",
+            f"hub.model_id={REPO}",
+            "hub.backoff_s=0.1",
+            env=hub_env(server, canary, tmp_path),
+        )
     assert code != 0
     assert "HubPushError" in out and "403" in out and REPO in out
     assert canary not in out

@@ -128,8 +128,13 @@ class MLMCollator:
         input_ids = torch.from_numpy(ids).long()
         document_ids = torch.from_numpy(doc)
         input_ids, labels = self._mask(input_ids, document_ids, step, rank, micro)
-        return dict(input_ids=input_ids, labels=labels, position_ids=torch.from_numpy(pos),
-                    document_ids=document_ids, attention_mask=(document_ids >= 0).long())  # fmt: skip
+        return dict(
+            input_ids=input_ids,
+            labels=labels,
+            position_ids=torch.from_numpy(pos),
+            document_ids=document_ids,
+            attention_mask=(document_ids >= 0).long(),
+        )
 
     def _mask(self, ids: torch.Tensor, doc: torch.Tensor, step: int, rank: int, micro: int):
         B, L = ids.shape

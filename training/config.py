@@ -90,8 +90,13 @@ class TrackingSection:
     tensorboard: bool = False
 
 
-SECTIONS = {"data": DataSection, "train": TrainSection, "eval": EvalSection, "hub": HubSection,
-            "tracking": TrackingSection}  # fmt: skip
+SECTIONS = {
+    "data": DataSection,
+    "train": TrainSection,
+    "eval": EvalSection,
+    "hub": HubSection,
+    "tracking": TrackingSection,
+}
 
 
 @dataclass
@@ -169,8 +174,9 @@ def _check_values(config: RunConfig) -> None:
     if t.resume not in ("auto", "none") and not Path(t.resume).is_dir():
         raise ValueError(f"train.resume={t.resume!r}: 'auto', 'none' or an existing checkpoint directory")
     if t.max_steps < 1 or t.tokens_per_step < 1 or t.micro_batch_tokens < config.data.max_length:
-        raise ValueError("train.max_steps, train.tokens_per_step must be >= 1 "
-                         "and micro_batch_tokens >= data.max_length")
+        raise ValueError(
+            "train.max_steps, train.tokens_per_step must be >= 1 and micro_batch_tokens >= data.max_length"
+        )
     if config.tracking.wandb not in ("online", "offline", "disabled"):
         raise ValueError(f"tracking.wandb={config.tracking.wandb!r}: choose online, offline or disabled")
     if config.hub.push and not config.hub.model_id:

@@ -35,8 +35,14 @@ CORPORA = {
 }
 SPLITS = ("train", "valid", "test")
 ALIASES = {"valid": ("valid", "validation"), "validation": ("validation", "valid")}
-PATTERNS = ("data/{s}-*.parquet", "data/{s}/*.parquet", "{s}/*.parquet", "{s}-*.parquet", "*/{s}/*.parquet",
-            "{s}/*.arrow")  # fmt: skip
+PATTERNS = (
+    "data/{s}-*.parquet",
+    "data/{s}/*.parquet",
+    "{s}/*.parquet",
+    "{s}-*.parquet",
+    "*/{s}/*.parquet",
+    "{s}/*.arrow",
+)
 
 
 def _filesystem(source: str, revision: str | None):
@@ -109,9 +115,17 @@ def _take(fs, paths: list, dest: Path, limit: int) -> int:
     return rows
 
 
-def download_corpus(name: str, out_dir, *, splits=SPLITS, max_shards: int | None = None,
-                    max_sequences: int | None = None, source: str | None = None, revision: str | None = None,
-                    log=print) -> dict:  # fmt: skip
+def download_corpus(
+    name: str,
+    out_dir,
+    *,
+    splits=SPLITS,
+    max_shards: int | None = None,
+    max_sequences: int | None = None,
+    source: str | None = None,
+    revision: str | None = None,
+    log=print,
+) -> dict:
     """Fetch `splits` of a corpus (short name or Hub id) into out_dir/<split>/; returns the files per split."""
     repo = CORPORA.get(name, name)
     source = source or repo
@@ -164,9 +178,15 @@ def main(argv=None) -> int:
     from training.data import DataError, prepare  # heavy imports only for the CLI path that needs them
 
     try:
-        files = download_corpus(args.name, args.out, splits=args.splits, max_shards=args.max_shards,
-                                max_sequences=args.max_sequences, source=args.source,
-                                revision=args.revision)  # fmt: skip
+        files = download_corpus(
+            args.name,
+            args.out,
+            splits=args.splits,
+            max_shards=args.max_shards,
+            max_sequences=args.max_sequences,
+            source=args.source,
+            revision=args.revision,
+        )
         if args.prepare:
             for split, paths in files.items():
                 prepare([str(p) for p in paths], Path(args.prepare) / split, overwrite=True)

@@ -112,8 +112,9 @@ class _Run:
                     self._reject(rec, f"duplicate_id: {rec.id!r} first at {first[0]}:{first[1]}")
                     dest[j] = -1
                     continue
-                self.duplicate_ids.append(dict(file=rec.file, line=rec.line, id=rec.id,
-                                               first_file=first[0], first_line=first[1]))  # fmt: skip
+                self.duplicate_ids.append(
+                    dict(file=rec.file, line=rec.line, id=rec.id, first_file=first[0], first_line=first[1])
+                )
             elif rec.id:
                 self.ids[rec.id] = (rec.file, rec.line)
             if letters is not None:
@@ -138,12 +139,19 @@ class _Run:
         assert self.accepted + len(self.rejected) == self.read, "record accounting is broken"
         by_reason = collections.Counter(r["reason"].split(":", 1)[0] for r in self.rejected)
         return dict(
-            inputs=[str(i) for i in inputs], read=self.read, accepted=self.accepted, rejected=self.rejected,
-            cropped=self.cropped, max_length=self.max_length, rejected_by_reason=dict(sorted(by_reason.items())),
-            duplicate_ids=self.duplicate_ids, normalized=dict(uppercased=self.uppercased,
-                                                              terminal_stop_stripped=self.stops),
-            splits=self.split_counts, policy=dataclasses.asdict(self.policy), **extra,
-        )  # fmt: skip
+            inputs=[str(i) for i in inputs],
+            read=self.read,
+            accepted=self.accepted,
+            rejected=self.rejected,
+            cropped=self.cropped,
+            max_length=self.max_length,
+            rejected_by_reason=dict(sorted(by_reason.items())),
+            duplicate_ids=self.duplicate_ids,
+            normalized=dict(uppercased=self.uppercased, terminal_stop_stripped=self.stops),
+            splits=self.split_counts,
+            policy=dataclasses.asdict(self.policy),
+            **extra,
+        )
 
 
 def _batches(inputs: list, **kw):
@@ -169,10 +177,22 @@ def _install(stage: Path, target: Path, overwrite: bool) -> None:
         f.replace(target / f.name)
 
 
-def prepare(inputs, out_dir, *, policy: ValidationPolicy | None = None, split: str | None = None,
-            sequence_column: str = "sequence", id_column: str | None = None, dedup: bool = False,
-            split_fractions=None, max_length: int = 1024, shard_tokens: int = 256 << 20, overwrite: bool = False,
-            log=print, extra: dict | None = None) -> dict:
+def prepare(
+    inputs,
+    out_dir,
+    *,
+    policy: ValidationPolicy | None = None,
+    split: str | None = None,
+    sequence_column: str = "sequence",
+    id_column: str | None = None,
+    dedup: bool = False,
+    split_fractions=None,
+    max_length: int = 1024,
+    shard_tokens: int = 256 << 20,
+    overwrite: bool = False,
+    log=print,
+    extra: dict | None = None,
+) -> dict:
     """Validate and tokenize `inputs` into shards under `out_dir` (or out_dir/{train,valid,test} with
     `split_fractions`); writes out_dir/report.json and returns the report. Raises DataError naming the bad file."""
     policy = policy or ValidationPolicy()
@@ -186,8 +206,9 @@ def prepare(inputs, out_dir, *, policy: ValidationPolicy | None = None, split: s
     created = not out.exists()
     stage = out / ".prepare-tmp"
     shutil.rmtree(stage, ignore_errors=True)
-    run = _Run({n: ShardWriter(stage / (n or "all"), shard_tokens) for n in names}, policy, max_length, dedup,
-               split_fractions)  # fmt: skip
+    run = _Run(
+        {n: ShardWriter(stage / (n or "all"), shard_tokens) for n in names}, policy, max_length, dedup, split_fractions
+    )
     try:
         for batch in _batches(list(inputs), split=split, sequence_column=sequence_column, id_column=id_column):
             run.feed(batch)
@@ -207,19 +228,37 @@ def prepare(inputs, out_dir, *, policy: ValidationPolicy | None = None, split: s
     return report
 
 
-def prepare_builtin(out_dir, *, policy: ValidationPolicy | None = None, fractions=(98, 1, 1), max_length: int = 1024,
-                    overwrite: bool = False, log=print) -> dict:
+def prepare_builtin(
+    out_dir,
+    *,
+    policy: ValidationPolicy | None = None,
+    fractions=(98, 1, 1),
+    max_length: int = 1024,
+    overwrite: bool = False,
+    log=print,
+) -> dict:
     """The built-in real proteins (aaanalysis benchmark TSVs): deduplicated, split by `hash_bucket`."""
-    return prepare(builtin_files(), out_dir, policy=policy, id_column="entry", dedup=True, split_fractions=fractions,
-                   max_length=max_length, overwrite=overwrite, log=log,
-                   extra=dict(attribution=builtin_attribution()))  # fmt: skip
+    return prepare(
+        builtin_files(),
+        out_dir,
+        policy=policy,
+        id_column="entry",
+        dedup=True,
+        split_fractions=fractions,
+        max_length=max_length,
+        overwrite=overwrite,
+        log=log,
+        extra=dict(attribution=builtin_attribution()),
+    )
 
 
 def summary(report: dict, out: Path, show: int = 10) -> str:
     """The stdout summary of a report: counts, rejections by reason, the first few rejections."""
-    lines = [f"prepared {out}: read {report['read']}  accepted {report['accepted']}  "
-             f"rejected {len(report['rejected'])}  cropped {report['cropped']} "
-             f"(> {report['max_length'] - 2} residues: kept whole, cropped by the loader)"]  # fmt: skip
+    lines = [
+        f"prepared {out}: read {report['read']}  accepted {report['accepted']}  "
+        f"rejected {len(report['rejected'])}  cropped {report['cropped']} "
+        f"(> {report['max_length'] - 2} residues: kept whole, cropped by the loader)"
+    ]
     for name, c in report["splits"].items():
         lines.append(f"  {name or 'all'}: {c['sequences']} sequences, {c['residues']} residues")
     for code, n in report["rejected_by_reason"].items():
@@ -242,10 +281,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="validate + tokenize sources into token shards")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--input", nargs="+", metavar="PATH",
-                     help="FASTA[.gz], CSV/TSV[.gz], parquet, arrow, dataset dir, Hub id")
-    src.add_argument("--builtin", action="store_true",
-                     help="the built-in aaanalysis proteins -> DIR/{train,valid,test}")
+    src.add_argument(
+        "--input", nargs="+", metavar="PATH", help="FASTA[.gz], CSV/TSV[.gz], parquet, arrow, dataset dir, Hub id"
+    )
+    src.add_argument(
+        "--builtin", action="store_true", help="the built-in aaanalysis proteins -> DIR/{train,valid,test}"
+    )
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--split", help="split of a dataset dir / Hub dataset to read (e.g. train)")
     p.add_argument("--sequence-column", default="sequence")
@@ -274,20 +315,36 @@ def main(argv=None) -> int:
             from training.shards import ShardSet
 
             shards = ShardSet(args.dir)
-            print(f"{args.dir}: ok, {len(shards.files)} shards, {shards.num_docs} proteins, "
-                  f"{shards.num_tokens} residues")
+            print(
+                f"{args.dir}: ok, {len(shards.files)} shards, {shards.num_docs} proteins, {shards.num_tokens} residues"
+            )
             return 0
-        policy = ValidationPolicy(lowercase=args.lowercase, strip_terminal_stop=not args.keep_terminal_stop,
-                                  allow_gaps=args.allow_gaps, allow_ambiguous=not args.no_ambiguous,
-                                  min_length=args.min_length, reject_longer_than=args.reject_longer_than,
-                                  duplicate_ids=args.duplicate_ids)  # fmt: skip
+        policy = ValidationPolicy(
+            lowercase=args.lowercase,
+            strip_terminal_stop=not args.keep_terminal_stop,
+            allow_gaps=args.allow_gaps,
+            allow_ambiguous=not args.no_ambiguous,
+            min_length=args.min_length,
+            reject_longer_than=args.reject_longer_than,
+            duplicate_ids=args.duplicate_ids,
+        )
         if args.builtin:
             prepare_builtin(args.out, policy=policy, max_length=args.max_length, overwrite=args.overwrite)
         else:
             fractions = [float(x) for x in args.split_fractions.split(",")] if args.split_fractions else None
-            prepare(args.input, args.out, policy=policy, split=args.split, sequence_column=args.sequence_column,
-                    id_column=args.id_column, dedup=args.dedup, split_fractions=fractions,
-                    max_length=args.max_length, shard_tokens=args.shard_tokens, overwrite=args.overwrite)  # fmt: skip
+            prepare(
+                args.input,
+                args.out,
+                policy=policy,
+                split=args.split,
+                sequence_column=args.sequence_column,
+                id_column=args.id_column,
+                dedup=args.dedup,
+                split_fractions=fractions,
+                max_length=args.max_length,
+                shard_tokens=args.shard_tokens,
+                overwrite=args.overwrite,
+            )
     except (DataError, SourceError, ShardError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -42,19 +42,33 @@ def train_collator(config: RunConfig) -> MLMCollator:
 
 def build_train_loader(config: RunConfig, shard_dir: Path, rank: int, world: int):
     return build_loader(
-        shard_dir, max_length=config.data.max_length, tokens_per_micro_batch=config.train.micro_batch_tokens,
-        collator=train_collator(config), rank=rank, world_size=world, seed=config.train.seed,
-        num_workers=config.data.num_workers, global_batch_tokens=config.train.tokens_per_step,
-    )  # fmt: skip
+        shard_dir,
+        max_length=config.data.max_length,
+        tokens_per_micro_batch=config.train.micro_batch_tokens,
+        collator=train_collator(config),
+        rank=rank,
+        world_size=world,
+        seed=config.train.seed,
+        num_workers=config.data.num_workers,
+        global_batch_tokens=config.train.tokens_per_step,
+    )
 
 
 def build_eval_loader(config: RunConfig, shard_dir: Path, rank: int, world: int):
-    collator = MLMCollator(mask_rate=config.eval.mask_rate or EVAL_MASK_RATE,
-                           replace=_replacement(config.data.replacement), seed=config.eval.seed)
+    collator = MLMCollator(
+        mask_rate=config.eval.mask_rate or EVAL_MASK_RATE,
+        replace=_replacement(config.data.replacement),
+        seed=config.eval.seed,
+    )
     return eval_loader_over(
-        shard_dir, max_length=config.data.max_length, tokens_per_micro_batch=config.train.micro_batch_tokens,
-        collator=collator, rank=rank, world_size=world, seed=config.eval.seed,
-    )  # fmt: skip
+        shard_dir,
+        max_length=config.data.max_length,
+        tokens_per_micro_batch=config.train.micro_batch_tokens,
+        collator=collator,
+        rank=rank,
+        world_size=world,
+        seed=config.eval.seed,
+    )
 
 
 def _replacement(name: str) -> tuple[float, float, float]:

@@ -118,9 +118,7 @@ class HubPusher:
             raise HubPushError(f"hub push to {model_id}: HF_HUB_OFFLINE is set; unset it or turn hub.push off")
         token = get_token()
         if not token:
-            raise HubPushError(
-                f"hub push to {model_id}: no Hugging Face token; set HF_TOKEN or run `hf auth login`"
-            )
+            raise HubPushError(f"hub push to {model_id}: no Hugging Face token; set HF_TOKEN or run `hf auth login`")
         self._secret = token  # kept only to scrub messages; never passed on, logged or stored on disk
         self.model_id = model_id
         self.private = private
@@ -161,8 +159,13 @@ class HubPusher:
         if not any(p.is_file() for p in snapshot.rglob("*")):
             shutil.rmtree(snapshot, ignore_errors=True)
             raise HubPushError(f"hub push to {self.model_id}: {src} has no files to push")
-        job = _Job(key=(str(src), path_in_repo), snapshot=snapshot, message=commit_message, step=step,
-                   path_in_repo=path_in_repo)
+        job = _Job(
+            key=(str(src), path_in_repo),
+            snapshot=snapshot,
+            message=commit_message,
+            step=step,
+            path_in_repo=path_in_repo,
+        )
         with self._lock:
             if self._executor is None:
                 shutil.rmtree(snapshot, ignore_errors=True)
@@ -195,9 +198,7 @@ class HubPusher:
             jobs = [j for j in self._latest.values() if j.state != "dropped"]
         _, not_done = cf.wait([j.future for j in jobs], timeout=timeout)
         if not_done:
-            raise HubPushError(
-                f"hub push to {self.model_id}: {len(not_done)} push(es) still running after {timeout}s"
-            )
+            raise HubPushError(f"hub push to {self.model_id}: {len(not_done)} push(es) still running after {timeout}s")
         failures = [j.future.exception() for j in jobs if j.future.exception() is not None]
         if failures:
             err = failures[-1]

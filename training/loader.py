@@ -170,8 +170,10 @@ class _BatchStream(IterableDataset):
                 plan = _EpochPlan(self.spec, self.shards.lengths, epoch)
             if not self.batch_exists(plan, b):
                 if b == 0:  # an empty epoch would loop forever
-                    raise ValueError(f"{self.shards.dir}: too little data for one round of "
-                                     f"{self.spec['world_size']} x {self.spec['rows']} rows")  # fmt: skip
+                    raise ValueError(
+                        f"{self.shards.dir}: too little data for one round of "
+                        f"{self.spec['world_size']} x {self.spec['rows']} rows"
+                    )
                 epoch, b, plan = epoch + 1, 0, None
                 continue
             if j % workers == worker:
@@ -183,19 +185,39 @@ class _BatchStream(IterableDataset):
 class PackedLoader:
     """Iterable of batch dicts for one rank, resumable through state_dict()/load_state_dict()."""
 
-    def __init__(self, shards: ShardSet, *, max_length: int, tokens_per_micro_batch: int, collator, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, global_batch_tokens: int | None = None, num_workers: int = 0,
-                 prefetch_factor: int = 4, pin_memory: bool | None = None, shuffle: bool = True, packing: bool = True,
-                 num_epochs: int | None = None, crop: str | None = None, fixed_mask_step: int | None = None,
-                 chunk_docs: int = 1 << 17):  # fmt: skip
+    def __init__(
+        self,
+        shards: ShardSet,
+        *,
+        max_length: int,
+        tokens_per_micro_batch: int,
+        collator,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        global_batch_tokens: int | None = None,
+        num_workers: int = 0,
+        prefetch_factor: int = 4,
+        pin_memory: bool | None = None,
+        shuffle: bool = True,
+        packing: bool = True,
+        num_epochs: int | None = None,
+        crop: str | None = None,
+        fixed_mask_step: int | None = None,
+        chunk_docs: int = 1 << 17,
+    ):
         rows = tokens_per_micro_batch // max_length
         if rows < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need tokens_per_micro_batch >= max_length and 0 <= rank < world_size; got "
-                             f"{tokens_per_micro_batch}, {max_length}, rank {rank}, world {world_size}")  # fmt: skip
+            raise ValueError(
+                f"need tokens_per_micro_batch >= max_length and 0 <= rank < world_size; got "
+                f"{tokens_per_micro_batch}, {max_length}, rank {rank}, world {world_size}"
+            )
         per_step = rows * max_length * world_size
         if global_batch_tokens is not None and global_batch_tokens % per_step:
-            raise ValueError(f"global_batch_tokens {global_batch_tokens} is not a multiple of "
-                             f"rows x max_length x world_size = {per_step}")  # fmt: skip
+            raise ValueError(
+                f"global_batch_tokens {global_batch_tokens} is not a multiple of "
+                f"rows x max_length x world_size = {per_step}"
+            )
         if crop not in (None, "random", "first"):
             raise ValueError(f"crop must be 'random' or 'first', got {crop!r}")
         if shards.num_docs == 0:
@@ -205,10 +227,21 @@ class PackedLoader:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.grad_accum_steps = 1 if global_batch_tokens is None else global_batch_tokens // per_step
         self.rows_per_micro_batch = rows
-        self.spec = dict(max_length=max_length, rows=rows, rank=rank, world_size=world_size, seed=seed,
-                         shuffle=shuffle, packing=packing, num_epochs=num_epochs, drop_last=num_epochs is None,
-                         crop=crop or ("random" if shuffle else "first"), fixed_mask_step=fixed_mask_step,
-                         grad_accum_steps=self.grad_accum_steps, chunk_docs=chunk_docs)  # fmt: skip
+        self.spec = dict(
+            max_length=max_length,
+            rows=rows,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            shuffle=shuffle,
+            packing=packing,
+            num_epochs=num_epochs,
+            drop_last=num_epochs is None,
+            crop=crop or ("random" if shuffle else "first"),
+            fixed_mask_step=fixed_mask_step,
+            grad_accum_steps=self.grad_accum_steps,
+            chunk_docs=chunk_docs,
+        )
         self.epoch, self.batch, self.micro_step = 0, 0, 0
 
     def __iter__(self):
@@ -216,8 +249,13 @@ class PackedLoader:
         if self.num_workers == 0 and not self.pin_memory:
             items = iter(stream)
         else:
-            items = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                               prefetch_factor=self.prefetch_factor if self.num_workers else None)  # fmt: skip
+            items = DataLoader(
+                stream,
+                batch_size=None,
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+                prefetch_factor=self.prefetch_factor if self.num_workers else None,
+            )
         for epoch, b, micro_step, batch in items:
             self.epoch, self.batch, self.micro_step = epoch, b + 1, micro_step + 1
             yield batch
@@ -228,15 +266,36 @@ class PackedLoader:
         """Position after the last batch handed out, plus what must match on restore. All randomness is derived
         from (seed, epoch, counters), so this is the whole RNG state too."""
         s = self.spec
-        return dict(version=STATE_VERSION, epoch=self.epoch, batch=self.batch, micro_step=self.micro_step,
-                    seed=s["seed"], rank=s["rank"], world_size=s["world_size"], max_length=s["max_length"],
-                    rows=s["rows"], shuffle=s["shuffle"], packing=s["packing"], num_docs=self.shards.num_docs,
-                    num_tokens=self.shards.num_tokens)  # fmt: skip
+        return dict(
+            version=STATE_VERSION,
+            epoch=self.epoch,
+            batch=self.batch,
+            micro_step=self.micro_step,
+            seed=s["seed"],
+            rank=s["rank"],
+            world_size=s["world_size"],
+            max_length=s["max_length"],
+            rows=s["rows"],
+            shuffle=s["shuffle"],
+            packing=s["packing"],
+            num_docs=self.shards.num_docs,
+            num_tokens=self.shards.num_tokens,
+        )
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
-        keys = ("version", "seed", "rank", "world_size", "max_length", "rows", "shuffle", "packing", "num_docs",
-                "num_tokens")  # fmt: skip
+        keys = (
+            "version",
+            "seed",
+            "rank",
+            "world_size",
+            "max_length",
+            "rows",
+            "shuffle",
+            "packing",
+            "num_docs",
+            "num_tokens",
+        )
         diff = {k: (state.get(k), mine[k]) for k in keys if state.get(k) != mine[k]}
         if diff:
             raise ValueError(f"loader state does not match this loader (saved, current): {diff}")
@@ -265,26 +324,73 @@ class PackedLoader:
             t = np.pad(t, (0, -len(t) % R)).reshape(-1, R)
             slots = int((t.max(1) * (t > 0).sum(1)).sum())
         cropped = int((self.shards.lengths + 2 > self.spec["max_length"]).sum())
-        return dict(rows=plan.total_rows, proteins=len(plan.order), real_tokens=real, slot_tokens=slots,
-                    padding_waste=1 - real / slots, cropped_proteins=cropped)  # fmt: skip
+        return dict(
+            rows=plan.total_rows,
+            proteins=len(plan.order),
+            real_tokens=real,
+            slot_tokens=slots,
+            padding_waste=1 - real / slots,
+            cropped_proteins=cropped,
+        )
 
 
-def build_loader(shard_dir, *, max_length: int = 1024, tokens_per_micro_batch: int, collator, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, num_workers: int = 0, verify: str = "sha256",
-                 **kw) -> PackedLoader:  # fmt: skip
+def build_loader(
+    shard_dir,
+    *,
+    max_length: int = 1024,
+    tokens_per_micro_batch: int,
+    collator,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    num_workers: int = 0,
+    verify: str = "sha256",
+    **kw,
+) -> PackedLoader:
     """Training loader: shuffled each epoch, random crops, endless (count epochs with loader.epoch)."""
-    return PackedLoader(ShardSet(Path(shard_dir), verify=verify), max_length=max_length,
-                        tokens_per_micro_batch=tokens_per_micro_batch, collator=collator, rank=rank,
-                        world_size=world_size, seed=seed, num_workers=num_workers, **kw)  # fmt: skip
+    return PackedLoader(
+        ShardSet(Path(shard_dir), verify=verify),
+        max_length=max_length,
+        tokens_per_micro_batch=tokens_per_micro_batch,
+        collator=collator,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        num_workers=num_workers,
+        **kw,
+    )
 
 
-def build_eval_loader(shard_dir, *, max_length: int = 1024, tokens_per_micro_batch: int, collator, rank: int = 0,
-                      world_size: int = 1, seed: int = 0, packing: bool = True, num_workers: int = 0,
-                      verify: str = "sha256", **kw) -> PackedLoader:  # fmt: skip
+def build_eval_loader(
+    shard_dir,
+    *,
+    max_length: int = 1024,
+    tokens_per_micro_batch: int,
+    collator,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    packing: bool = True,
+    num_workers: int = 0,
+    verify: str = "sha256",
+    **kw,
+) -> PackedLoader:
     """Eval loader: one pass in stored order, first-window crops, masks fixed per batch index (step 0), so every
     evaluation of every model sees the same masked positions (for the same seed, world size, micro-batch tokens
     and packing mode: those decide which proteins share a batch)."""
-    return PackedLoader(ShardSet(Path(shard_dir), verify=verify), max_length=max_length,
-                        tokens_per_micro_batch=tokens_per_micro_batch, collator=collator, rank=rank,
-                        world_size=world_size, seed=seed, packing=packing, num_workers=num_workers, shuffle=False,
-                        num_epochs=1, crop="first", fixed_mask_step=0, **kw)  # fmt: skip
+    return PackedLoader(
+        ShardSet(Path(shard_dir), verify=verify),
+        max_length=max_length,
+        tokens_per_micro_batch=tokens_per_micro_batch,
+        collator=collator,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        packing=packing,
+        num_workers=num_workers,
+        shuffle=False,
+        num_epochs=1,
+        crop="first",
+        fixed_mask_step=0,
+        **kw,
+    )

@@ -48,10 +48,22 @@ class DistributedMuon(torch.optim.Optimizer):
     for DTensor parameters (FSDP2), each rank holds its shard of the reduced gradient; `step()` is then a collective
     over the parameters' mesh that every rank must call."""
 
-    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
-                 nesterov: bool = True, ns_coefficients=NS_COEFFICIENTS, eps: float = 1e-7, ns_steps: int = 5,
-                 adjust_lr_fn: str | None = None, kernels: str = "auto", process_group=None,
-                 ns_dtype: torch.dtype | None = None, stack: bool | None = None):  # fmt: skip
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients=NS_COEFFICIENTS,
+        eps: float = 1e-7,
+        ns_steps: int = 5,
+        adjust_lr_fn: str | None = None,
+        kernels: str = "auto",
+        process_group=None,
+        ns_dtype: torch.dtype | None = None,
+        stack: bool | None = None,
+    ):
         if lr < 0 or momentum < 0 or weight_decay < 0:
             raise ValueError(f"DistributedMuon: lr={lr}, momentum={momentum}, weight_decay={weight_decay} must be >= 0")
         if adjust_lr_fn not in (None, "original", "match_rms_adamw"):
@@ -60,8 +72,16 @@ class DistributedMuon(torch.optim.Optimizer):
             selected = parse_kernels(kernels)
         except ValueError as err:
             raise ValueError(f"DistributedMuon: {err}") from None
-        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                        ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_coefficients=tuple(ns_coefficients),
+            eps=eps,
+            ns_steps=ns_steps,
+            adjust_lr_fn=adjust_lr_fn,
+        )
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -126,11 +146,14 @@ class DistributedMuon(torch.optim.Optimizer):
                 if len(mine) > 1 and (self.stack if self.stack is not None else mine[0].is_cuda):
                     # One batched Newton-Schulz for this rank's same-shape matrices (speedrun-133m: 24 blocks x 4
                     # shapes -> 4 calls instead of 96), so small matrices stop being launch-bound.
-                    mine = newton_schulz(torch.stack(mine), steps, coefficients, eps, use_triton=self.use_triton,
-                                         dtype=ns_dtype).unbind(0)  # fmt: skip
+                    mine = newton_schulz(
+                        torch.stack(mine), steps, coefficients, eps, use_triton=self.use_triton, dtype=ns_dtype
+                    ).unbind(0)
                 else:
-                    mine = [newton_schulz(u, steps, coefficients, eps, use_triton=self.use_triton, dtype=ns_dtype)
-                            for u in mine]  # fmt: skip
+                    mine = [
+                        newton_schulz(u, steps, coefficients, eps, use_triton=self.use_triton, dtype=ns_dtype)
+                        for u in mine
+                    ]
             results = iter(mine)
             # broadcasts in parameter order on every rank; async, so they overlap the next job's Newton-Schulz
             for p, update, owner, group in items:
@@ -169,8 +192,14 @@ class DistributedMuon(torch.optim.Optimizer):
         # first, then one broadcast per matrix (in parameter order on every rank), each rank applying its slice.
         for i, (p, update, owner, mesh_group, group) in enumerate(sharded):
             if update is not None:
-                update = newton_schulz(update, group["ns_steps"], group["ns_coefficients"], group["eps"],
-                                       use_triton=self.use_triton, dtype=self._ns_dtype(p))  # fmt: skip
+                update = newton_schulz(
+                    update,
+                    group["ns_steps"],
+                    group["ns_coefficients"],
+                    group["eps"],
+                    use_triton=self.use_triton,
+                    dtype=self._ns_dtype(p),
+                )
                 sharded[i] = (p, update.contiguous(), owner, mesh_group, group)
         for p, update, owner, mesh_group, group in sharded:
             if mesh_group is not None:

@@ -31,8 +31,13 @@ def parameter_groups(model: torch.nn.Module) -> dict[str, list[torch.nn.Paramete
 def build_optimizers(model: torch.nn.Module, cfg: TrainSection) -> list[torch.optim.Optimizer]:
     groups = parameter_groups(model)
     # torch.optim.Muon's update, with the Newton-Schulz work split across data-parallel ranks (training/muon.py)
-    muon = DistributedMuon(groups["muon"], lr=cfg.muon_lr, momentum=cfg.muon_momentum_start,
-                           weight_decay=cfg.weight_decay, kernels=getattr(model.config, "kernels", "auto"))  # fmt: skip
+    muon = DistributedMuon(
+        groups["muon"],
+        lr=cfg.muon_lr,
+        momentum=cfg.muon_momentum_start,
+        weight_decay=cfg.weight_decay,
+        kernels=getattr(model.config, "kernels", "auto"),
+    )
     adam_groups = [
         {"params": groups["embed"], "lr": cfg.embed_lr},
         {"params": groups["head"], "lr": cfg.head_lr},
@@ -47,9 +52,12 @@ def build_schedulers(optimizers, cfg: TrainSection) -> list[torch.optim.lr_sched
     if cfg.schedule == "wsd":
         decay = max(1, int(cfg.decay_fraction * cfg.max_steps))
         make = lambda opt: get_wsd_schedule(  # noqa: E731
-            opt, num_warmup_steps=cfg.warmup_steps, num_decay_steps=decay, num_training_steps=cfg.max_steps,
+            opt,
+            num_warmup_steps=cfg.warmup_steps,
+            num_decay_steps=decay,
+            num_training_steps=cfg.max_steps,
             decay_type="linear",
-        )  # fmt: skip
+        )
     else:
         make = lambda opt: get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.max_steps)  # noqa: E731
     return [make(opt) for opt in optimizers]

@@ -22,8 +22,9 @@ class ModelPublisher:
         self.pusher = None
         state_dict = full_state_dict(accelerator, model)  # collective under FSDP2
         if accelerator.is_main_process:
-            self.pusher = HubPusher(hub.model_id, private=hub.private, max_retries=hub.max_retries,
-                                    backoff_s=hub.backoff_s)  # fmt: skip
+            self.pusher = HubPusher(
+                hub.model_id, private=hub.private, max_retries=hub.max_retries, backoff_s=hub.backoff_s
+            )
         if self.pusher is not None:
             start = self._stage("start", state_dict=state_dict)
             (start / "model.safetensors").unlink()  # the start push carries no weights yet

@@ -87,10 +87,15 @@ class ShardWriter:
     def close(self, extra: dict | None = None) -> dict:
         self._flush()
         manifest = dict(
-            format="speedplm-token-shards", version=VERSION, vocab_hash=VOCAB_HASH, vocab=list(VOCAB),
-            num_docs=sum(s["num_docs"] for s in self.shards), num_tokens=sum(s["num_tokens"] for s in self.shards),
-            shards=self.shards, **(extra or {}),
-        )  # fmt: skip
+            format="speedplm-token-shards",
+            version=VERSION,
+            vocab_hash=VOCAB_HASH,
+            vocab=list(VOCAB),
+            num_docs=sum(s["num_docs"] for s in self.shards),
+            num_tokens=sum(s["num_tokens"] for s in self.shards),
+            shards=self.shards,
+            **(extra or {}),
+        )
         (self.dir / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         return manifest
 

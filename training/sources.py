@@ -24,8 +24,9 @@ import importlib.util
 import json
 import re
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -159,8 +160,9 @@ def _arrow_batches(path: Path) -> tuple[list, Iterator]:
     return reader.schema.names, lambda cols: (b.select(cols) for b in reader)
 
 
-def iter_columnar(path: Path, *, sequence_column: str = "sequence",
-                  id_column: str | None = None) -> Iterator[RawRecord]:
+def iter_columnar(
+    path: Path, *, sequence_column: str = "sequence", id_column: str | None = None
+) -> Iterator[RawRecord]:
     """Records of a parquet or Arrow IPC file."""
     try:
         names, batches = _arrow_batches(path)
@@ -214,8 +216,9 @@ def source_files(directory: Path, split: str | None = None) -> list[Path]:
     return files
 
 
-def iter_hub(repo_id: str, split: str | None, *, sequence_column: str = "sequence",
-             id_column: str | None = None) -> Iterator[RawRecord]:
+def iter_hub(
+    repo_id: str, split: str | None, *, sequence_column: str = "sequence", id_column: str | None = None
+) -> Iterator[RawRecord]:
     """Rows of a Hub dataset (or any path `datasets.load_dataset` accepts), streamed: nothing is downloaded whole."""
     import datasets  # slow import; only this source needs it
 
@@ -232,12 +235,14 @@ def iter_hub(repo_id: str, split: str | None, *, sequence_column: str = "sequenc
             seq = s.encode("utf-8", "surrogateescape").translate(None, WHITESPACE) if s else b""
             yield RawRecord(name, n, rid, seq)
     except (OSError, ValueError) as e:  # no network, unknown dataset or split
-        raise SourceError(f"{name}: cannot read as a Hub dataset (no such local path either): "
-                          f"{type(e).__name__}: {e}") from e
+        raise SourceError(
+            f"{name}: cannot read as a Hub dataset (no such local path either): {type(e).__name__}: {e}"
+        ) from e
 
 
-def iter_records(source, *, split: str | None = None, sequence_column: str = "sequence",
-                 id_column: str | None = None) -> Iterator[RawRecord]:
+def iter_records(
+    source, *, split: str | None = None, sequence_column: str = "sequence", id_column: str | None = None
+) -> Iterator[RawRecord]:
     """Records of a file, a directory or a Hub dataset id (see the module docstring)."""
     path = Path(source)
     kw = dict(sequence_column=sequence_column, id_column=id_column)

@@ -78,8 +78,11 @@ def build_accelerator(config: RunConfig) -> Accelerator:
     # accelerate 1.15 makes launched CPU processes a gloo group (MULTI_CPU) only when told cpu=True; without it,
     # `accelerate launch --multi_gpu` on a GPU-less machine gives N independent single-process runs.
     use_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-    accelerator = Accelerator(cpu=use_cpu, log_with=tracker_names(config.tracking) or None,
-                              project_config=ProjectConfiguration(project_dir=str(config.run_dir)))  # fmt: skip
+    accelerator = Accelerator(
+        cpu=use_cpu,
+        log_with=tracker_names(config.tracking) or None,
+        project_config=ProjectConfiguration(project_dir=str(config.run_dir)),
+    )
     if use_cpu and accelerator.num_processes > 1 and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         enable_cpu_fsdp2(accelerator)
     return accelerator
@@ -99,8 +102,10 @@ def enable_cpu_fsdp2(accelerator: Accelerator) -> None:
 
     plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables that `accelerate launch` exported
     if plugin.fsdp_version != 2:
-        raise ValueError(f"FSDP on CPU: only fsdp_version 2 is supported, the launch config asks for "
-                         f"fsdp_version {plugin.fsdp_version}")  # fmt: skip
+        raise ValueError(
+            f"FSDP on CPU: only fsdp_version 2 is supported, the launch config asks for "
+            f"fsdp_version {plugin.fsdp_version}"
+        )
     if accelerator.mixed_precision != "no":
         plugin.set_mixed_precision(accelerator.mixed_precision)
     PartialState().distributed_type = DistributedType.FSDP
@@ -191,11 +196,18 @@ def train(config: RunConfig) -> None:
     splits = resolve_splits(config.data, accelerator)
     world, rank = accelerator.num_processes, accelerator.process_index
     train_loader = build_train_loader(config, splits["train"], rank, world)
-    eval_loaders = {name: build_eval_loader(config, splits[name], rank, world) for name in ("valid", "test")
-                    if splits.get(name)}  # fmt: skip
+    eval_loaders = {
+        name: build_eval_loader(config, splits[name], rank, world) for name in ("valid", "test") if splits.get(name)
+    }
     accum = train_loader.grad_accum_steps
-    logger.info("%d rank(s) x %d accumulation step(s) x %d tokens = %d tokens per step; %s attention",
-                world, accum, t.micro_batch_tokens, t.tokens_per_step, model.config._attn_implementation)  # fmt: skip
+    logger.info(
+        "%d rank(s) x %d accumulation step(s) x %d tokens = %d tokens per step; %s attention",
+        world,
+        accum,
+        t.micro_batch_tokens,
+        t.tokens_per_step,
+        model.config._attn_implementation,
+    )
     if t.compile in ("true", True) or (t.compile == "auto" and accelerator.device.type == "cuda"):
         # Regional compilation (one compile serves every block): the LM head's scored-positions gather has a
         # data-dependent shape that would make a whole-model graph recompile or break every step.
@@ -210,12 +222,26 @@ def train(config: RunConfig) -> None:
     metrics = MetricsLog(run_dir / "metrics.jsonl", is_main)
     progress = resume(config, checkpoints, model, train_loader, metrics)
     if tracker_names(config.tracking):
-        accelerator.init_trackers(config.tracking.project, config=flatten(config.to_dict()),
-                                  init_kwargs=tracker_init_kwargs(config.tracking, run_dir, t.run_name))  # fmt: skip
+        accelerator.init_trackers(
+            config.tracking.project,
+            config=flatten(config.to_dict()),
+            init_kwargs=tracker_init_kwargs(config.tracking, run_dir, t.run_name),
+        )
     publisher = ModelPublisher(config.hub, run_dir / "hub_staging", accelerator, model) if config.hub.push else None
     try:
-        _loop(config, accelerator, model, optimizers, schedulers, train_loader, eval_loaders, checkpoints, metrics,
-              progress, publisher)  # fmt: skip
+        _loop(
+            config,
+            accelerator,
+            model,
+            optimizers,
+            schedulers,
+            train_loader,
+            eval_loaders,
+            checkpoints,
+            metrics,
+            progress,
+            publisher,
+        )
     except BaseException:
         if publisher is not None:  # crash or stop: drop queued pushes (finish() already awaited a clean stop's)
             publisher.abort()
@@ -223,8 +249,19 @@ def train(config: RunConfig) -> None:
     accelerator.end_training()
 
 
-def _loop(config, accelerator, model, optimizers, schedulers, train_loader, eval_loaders, checkpoints, metrics,
-          progress: Progress, publisher) -> None:  # fmt: skip
+def _loop(
+    config,
+    accelerator,
+    model,
+    optimizers,
+    schedulers,
+    train_loader,
+    eval_loaders,
+    checkpoints,
+    metrics,
+    progress: Progress,
+    publisher,
+) -> None:
     t = config.train
     peak = peak_flops(accelerator.device, t.peak_tflops)
     flops = None  # per token, from the first step's real protein lengths and mask rate
@@ -244,8 +281,9 @@ def _loop(config, accelerator, model, optimizers, schedulers, train_loader, eval
             if flops is None:
                 first = micro_batches[0]
                 fraction = ((first["labels"] != -100).sum() / first["attention_mask"].sum()).item()
-                flops = flops_per_token(accelerator.unwrap_model(model).config, mean_context(first["document_ids"]),
-                                        fraction)  # fmt: skip
+                flops = flops_per_token(
+                    accelerator.unwrap_model(model).config, mean_context(first["document_ids"]), fraction
+                )
             loss, grad_norm, finite, real_tokens = train_step(
                 accelerator, model, optimizers, micro_batches, progress.step in t.inject_nan_at, t.grad_clip
             )
@@ -258,17 +296,27 @@ def _loop(config, accelerator, model, optimizers, schedulers, train_loader, eval
             bad_in_row = 0 if finite else bad_in_row + 1
             progress.bad_steps += not finite
             if not finite:
-                logger.warning("step %d: non-finite loss or gradient norm, update skipped (%d in a row)",
-                               progress.step, bad_in_row)  # fmt: skip
+                logger.warning(
+                    "step %d: non-finite loss or gradient norm, update skipped (%d in a row)", progress.step, bad_in_row
+                )
             bar.update(1)
             step, last_step = progress.step, progress.step == t.max_steps
             if step % t.log_every == 0 or last_step or not finite:
                 elapsed = max(time.perf_counter() - window["time"], 1e-9)
                 tps = window["tokens"] / elapsed
-                row = {"step": step, "tokens": progress.tokens, "loss": loss, "lr": schedulers[0].get_last_lr()[0],
-                       "grad_norm": grad_norm, "tokens_per_s": tps, "mask_rate": train_loader.collator.rate(step - 1),
-                       "data_wait": window["data_wait"] / elapsed, "mfu": tps * flops / peak if peak else None,
-                       "bad_steps": progress.bad_steps, "train_seconds": progress.train_seconds}  # fmt: skip
+                row = {
+                    "step": step,
+                    "tokens": progress.tokens,
+                    "loss": loss,
+                    "lr": schedulers[0].get_last_lr()[0],
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": tps,
+                    "mask_rate": train_loader.collator.rate(step - 1),
+                    "data_wait": window["data_wait"] / elapsed,
+                    "mfu": tps * flops / peak if peak else None,
+                    "bad_steps": progress.bad_steps,
+                    "train_seconds": progress.train_seconds,
+                }
                 if publisher is not None:
                     publisher.check()
                     row.update({f"hub_{k}": v for k, v in publisher.status().items()})
@@ -277,8 +325,9 @@ def _loop(config, accelerator, model, optimizers, schedulers, train_loader, eval
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
                 window = {"time": time.perf_counter(), "tokens": 0, "data_wait": 0.0}
             if bad_in_row >= t.max_bad_steps:
-                raise NonFiniteLosses(f"{bad_in_row} non-finite steps in a row (train.max_bad_steps); stopping at "
-                                      f"step {step}")  # fmt: skip
+                raise NonFiniteLosses(
+                    f"{bad_in_row} non-finite steps in a row (train.max_bad_steps); stopping at step {step}"
+                )
             if "valid" in eval_loaders and config.eval.every and step % config.eval.every == 0 and not last_step:
                 run_eval(config, accelerator, model, eval_loaders, "valid", progress, metrics)
             stop_code = 128 + stop.signum if stop.signum else 0
@@ -310,8 +359,14 @@ def run_eval(config, accelerator, model, eval_loaders, split: str, progress: Pro
     result["scored_tokens"] = result.pop("tokens")
     metrics.write({"step": progress.step, "tokens": progress.tokens, "split": split, **result})
     accelerator.log({f"{split}/{k}": v for k, v in result.items()}, step=progress.step)
-    logger.info("step %d %s loss %.4f perplexity %.3f accuracy %.4f", progress.step, split, result["loss"],
-                result["perplexity"], result["accuracy"])  # fmt: skip
+    logger.info(
+        "step %d %s loss %.4f perplexity %.3f accuracy %.4f",
+        progress.step,
+        split,
+        result["loss"],
+        result["perplexity"],
+        result["accuracy"],
+    )
 
 
 def to_device(batch: dict, device) -> dict:
@@ -332,8 +387,10 @@ def training_summary(config: RunConfig, progress: Progress) -> str:
     data = config.data.train
     if data == "builtin":
         data = "the built-in aaanalysis benchmark proteins (UniProt-derived, BSD-3)"
-    return (f"Trained with speedplm for {progress.step} steps ({progress.tokens:,} tokens) on {data}, "
-            f"max length {config.data.max_length}.")  # fmt: skip
+    return (
+        f"Trained with speedplm for {progress.step} steps ({progress.tokens:,} tokens) on {data}, "
+        f"max length {config.data.max_length}."
+    )
 
 
 def _progress_bar(enabled: bool, initial: int, total: int):

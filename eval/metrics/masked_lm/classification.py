@@ -6,17 +6,45 @@ script in its modules cache, so this file may import only installed libraries, n
 """
 
 import numpy as np
-from sklearn.metrics import accuracy_score
-from sklearn.metrics import matthews_corrcoef
-from sklearn.metrics import precision_recall_fscore_support
+from sklearn.metrics import accuracy_score, matthews_corrcoef, precision_recall_fscore_support
 
 # Local copy of modeling_speedplm.configuration_speedplm.ESM2_VOCAB: the copy evaluate imports can't reach our
 # package. tests/test_metrics.py asserts the two are equal.
 ESM2_VOCAB = (
-    "<cls>", "<pad>", "<eos>", "<unk>",
-    "L", "A", "G", "V", "S", "E", "R", "T", "I", "D", "P", "K", "Q", "N", "F", "Y", "M", "H", "W", "C",
-    "X", "B", "U", "Z", "O", ".", "-", "<null_1>", "<mask>",
-)  # fmt: skip
+    "<cls>",
+    "<pad>",
+    "<eos>",
+    "<unk>",
+    "L",
+    "A",
+    "G",
+    "V",
+    "S",
+    "E",
+    "R",
+    "T",
+    "I",
+    "D",
+    "P",
+    "K",
+    "Q",
+    "N",
+    "F",
+    "Y",
+    "M",
+    "H",
+    "W",
+    "C",
+    "X",
+    "B",
+    "U",
+    "Z",
+    "O",
+    ".",
+    "-",
+    "<null_1>",
+    "<mask>",
+)
 
 
 def classification_metrics(y_true, y_pred, sample_weight=None):

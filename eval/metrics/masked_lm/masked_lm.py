@@ -87,4 +87,3 @@ class MaskedLM(evaluate.Metric):
             result["perplexity"] = float(np.exp(result["loss"]))
         result.update(classification_metrics(y_true, y_pred))
         return result
-
