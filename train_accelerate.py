@@ -5,15 +5,20 @@
 
 Overrides are `section.key=value` (sections: model, data, train, eval, hub, tracking). Topology and precision come
 from `accelerate launch --config_file accelerate_configs/<topology>.yaml`. Secrets (HF_TOKEN, WANDB_API_KEY) are
-read from the environment only.
+read from the environment only. Exit codes: 0 done, 2 bad config or refused start (nothing written), 143/130 stopped
+by SIGTERM/SIGINT after saving a checkpoint, 1 any other failure.
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from training.config import load_config
-from training.trainer import TrainingStopped, train
+from training.accelerate_compat import die_with_launcher
+from training.config import ConfigError, load_config
+from training.run_start import RunRefused
+from training.shards import ShardError
+from training.trainer import Trainer, TrainingStopped
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 
@@ -27,8 +32,15 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
     except (ValueError, OSError) as err:
         parser.exit(2, f"train_accelerate.py: error: {err}\n")
+    die_with_launcher()  # a SIGTERM to `accelerate launch` reaches us (it does not forward it)
     try:
-        train(config)
+        trainer = Trainer(config)
+    except (ConfigError, RunRefused, ShardError) as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"train_accelerate.py: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        trainer.train()
     except TrainingStopped as stopped:
         return stopped.code
     return 0

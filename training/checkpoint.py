@@ -1,14 +1,22 @@
-"""Full-state checkpoints: atomic, checksummed, rotated; resume from the newest complete one.
+"""Full-state checkpoints: atomic, checksummed, owned by one run, pruned safely, each one a from_pretrained folder.
 
-Layout of `<run>/checkpoints/step-000100/`: accelerate's state (model, optimizers, schedulers, every rank's RNG;
-under FSDP2 the model and optimizers are sharded torch.distributed.checkpoint folders, one file per rank),
-`loader_rank{r}.pt` (each rank's data position), `trainer_state.json` (step, tokens, counters), `shapes.json`
-(parameter shapes, to refuse a checkpoint of another model), `MANIFEST.json` (sha256 of every file) and `COMPLETE`.
+Layout of `<run>/checkpoints/step-000100/`:
+    Hugging Face model folder: config.json, model.safetensors (the model's own parameter names), the remote-code
+        modeling files, tokenizer files, README.md: `AutoModelForMaskedLM.from_pretrained(dir, trust_remote_code=True)`
+    accelerate's state: optimizer*.bin, scheduler*.bin, random_states_*.pkl (every rank's RNG); under FSDP2 the model
+        and optimizers as sharded torch.distributed.checkpoint folders (pytorch_model_fsdp_0/, optimizer_*/, one file
+        per rank), model.safetensors then holding the gathered full weights
+    loader_rank{r}.pt (each rank's data position), trainer_state.json (run_id, step, tokens, counters, world size),
+    MANIFEST.json (sha256 of every file), COMPLETE (written last).
 A save goes to `.tmp-step-*` first and is renamed only once complete, so a crash mid-save leaves no half checkpoint.
-Assumes every rank sees the same filesystem (shared storage on multi-node runs).
+
+Ownership: every checkpoint names the run that wrote it (`run_id` in trainer_state.json). After a save the pruner
+keeps the newest `keep` checkpoints of this run that it has verified (written by this process or checksummed), and
+deletes only checkpoints of this run whose recorded step is older than all of those; a checkpoint it cannot read,
+of another run, or newer, is never deleted. Assumes every rank sees the same filesystem (shared storage on
+multi-node runs).
 """
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -18,9 +26,21 @@ from pathlib import Path
 
 import torch
 
-logger = logging.getLogger(__name__)
+from modeling_speedplm import SpeedPLMConfig
 
-MANIFEST, COMPLETE = "MANIFEST.json", "COMPLETE"
+from .accelerate_compat import one_model_for_every_optimizer
+from .config import MODEL_FIELDS
+
+logger = logging.getLogger("speedplm")
+
+MANIFEST, COMPLETE, TRAINER_STATE = "MANIFEST.json", "COMPLETE", "trainer_state.json"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+# How the same model is computed, not which model it is: may differ between a checkpoint and the run resuming it.
+IMPLEMENTATION_FIELDS = ("kernels",)
+
+
+class CheckpointError(RuntimeError):
+    pass
 
 
 def sha256_file(path: Path) -> str:
@@ -31,12 +51,10 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def parameter_shapes(model: torch.nn.Module) -> dict[str, list[int]]:
-    return {name: list(p.shape) for name, p in model.state_dict().items()}
-
-
-class CheckpointError(RuntimeError):
-    pass
+def step_of(directory: Path) -> int:
+    """step-000100 -> 100 (-1 for a name that is not a checkpoint's)."""
+    digits = directory.name.removeprefix("step-")
+    return int(digits) if directory.name.startswith("step-") and digits.isdigit() else -1
 
 
 def full_state_dict(accelerator, model) -> dict | None:
@@ -63,54 +81,64 @@ def unsharded_model(model: torch.nn.Module, state_dict: dict) -> torch.nn.Module
     return plain
 
 
-def save_pretrained(accelerator, model, directory: Path, state_dict: dict | None = None, **kwargs) -> None:
+def save_pretrained(accelerator, model, directory: Path, state_dict: dict | None = None, weights=True, **kwargs):
     """The main process writes a `save_pretrained` folder of the full model. Call it on every rank: under FSDP2
-    the full weights are gathered first (unless `state_dict`, from full_state_dict(), is given)."""
+    the full weights are gathered first (unless `state_dict`, from full_state_dict(), is given). weights=False
+    writes everything but the weights (config, remote code, tokenizer, card), except under FSDP2."""
     if state_dict is None:
         state_dict = full_state_dict(accelerator, model)
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        if state_dict is not None:
-            unwrapped = unsharded_model(unwrapped, state_dict)
-        unwrapped.save_pretrained(directory, **kwargs)
-
-
-class _SameModelForEveryIndex(list):
-    """The model list, iterated as is, but indexing past its end gives the one model."""
-
-    def __getitem__(self, index):
-        if isinstance(index, int) and index >= len(self):
-            index = 0
-        return super().__getitem__(index)
-
-
-@contextlib.contextmanager
-def one_model_for_every_optimizer(acc):
-    """accelerate 1.15's FSDP save_state/load_state pair optimizer i with model i (`self._models[i]`), so our two
-    optimizers (Muon, Adam) over one model raise IndexError there. Pair every optimizer with the one model while
-    saving or loading; iteration over the models (what gets saved as a model) is unchanged."""
-    if not acc.is_fsdp2 or len(acc._models) != 1:
-        yield
+    if not accelerator.is_main_process:
         return
-    models = acc._models
-    acc._models = _SameModelForEveryIndex(models)
-    try:
-        yield
-    finally:
-        acc._models = models
+    unwrapped = accelerator.unwrap_model(model)
+    if state_dict is not None:
+        unwrapped = unsharded_model(unwrapped, state_dict)
+    elif not weights:
+        # transformers writes no weight file for an empty state dict; staged apart so that nothing it writes can
+        # replace the weights already in `directory`
+        staging = Path(directory) / ".model-files"
+        unwrapped.save_pretrained(staging, state_dict={}, **kwargs)
+        for path in staging.iterdir():
+            if path.name not in WEIGHT_FILES:
+                os.replace(path, Path(directory) / path.name)
+        shutil.rmtree(staging)
+        return
+    unwrapped.save_pretrained(directory, **kwargs)
+
+
+def model_config_difference(directory: Path, current: SpeedPLMConfig) -> list[str]:
+    """'field: saved -> current' for every SpeedPLMConfig field in which the checkpoint's model differs."""
+    saved = SpeedPLMConfig.from_json_file(str(directory / "config.json"))
+    return [
+        f"{name}: {getattr(saved, name)!r} -> {getattr(current, name)!r}"
+        for name in MODEL_FIELDS
+        if name not in IMPLEMENTATION_FIELDS and getattr(saved, name) != getattr(current, name)
+    ]
 
 
 class CheckpointManager:
     def __init__(self, root: Path, keep: int, accelerator):
-        self.root, self.keep, self.accelerator = Path(root), max(1, keep), accelerator
+        self.root, self.keep, self.accelerator = Path(root), keep, accelerator
+        self.verified: set[str] = set()  # names of checkpoints this process wrote or checksummed
+        # accelerate saves a DDP model under DDP's names ("module.model...") and loads them back into the wrapper;
+        # save and load the unwrapped module instead, so model.safetensors is the plain model's (from_pretrained)
+        accelerator.register_save_state_pre_hook(self._plain_weights)
+        accelerator.register_load_state_pre_hook(self._plain_models)
+
+    def _plain_weights(self, models, weights, output_dir) -> None:
+        for i in range(len(weights)):  # empty under FSDP (sharded, saved by accelerate's FSDP path)
+            weights[i] = self.accelerator.unwrap_model(models[i]).state_dict()
+
+    def _plain_models(self, models, input_dir) -> None:
+        models[:] = [self.accelerator.unwrap_model(m) for m in models]
 
     def step_dirs(self) -> list[Path]:
         """Finished (renamed) checkpoint directories, oldest first."""
         if not self.root.is_dir():
             return []
-        return sorted(p for p in self.root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+        return sorted((p for p in self.root.iterdir() if p.is_dir() and step_of(p) >= 0), key=step_of)
 
-    def save(self, step: int, model, loader_state: dict, trainer_state: dict) -> Path:
+    def save(self, step: int, model, loader_state: dict, trainer_state: dict, summary: str | None = None) -> Path:
+        """Every rank calls it. trainer_state must hold the run's `run_id`."""
         acc = self.accelerator
         final = self.root / f"step-{step:06d}"
         tmp = self.root / f".tmp-step-{step:06d}"
@@ -121,30 +149,53 @@ class CheckpointManager:
         with one_model_for_every_optimizer(acc):
             acc.save_state(str(tmp), safe_serialization=True)
         torch.save(loader_state, tmp / f"loader_rank{acc.process_index}.pt")
+        # the from_pretrained files (a collective under FSDP2: gathers the full weights)
+        save_pretrained(acc, model, tmp, weights=False, training_summary=summary)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-            (tmp / "shapes.json").write_text(json.dumps(parameter_shapes(acc.unwrap_model(model))))
+            (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
             # every file, also inside the sharded (FSDP2) model/optimizer folders; keys are paths relative to tmp
             manifest = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
             (tmp / COMPLETE).write_text(str(step))
             shutil.rmtree(final, ignore_errors=True)  # a re-run of the same step replaces it
             os.replace(tmp, final)
-            self._prune()
+            self.verified.add(final.name)
+            self.prune(trainer_state["run_id"])
         acc.wait_for_everyone()
         return final
 
-    def _prune(self) -> None:
-        complete = [d for d in self.step_dirs() if (d / COMPLETE).exists()]
-        for old in complete[: -self.keep]:  # only after the new one is complete: never fewer than `keep`
-            shutil.rmtree(old, ignore_errors=True)
+    def prune(self, run_id: str) -> list[Path]:
+        """Keep the newest `keep` verified checkpoints of run `run_id`; delete this run's checkpoints whose recorded
+        step is older than all of those. Returns what was deleted."""
+        mine = {}  # directory -> recorded step, for the checkpoints of this run whose state can be read
+        for directory in self.step_dirs():
+            state = self.read_state(directory)
+            if state is not None and state.get("run_id") == run_id and isinstance(state.get("step"), int):
+                mine[directory] = state["step"]
+        kept = sorted((step, d.name) for d, step in mine.items() if d.name in self.verified)[-self.keep :]
+        deleted = []
+        if len(kept) == self.keep:
+            for directory, step in mine.items():
+                if step < kept[0][0]:
+                    shutil.rmtree(directory, ignore_errors=True)
+                    deleted.append(directory)
         for stale in self.root.glob(".tmp-step-*"):  # left by a save that a crash interrupted
             shutil.rmtree(stale, ignore_errors=True)
+        return deleted
 
     @staticmethod
-    def verify(directory: Path) -> str | None:
-        """None if the checkpoint is complete and intact, else the reason (naming the file)."""
+    def read_state(directory: Path) -> dict | None:
+        """The checkpoint's trainer_state.json, or None if it is missing or unreadable."""
+        try:
+            state = json.loads((directory / TRAINER_STATE).read_text())
+        except (OSError, ValueError):
+            return None
+        return state if isinstance(state, dict) else None
+
+    def verify(self, directory: Path) -> str | None:
+        """None if the checkpoint is complete and intact (and remember it as verified), else the reason, naming
+        the file."""
         if not (directory / COMPLETE).exists():
             return f"{directory / COMPLETE} missing (save did not finish)"
         try:
@@ -157,31 +208,28 @@ class CheckpointManager:
                 return f"{path} missing"
             if sha256_file(path) != digest:
                 return f"{path} is corrupt (sha256 mismatch)"
+        self.verified.add(directory.name)
         return None
 
-    def newest_valid(self) -> Path | None:
+    def newest_valid(self) -> tuple[Path | None, list[str]]:
+        """The newest intact checkpoint (or None) and the problems of the newer ones that were skipped."""
+        problems = []
         for directory in reversed(self.step_dirs()):
             problem = self.verify(directory)
             if problem is None:
-                return directory
+                return directory, problems
             logger.warning("skipping checkpoint %s: %s", directory, problem)
-        return None
+            problems.append(f"{directory.name}: {problem}")
+        return None, problems
 
     def load(self, directory: Path, model) -> tuple[dict, dict]:
-        """Restore accelerate state in place; return (this rank's loader state, trainer state)."""
+        """Restore accelerate state in place; return (this rank's loader state, trainer state). The checkpoint
+        was verified and its model compared before (training/run_start.py)."""
         acc = self.accelerator
-        saved = json.loads((directory / "shapes.json").read_text())
-        current = parameter_shapes(acc.unwrap_model(model))
-        if saved != current:
-            diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-            raise CheckpointError(
-                f"{directory} holds a different model: parameters differ in shape or name: {diff[:8]}"
-                f"{' ...' if len(diff) > 8 else ''}. Use train.resume=none or a matching model section."
-            )
         with one_model_for_every_optimizer(acc):
             acc.load_state(str(directory))
         rank_file = directory / f"loader_rank{acc.process_index}.pt"
         if not rank_file.exists():
             raise CheckpointError(f"{rank_file} missing: the checkpoint was written with a different world size")
         loader_state = torch.load(rank_file, weights_only=False)
-        return loader_state, json.loads((directory / "trainer_state.json").read_text())
+        return loader_state, json.loads((directory / TRAINER_STATE).read_text())

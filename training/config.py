@@ -1,96 +1,268 @@
-"""Run configuration: a YAML recipe plus `section.key=value` overrides, checked against one schema.
+"""Run configuration: a YAML recipe plus `section.key=value` overrides, checked against one typed schema.
 
-Sections: model (a preset and/or SpeedPLMConfig fields), data, train, eval, hub, tracking. Topology and precision
-are not here: they come from `accelerate launch --config_file accelerate_configs/<topology>.yaml`.
+Every key is a dataclass field. Its type annotation (int, float, bool, str, Literal choices, `X | None`, list[int])
+and its range (field metadata: ge/gt/le/lt, or a `check` function) are checked generically when a section is built,
+so a config is fully checked in `load_config` — before the trainer writes a file or creates a process group — and
+an error names the key, the value and what is allowed (`train.max_steps=2.5: must be an integer`).
+
+Sections: model (a preset and/or SpeedPLMConfig fields, typed by SpeedPLMConfig's signature and validated by
+SpeedPLMConfig itself), data, train, eval, hub, tracking. Topology and precision are not here: they come from
+`accelerate launch --config_file accelerate_configs/<topology>.yaml`. The batch arithmetic for the world size found
+at launch (micro-batch and accumulation from the global batch) is `resolve_batch`.
 """
 
 import dataclasses
-import inspect
+import math
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, Literal
 
 import yaml
 
 from modeling_speedplm import PRESETS, SpeedPLMConfig
+from modeling_speedplm.configuration_speedplm import ATTN_IMPLEMENTATIONS
 
-MODEL_FIELDS = {
-    name for name in inspect.signature(SpeedPLMConfig.__init__).parameters if name not in ("self", "kwargs")
-}
+# SpeedPLMConfig's own keyword arguments, with their annotated types: the model section is typed by them.
+MODEL_FIELDS = {name: hint for name, hint in typing.get_type_hints(SpeedPLMConfig.__init__).items() if name != "return"}
+
+
+class ConfigError(ValueError):
+    """A config value, key or combination that is not allowed; the message names it."""
+
+
+def setting(default=None, *, factory=None, ge=None, gt=None, le=None, lt=None, check=None):
+    """A config field with its allowed range (checked for numbers and for each item of a list) and an optional
+    `check(value) -> error text or None` for what a range cannot say."""
+    rules = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, check=check).items() if v is not None}
+    if factory is not None:
+        return field(default_factory=factory, metadata=rules)
+    return field(default=default, metadata=rules)
+
+
+def describe(hint) -> str:
+    """What a type annotation allows, in words."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is list:
+        return f"a list of {describe(args[0])}s" if args else "a list"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}.get(
+        hint, getattr(hint, "__name__", str(hint))
+    )
+
+
+def check_value(key: str, value, hint, rules: dict | None = None):
+    """`value` as the annotation `hint` wants it (an int given for a float becomes a float), or ConfigError naming
+    `key`, the value and what is allowed. Ranges in `rules` apply to numbers and to every item of a list."""
+    rules = rules or {}
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return check_value(key, value, option, rules)
+            except ConfigError as err:
+                if _typed_like(value, option):  # the right type but out of range: that is the error to report
+                    raise err
+        raise ConfigError(f"{key}={value!r}: must be {describe(hint)}")
+    if origin is Literal:
+        if any(value == a and type(value) is type(a) for a in args):
+            return value
+        raise ConfigError(f"{key}={value!r}: must be {describe(hint)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r}: must be {describe(hint)}")
+        return [check_value(f"{key}[{i}]", item, args[0], rules) for i, item in enumerate(value)]
+    if not _typed_like(value, hint):
+        raise ConfigError(f"{key}={value!r}: must be {describe(hint)}")
+    given = value
+    if hint is float:
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={given!r}: must be a finite number")
+    for rule, holds in (
+        ("ge", lambda v, b: v >= b),
+        ("gt", lambda v, b: v > b),
+        ("le", lambda v, b: v <= b),
+        ("lt", lambda v, b: v < b),
+    ):
+        if rule in rules and not holds(value, rules[rule]):
+            sign = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}[rule]
+            raise ConfigError(f"{key}={given!r}: must be {sign} {rules[rule]}")
+    if "check" in rules and (problem := rules["check"](value)):
+        raise ConfigError(f"{key}={given!r}: {problem}")
+    return value
+
+
+def _typed_like(value, hint) -> bool:
+    if hint is bool:
+        return type(value) is bool
+    if hint is int:
+        return type(value) is int  # not bool, not 2.5, not 2.0: a step count is an integer
+    if hint is float:
+        return type(value) in (int, float)
+    if hint is str:
+        return isinstance(value, str)
+    if typing.get_origin(hint) is Literal:
+        return any(value == a and type(value) is type(a) for a in typing.get_args(hint))
+    return isinstance(value, typing.get_origin(hint) or hint)
+
+
+class Section:
+    """Base of the config sections: every field is checked against its annotation and range on construction."""
+
+    NAME: ClassVar[str] = ""
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = check_value(f"{self.NAME}.{f.name}", getattr(self, f.name), hints[f.name], dict(f.metadata))
+            setattr(self, f.name, value)
+        self.check()
+
+    def check(self) -> None:
+        """Checks across the section's fields (override)."""
+
+
+def _plain_name(name: str) -> str | None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=-]*", name) or ".." in name:
+        return "must be a plain directory name (letters, digits, '.', '_', '-', '+', '='; no '/', no '..')"
+    return None
+
+
+def _resume_choice(value: str) -> str | None:
+    if value in ("auto", "none") or Path(value).is_dir():
+        return None
+    return "must be 'auto', 'none' or an existing checkpoint directory"
+
+
+def _not_empty(value: str) -> str | None:
+    return "must not be empty" if not value.strip() else None
 
 
 @dataclass
-class DataSection:
-    train: str = "builtin"  # "builtin" (aaanalysis proteins) or a directory written by `training.data prepare`
+class ModelSection(Section):
+    """A preset and/or any SpeedPLMConfig field (YAML: flat keys beside `preset`), plus the attention backend."""
+
+    NAME: ClassVar[str] = "model"
+    preset: Literal[tuple(PRESETS)] | None = None
+    attn_implementation: Literal[ATTN_IMPLEMENTATIONS] | None = None  # None: flex_attention on CUDA, sdpa on CPU
+    fields: dict = setting(factory=dict)  # SpeedPLMConfig keyword arguments, typed by its __init__ signature
+
+    def check(self) -> None:
+        unknown = sorted(set(self.fields) - set(MODEL_FIELDS))
+        if unknown:
+            valid = sorted({"preset", "attn_implementation", *MODEL_FIELDS})
+            raise ConfigError(f"config section 'model': unknown key(s) {unknown}; valid keys: {valid}")
+        for name, value in self.fields.items():
+            self.fields[name] = check_value(f"model.{name}", value, MODEL_FIELDS[name])
+        self.build()  # SpeedPLMConfig checks ranges and combinations ("SpeedPLMConfig.num_attention_heads=7: ...")
+
+    def build(self) -> SpeedPLMConfig:
+        if self.preset:
+            return SpeedPLMConfig.from_preset(self.preset, **self.fields)
+        return SpeedPLMConfig(**self.fields)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "ModelSection":
+        rest = {k: v for k, v in raw.items() if k not in ("preset", "attn_implementation")}
+        return cls(preset=raw.get("preset"), attn_implementation=raw.get("attn_implementation"), fields=rest)
+
+    def to_dict(self) -> dict:
+        named = {"preset": self.preset, "attn_implementation": self.attn_implementation}
+        return {**{k: v for k, v in named.items() if v is not None}, **self.fields}
+
+
+@dataclass
+class DataSection(Section):
+    NAME: ClassVar[str] = "data"
+    train: str = setting("builtin", check=_not_empty)  # "builtin" (aaanalysis proteins) or a `prepare`d directory
     valid: str | None = None  # default: the valid split next to `train` ("builtin" -> its valid split)
     test: str | None = None
     cache_dir: str = "data"  # where the built-in set is prepared once
-    max_length: int = 512  # tokens per packed row; longer proteins get a random window each epoch
-    num_workers: int = 0
-    mask_rate: float = 0.2  # ESM2-style MLM; 0.2 pays off at speedrun budgets (SpeedrunningPLMs)
-    mask_rate_end: float | None = None  # schedule mask_rate -> mask_rate_end over mask_schedule_steps
-    mask_schedule_steps: int = 0
-    replacement: str = "80/10/10"  # or "mask": every selected token becomes <mask>
+    max_length: int = setting(512, ge=3)  # tokens per packed row; longer proteins get a random window each epoch
+    num_workers: int = setting(0, ge=0)
+    mask_rate: float = setting(0.2, gt=0, lt=1)  # ESM2-style MLM; 0.2 pays off at speedrun budgets (SpeedrunningPLMs)
+    mask_rate_end: float | None = setting(None, gt=0, lt=1)  # schedule mask_rate -> mask_rate_end over ...
+    mask_schedule_steps: int = setting(0, ge=0)  # ... this many steps (0 = no schedule)
+    replacement: Literal["80/10/10", "mask"] = "80/10/10"  # "mask": every selected token becomes <mask>
 
 
 @dataclass
-class TrainSection:
-    output_dir: str = "runs"
-    run_name: str = "default"
-    seed: int = 0
-    max_steps: int = 300
-    tokens_per_step: int = 16384  # global batch in tokens (all ranks, all accumulation micro-steps)
-    micro_batch_tokens: int = 8192  # per rank per forward; accumulation = tokens_per_step / (ranks * this)
-    schedule: str = "wsd"  # "wsd" (warmup-stable-decay) or "cosine"
-    warmup_steps: int = 20
-    decay_fraction: float = 0.4  # wsd: share of steps spent decaying to 0
-    muon_lr: float = 0.02  # hidden 2-D matrices
-    embed_lr: float = 0.05  # token and value embeddings (Adam)
-    head_lr: float = 0.004  # LM head (Adam)
-    scalar_lr: float = 0.02  # mixing weights, U-Net skip weights (Adam)
-    weight_decay: float = 0.0
-    muon_momentum_start: float = 0.85  # momentum warmup (modded-nanogpt): 0.85 -> 0.95
-    muon_momentum_end: float = 0.95
-    muon_momentum_warmup_steps: int = 300
-    grad_clip: float = 1.0  # 0 = off
-    compile: str = "auto"  # torch.compile of each block; "auto" = on CUDA only
-    cpu_threads: int | None = None  # CPU runs: torch threads per rank; None = available cores / ranks on this node
-    log_every: int = 10
-    save_every: int = 100
-    keep_checkpoints: int = 2
-    resume: str = "auto"  # "auto" (newest complete checkpoint, if any), "none", or a checkpoint directory
+class TrainSection(Section):
+    NAME: ClassVar[str] = "train"
+    output_dir: str = setting("runs", check=_not_empty)
+    run_name: str = setting("default", check=_plain_name)  # the run lives in output_dir/run_name
+    seed: int = setting(0, ge=0)
+    max_steps: int = setting(300, ge=1)
+    tokens_per_step: int = setting(16384, ge=1)  # the global batch in tokens (all ranks, all accumulation micro-steps)
+    micro_batch_tokens: int = setting(8192, ge=1)  # most tokens per rank per forward; see resolve_batch
+    schedule: Literal["wsd", "cosine"] = "wsd"  # warmup-stable-decay or cosine
+    warmup_steps: int = setting(20, ge=0)
+    decay_fraction: float = setting(0.4, ge=0, le=1)  # wsd: share of steps spent decaying to 0
+    muon_lr: float = setting(0.02, ge=0)  # hidden 2-D matrices (0 freezes them)
+    embed_lr: float = setting(0.05, ge=0)  # token and value embeddings (Adam)
+    head_lr: float = setting(0.004, ge=0)  # LM head (Adam)
+    scalar_lr: float = setting(0.02, ge=0)  # mixing weights, U-Net skip weights (Adam)
+    weight_decay: float = setting(0.0, ge=0)
+    muon_momentum_start: float = setting(0.85, ge=0, lt=1)  # momentum warmup (modded-nanogpt): 0.85 -> 0.95
+    muon_momentum_end: float = setting(0.95, ge=0, lt=1)
+    muon_momentum_warmup_steps: int = setting(300, ge=0)
+    grad_clip: float = setting(1.0, ge=0)  # 0 = off
+    compile: bool | Literal["auto"] = "auto"  # torch.compile of each block; "auto" = on CUDA only
+    cpu_threads: int | None = setting(None, ge=1)  # CPU: torch threads per rank; None = cores / ranks on this node
+    log_every: int = setting(10, ge=1)
+    save_every: int = setting(100, ge=0)  # 0 = only at the end (and on a stop signal)
+    keep_checkpoints: int = setting(2, ge=1)  # the newest N verified checkpoints of this run are kept
+    resume: str = setting("auto", check=_resume_choice)  # "auto" (newest intact checkpoint), "none", or a directory
+    overwrite: bool = False  # true: a fresh start may delete another run's checkpoints/metrics in this run directory
     resume_data_state: bool = True  # false: restore weights/optimizer but start the data from the top (new data)
-    max_bad_steps: int = 5  # non-finite loss/grad steps in a row that stop the run
-    peak_tflops: float | None = None  # for MFU; None = known GPUs' bf16 dense peak, no MFU on CPU
-    inject_nan_at: list[int] = field(default_factory=list)  # fault injection for tests: loss becomes NaN there
+    max_bad_steps: int = setting(5, ge=1)  # non-finite loss/grad steps in a row that stop the run
+    peak_tflops: float | None = setting(None, gt=0)  # for MFU; None = known GPUs' bf16 dense peak, no MFU on CPU
+    inject_nan_at: list[int] = setting(factory=list, ge=0)  # fault injection for tests: loss becomes NaN there
 
 
 @dataclass
-class EvalSection:
-    every: int = 100  # steps; 0 = only at the end
-    mask_rate: float = 0.15  # ESM2's evaluation protocol
-    seed: int = 1234  # fixed: every eval scores the same masked positions
-    max_tokens: int | None = 200_000  # cap per split (None = whole split)
+class EvalSection(Section):
+    NAME: ClassVar[str] = "eval"
+    every: int = setting(100, ge=0)  # steps; 0 = only at the end
+    mask_rate: float = setting(0.15, gt=0, lt=1)  # ESM2's evaluation protocol
+    seed: int = setting(1234, ge=0)  # fixed: every eval scores the same masked positions
+    max_tokens: int | None = setting(200_000, ge=1)  # cap per split (None = whole split)
     test_at_end: bool = True
 
 
 @dataclass
-class HubSection:
+class HubSection(Section):
+    NAME: ClassVar[str] = "hub"
     push: bool = False
     model_id: str | None = None
-    push_every: int = 0  # steps; 0 = only at start and end
+    push_every: int = setting(0, ge=0)  # steps; 0 = only at start and end
     private: bool = True
-    max_retries: int = 8  # per push, on 5xx / 429 / connection errors, with exponential backoff
-    backoff_s: float = 2.0  # first retry delay (doubles each time; a server's Retry-After wins)
+    max_retries: int = setting(8, ge=0)  # per push, on 5xx / 429 / connection errors, with exponential backoff
+    backoff_s: float = setting(2.0, ge=0)  # first retry delay (doubles each time; a server's Retry-After wins)
+
+    def check(self) -> None:
+        if self.push and not self.model_id:
+            raise ConfigError("hub.push=true needs hub.model_id=org/name")
 
 
 @dataclass
-class TrackingSection:
-    wandb: str = "disabled"  # "online", "offline" or "disabled"
+class TrackingSection(Section):
+    NAME: ClassVar[str] = "tracking"
+    wandb: Literal["online", "offline", "disabled"] = "disabled"
     project: str = "speedplm"
     tensorboard: bool = False
 
 
 SECTIONS = {
+    "model": ModelSection,
     "data": DataSection,
     "train": TrainSection,
     "eval": EvalSection,
@@ -101,85 +273,122 @@ SECTIONS = {
 
 @dataclass
 class RunConfig:
-    model: dict
+    model: ModelSection
     data: DataSection
     train: TrainSection
     eval: EvalSection
     hub: HubSection
     tracking: TrackingSection
 
+    def __post_init__(self):
+        if self.train.micro_batch_tokens < self.data.max_length:
+            raise ConfigError(
+                f"train.micro_batch_tokens={self.train.micro_batch_tokens}: must be >= data.max_length="
+                f"{self.data.max_length} (a micro-batch holds whole rows)"
+            )
+
     @property
     def run_dir(self) -> Path:
         return Path(self.train.output_dir) / self.train.run_name
 
     def model_config(self) -> SpeedPLMConfig:
-        fields = {k: v for k, v in self.model.items() if k not in ("preset", "attn_implementation")}
-        preset = self.model.get("preset")
-        return SpeedPLMConfig.from_preset(preset, **fields) if preset else SpeedPLMConfig(**fields)
+        return self.model.build()
 
     def to_dict(self) -> dict:
-        out = {"model": dict(self.model)}
-        out.update({name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS})
+        out = {"model": self.model.to_dict()}
+        out.update({name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS if name != "model"})
         return out
 
 
-def _check_keys(section: str, given: dict, valid: set[str]) -> None:
-    unknown = sorted(set(given) - valid)
-    if unknown:
-        raise ValueError(f"config section '{section}': unknown key(s) {unknown}; valid keys: {sorted(valid)}")
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one optimizer step's tokens are laid out: world_size ranks x accumulation micro-steps x micro-batch."""
+
+    world_size: int
+    accumulation: int
+    rows_per_micro_batch: int
+    max_length: int
+
+    @property
+    def micro_batch_tokens(self) -> int:
+        return self.rows_per_micro_batch * self.max_length
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.world_size * self.accumulation * self.micro_batch_tokens
+
+    def describe(self) -> str:
+        return (
+            f"{self.world_size} rank(s) x {self.accumulation} accumulation step(s) x {self.micro_batch_tokens} "
+            f"tokens = {self.tokens_per_step} tokens per step"
+        )
+
+
+def resolve_batch(train: TrainSection, max_length: int, world_size: int) -> BatchPlan:
+    """The global batch (`train.tokens_per_step`) split for `world_size` ranks: whole rows of `max_length` tokens,
+    the same number per rank, as few accumulation micro-steps as keep each micro-batch within
+    `train.micro_batch_tokens`. Refuses only a batch that cannot be split that way, naming the override that fixes
+    it."""
+    unit = max_length * world_size  # one row per rank
+    if train.tokens_per_step % unit:
+        lower, upper = train.tokens_per_step // unit * unit, -(-train.tokens_per_step // unit) * unit
+        fixes = " or ".join(f"train.tokens_per_step={n}" for n in (lower, upper) if n > 0)
+        raise ConfigError(
+            f"train.tokens_per_step={train.tokens_per_step} cannot be split into rows of data.max_length={max_length} "
+            f"tokens over {world_size} rank(s): it must be a multiple of {max_length} x {world_size} = {unit}; "
+            f"use {fixes}"
+        )
+    rows_per_rank = train.tokens_per_step // unit
+    max_rows = train.micro_batch_tokens // max_length
+    accumulation = next(
+        a for a in range(1, rows_per_rank + 1) if rows_per_rank % a == 0 and rows_per_rank // a <= max_rows
+    )
+    return BatchPlan(world_size, accumulation, rows_per_rank // accumulation, max_length)
 
 
 def parse_override(text: str) -> tuple[str, str, object]:
     """'train.max_steps=50' -> ('train', 'max_steps', 50); the value is parsed as YAML (numbers, lists, null)."""
     if "=" not in text or "." not in text.split("=", 1)[0]:
-        raise ValueError(f"override {text!r}: expected section.key=value, e.g. train.max_steps=50")
+        raise ConfigError(f"override {text!r}: expected section.key=value, e.g. train.max_steps=50")
     path, value = text.split("=", 1)
     section, key = path.split(".", 1)
-    return section, key, yaml.safe_load(value) if value != "" else None
+    try:
+        parsed = yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({err})") from None
+    return section, key, parsed
+
+
+def _check_keys(section: str, given: dict, valid) -> None:
+    unknown = sorted(set(given) - set(valid))
+    if unknown:
+        raise ConfigError(f"config section '{section}': unknown key(s) {unknown}; valid keys: {sorted(valid)}")
 
 
 def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a recipe, apply overrides, check every key's type and range. Raises ConfigError (a ValueError)."""
     raw = {}
     if path is not None:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
         if not isinstance(raw, dict):
-            raise ValueError(f"{path}: a run config is a mapping of sections, got {type(raw).__name__}")
-    _check_keys("<top level>", raw, {"model", *SECTIONS})
-    raw = {name: dict(raw.get(name) or {}) for name in ("model", *SECTIONS)}
+            raise ConfigError(f"{path}: a run config is a mapping of sections, got {type(raw).__name__}")
+    _check_keys("<top level>", raw, SECTIONS)
+    for name, value in raw.items():
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{path}: section '{name}' must be a mapping of keys, got {type(value).__name__}")
+    raw = {name: dict(raw.get(name) or {}) for name in SECTIONS}
     for text in overrides:
         section, key, value = parse_override(text)
-        _check_keys("<top level>", {section: None}, {"model", *SECTIONS})
+        _check_keys("<top level>", {section: None}, SECTIONS)
         raw[section][key] = value
 
-    _check_keys("model", raw["model"], MODEL_FIELDS | {"preset", "attn_implementation"})
-    if raw["model"].get("preset") not in (None, *PRESETS):
-        raise ValueError(f"model.preset={raw['model']['preset']!r}: choose one of {sorted(PRESETS)}")
-    sections = {}
+    _check_keys("model", raw["model"], {"preset", "attn_implementation", *MODEL_FIELDS})
+    sections = {"model": ModelSection.from_dict(raw["model"])}
     for name, cls in SECTIONS.items():
-        _check_keys(name, raw[name], {f.name for f in dataclasses.fields(cls)})
-        sections[name] = cls(**raw[name])
-    config = RunConfig(model=raw["model"], **sections)
-    config.model_config()  # validate the model fields now, not after data preparation
-    _check_values(config)
-    return config
-
-
-def _check_values(config: RunConfig) -> None:
-    t = config.train
-    if t.schedule not in ("wsd", "cosine"):
-        raise ValueError(f"train.schedule={t.schedule!r}: choose 'wsd' or 'cosine'")
-    if t.compile not in ("auto", "true", "false", True, False):
-        raise ValueError(f"train.compile={t.compile!r}: choose auto, true or false")
-    if t.resume not in ("auto", "none") and not Path(t.resume).is_dir():
-        raise ValueError(f"train.resume={t.resume!r}: 'auto', 'none' or an existing checkpoint directory")
-    if t.max_steps < 1 or t.tokens_per_step < 1 or t.micro_batch_tokens < config.data.max_length:
-        raise ValueError(
-            "train.max_steps, train.tokens_per_step must be >= 1 and micro_batch_tokens >= data.max_length"
-        )
-    if config.tracking.wandb not in ("online", "offline", "disabled"):
-        raise ValueError(f"tracking.wandb={config.tracking.wandb!r}: choose online, offline or disabled")
-    if config.hub.push and not config.hub.model_id:
-        raise ValueError("hub.push=true needs hub.model_id=org/name")
-    if config.data.replacement not in ("80/10/10", "mask"):
-        raise ValueError(f"data.replacement={config.data.replacement!r}: choose '80/10/10' or 'mask'")
+        if name != "model":
+            _check_keys(name, raw[name], {f.name for f in dataclasses.fields(cls)})
+            sections[name] = cls(**raw[name])
+    return RunConfig(**sections)

@@ -4,7 +4,7 @@ import logging
 from pathlib import Path
 
 from .collator import EVAL_MASK_RATE, MaskRateSchedule, MLMCollator
-from .config import DataSection, RunConfig
+from .config import BatchPlan, ConfigError, DataSection, RunConfig
 from .data import prepare_builtin
 from .loader import build_eval_loader as eval_loader_over
 from .loader import build_loader
@@ -13,7 +13,8 @@ logger = logging.getLogger("speedplm")
 
 
 def resolve_splits(data: DataSection, accelerator) -> dict[str, Path | None]:
-    """Shard directories per split. "builtin" is prepared once (main process) into `data.cache_dir/builtin`."""
+    """Shard directories per split. "builtin" is prepared once (main process) into `data.cache_dir/builtin`; any
+    other directory must exist (ConfigError naming the key otherwise)."""
     if data.train == "builtin":
         root = Path(data.cache_dir) / "builtin"
         if accelerator.is_main_process and not (root / "test" / "manifest.json").exists():
@@ -21,6 +22,13 @@ def resolve_splits(data: DataSection, accelerator) -> dict[str, Path | None]:
             prepare_builtin(root, overwrite=True, log=logger.info)
         accelerator.wait_for_everyone()
         return {name: root / name for name in ("train", "valid", "test")}
+    for name in ("train", "valid", "test"):
+        path = getattr(data, name)
+        if path is not None and not Path(path).is_dir():
+            raise ConfigError(
+                f"data.{name}={path}: no such directory (make one with `python -m training.data prepare --input "
+                f"FILE --out DIR`, or use data.train=builtin)"
+            )
     train = Path(data.train)
     if (train / "train").is_dir():  # a directory prepared with split fractions: DIR/train, DIR/valid, DIR/test
         found = {name: train / name if (train / name).is_dir() else None for name in ("train", "valid", "test")}
@@ -40,18 +48,21 @@ def train_collator(config: RunConfig) -> MLMCollator:
     return MLMCollator(mask_rate=rate, replace=_replacement(data.replacement), seed=config.train.seed)
 
 
-def build_train_loader(config: RunConfig, shard_dir: Path, rank: int, world: int):
-    return build_loader(
+def build_train_loader(config: RunConfig, plan: BatchPlan, shard_dir: Path, rank: int):
+    """This rank's loader for the batch layout `plan` (resolve_batch: micro-batch and accumulation)."""
+    loader = build_loader(
         shard_dir,
         max_length=config.data.max_length,
-        tokens_per_micro_batch=config.train.micro_batch_tokens,
+        tokens_per_micro_batch=plan.micro_batch_tokens,
         collator=train_collator(config),
         rank=rank,
-        world_size=world,
+        world_size=plan.world_size,
         seed=config.train.seed,
         num_workers=config.data.num_workers,
         global_batch_tokens=config.train.tokens_per_step,
     )
+    assert loader.grad_accum_steps == plan.accumulation, (loader.grad_accum_steps, plan)
+    return loader
 
 
 def build_eval_loader(config: RunConfig, shard_dir: Path, rank: int, world: int):

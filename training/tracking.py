@@ -26,23 +26,48 @@ def tracker_init_kwargs(cfg: TrackingSection, run_dir: Path, run_name: str) -> d
     return {"wandb": {"mode": cfg.wandb, "dir": str(run_dir), "name": run_name}} if cfg.wandb != "disabled" else {}
 
 
-class MetricsLog:
-    """One JSON object per line; non-finite floats written as null so the file stays valid JSON."""
+class MetricsError(ValueError):
+    pass
 
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = Path(path), enabled
+
+class MetricsLog:
+    """One JSON object per line, each carrying the run's `run_id`; non-finite floats written as null so the file
+    stays valid JSON. Only the main process writes (enabled=True)."""
+
+    def __init__(self, path: Path, enabled: bool, run_id: str):
+        self.path, self.enabled, self.run_id = Path(path), enabled, run_id
 
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps(clean) + "\n")
+            f.write(json.dumps({**clean, "run_id": self.run_id}) + "\n")
 
-    def truncate_after(self, step: int) -> None:
-        """On resume: drop rows the crashed run logged after its last checkpoint (they are logged again)."""
-        if not self.enabled or not self.path.exists():
-            return
-        rows = [line for line in self.path.read_text().splitlines() if line.strip()]
-        kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+    @staticmethod
+    def read(path: Path) -> tuple[list[dict], int | None]:
+        """The rows of a metrics file and the line number of a torn last line (a write cut short by a crash), or
+        None. Any other line that is not a JSON object raises MetricsError naming the file and line."""
+        if not Path(path).exists():
+            return [], None
+        lines = Path(path).read_bytes().split(b"\n")
+        rows, torn = [], None
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.decode())
+                if not isinstance(row, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as err:
+                if any(rest.strip() for rest in lines[number:]):
+                    raise MetricsError(f"{path}:{number}: not a metrics row ({err}); fix or delete that line") from None
+                torn = number
+                continue
+            rows.append(row)
+        return rows, torn
+
+    def rewrite(self, rows: list[dict]) -> None:
+        """Replace the file by `rows` (on resume: the history up to the checkpoint)."""
+        if self.enabled:
+            self.path.write_text("".join(json.dumps(row) + "\n" for row in rows))
