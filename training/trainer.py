@@ -111,10 +111,10 @@ class Trainer:
     eval is counted by it).
 
         Trainer(config)        check and build, in this order, writing nothing until all of it succeeded: batch
-                               arithmetic for the launch's world size -> accelerator -> data (directories, shards)
-                               -> model, optimizers -> start plan (fresh or resume: ownership, intact checkpoint,
-                               same model; training/run_start.py) -> restored state; then the run directory
-                               (config.yaml, metrics.jsonl) is written
+                               arithmetic for the launch's world size -> accelerator -> data directories -> start
+                               plan (fresh or resume: ownership, intact checkpoint, same model, metrics history;
+                               training/run_start.py) -> model, loaders (shards verified), optimizers -> restored
+                               state; only then the run directory (config.yaml, metrics.jsonl) is written
         train()                steps until train.max_steps or a stop signal (save, TrainingStopped), then finish()
         train_step(batches)    one optimizer step over the step's micro-batches -> StepResult
         log(result)            a metrics row every train.log_every steps, at the last step and on a skipped step
@@ -142,13 +142,15 @@ class Trainer:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
             torch.set_num_threads(t.cpu_threads or max(1, cores // local_world_size(acc.num_processes)))
 
-        splits = resolve_splits(config.data, acc)  # "builtin" is prepared once into the data cache
+        splits = resolve_splits(config.data, acc)  # the directories exist ("builtin": prepared once, data cache)
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", t.keep_checkpoints, acc)
+        start = self._plan_start()  # fresh or resume, from the files: refused here, nothing is built or written
+        model = build_model(config)  # first use of the seeded RNG
         rank, world = acc.process_index, acc.num_processes
-        self.train_loader = build_train_loader(config, self.batch, splits["train"], rank)
+        self.train_loader = build_train_loader(config, self.batch, splits["train"], rank)  # shards verified
         self.eval_loaders = {
             name: build_eval_loader(config, splits[name], rank, world) for name in ("valid", "test") if splits.get(name)
         }
-        model = build_model(config)
         logger.info("%s; %s attention", self.batch.describe(), model.config._attn_implementation)
         if t.compile is True or (t.compile == "auto" and acc.device.type == "cuda"):
             # Regional compilation (one compile serves every block): the LM head's scored-positions gather has a
@@ -159,9 +161,6 @@ class Trainer:
         self.schedulers = build_schedulers(optimizers, t)
         self.model, *self.optimizers = acc.prepare(model, *optimizers)
         acc.register_for_checkpointing(*self.schedulers)
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", t.keep_checkpoints, acc)
-
-        start = self._plan_start()
         self.progress = self._restore(start)
         self._write_run_dir(start)  # the first write of the run
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", acc.is_main_process, start.run_id)

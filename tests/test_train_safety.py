@@ -1,0 +1,267 @@
+"""Run safety (#13), as a user meets it: real `train_accelerate.py` runs in subprocesses (and the real `accelerate
+launch`). One test (or more) per item of the issue: 1 checkpoint ownership, 2 run names, 3 typed values, 4 checks
+before writes, 5 model comparison on resume, 8 SIGTERM through the launcher, 9 torn metrics line, 10 the README's
+2-rank line, 11 checkpoints load with from_pretrained."""
+
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_train_e2e import ROOT, SMALL, rows, run_training, shards, train_losses, wait_for_step  # noqa: F401
+
+pytestmark = pytest.mark.slow
+FINISHED = ["train.max_steps=6", "train.save_every=2", "train.keep_checkpoints=10", "eval.every=0"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, shards):  # noqa: F811
+    """A finished 6-step run: checkpoints at steps 2, 4, 6, final/, metrics.jsonl."""
+    tmp = tmp_path_factory.mktemp("finished")
+    code, out = run_training(tmp, shards, *FINISHED)
+    assert code == 0, out[-3000:]
+    return tmp / "run"
+
+
+def copy_run(finished_run, tmp_path, name="run"):
+    shutil.copytree(finished_run, tmp_path / name)
+    return tmp_path / name
+
+
+def snapshot(directory: Path) -> dict:
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def run_id_of(checkpoint: Path) -> str:
+    return json.loads((checkpoint / "trainer_state.json").read_text())["run_id"]
+
+
+# ---- item 1: a run's checkpoints are its own
+
+
+def test_resume_auto_refuses_when_no_checkpoint_is_intact(tmp_path, shards, finished_run):  # noqa: F811
+    run = copy_run(finished_run, tmp_path)
+    for checkpoint in (run / "checkpoints").iterdir():
+        flip_byte(checkpoint / "model.safetensors")
+    before = snapshot(run)
+    code, out = run_training(tmp_path, shards, "train.max_steps=8", "train.save_every=2", "train.keep_checkpoints=2")
+    assert code == 2, out[-3000:]
+    assert "train.resume=auto" in out and "3 checkpoint(s) and none is intact" in out, out[-3000:]
+    assert "train.resume=none train.overwrite=true" in out  # how to start over
+    assert snapshot(run) == before  # nothing deleted, nothing appended, config.yaml untouched
+
+
+def test_fresh_start_into_another_run_is_refused_unless_overwrite(tmp_path, shards, finished_run):  # noqa: F811
+    run = copy_run(finished_run, tmp_path)
+    old_id = run_id_of(run / "checkpoints" / "step-000006")
+    before = snapshot(run)
+    fresh = ["train.resume=none", "train.max_steps=4", "train.save_every=2", "train.keep_checkpoints=2", "eval.every=0"]
+    code, out = run_training(tmp_path, shards, *fresh)
+    assert code == 2 and f"holds 3 checkpoint(s) and 8 metrics row(s) of run {old_id}" in out, out[-3000:]
+    assert "train.overwrite=true" in out and "another train.run_name" in out
+    assert snapshot(run) == before
+
+    code, out = run_training(tmp_path, shards, *fresh, "train.overwrite=true")
+    assert code == 0, out[-3000:]
+    new_id = run_id_of(run / "checkpoints" / "step-000004")
+    assert new_id != old_id
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    assert [r["step"] for r in rows(tmp_path)] == [1, 2, 3, 4]  # one history in metrics.jsonl
+    assert {r["run_id"] for r in rows(tmp_path)} | {r["run_id"] for r in rows(tmp_path, split="valid")} == {new_id}
+
+    # the next resume continues the new run, and the pruner keeps its newest checkpoints
+    code, out = run_training(tmp_path, shards, "train.max_steps=6", "train.save_every=2", "train.keep_checkpoints=2")
+    assert code == 0 and "resumed from" in out and "step-000004" in out, out[-3000:]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
+    assert run_id_of(run / "checkpoints" / "step-000006") == new_id
+    assert [r["step"] for r in rows(tmp_path)] == [1, 2, 3, 4, 5, 6]
+
+
+# ---- items 2, 3, 4: every input is checked before anything is written
+
+
+def test_run_name_cannot_escape_output_dir(tmp_path, shards):  # noqa: F811
+    out_dir = tmp_path / "a" / "b"
+    out_dir.mkdir(parents=True)
+    code, out = run_training(out_dir, shards, "train.run_name=../../escape")  # more names: test_train_config.py
+    assert code == 2 and "train.run_name='../../escape': must be a plain directory name" in out, out[-3000:]
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["a", "a/b"]  # nothing written
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [  # one per kind of check; every key's type and range: test_train_config.py
+        ("train.max_steps=abc", "train.max_steps='abc': must be an integer"),
+        ("train.tokens_per_step=1000", "use train.tokens_per_step=896 or train.tokens_per_step=1024"),
+        ("data.train=/nonexistent/prepared", "data.train=/nonexistent/prepared: no such directory"),
+    ],
+)
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, shards, override, message):  # noqa: F811
+    code, out = run_training(tmp_path, shards, override)
+    assert code == 2 and message in out, out[-3000:]
+    assert "Traceback" not in out
+    assert list(tmp_path.iterdir()) == []  # no run directory, no config.yaml
+
+
+# ---- item 5: resume compares the whole model config
+
+
+def test_resume_refuses_a_different_model_with_the_same_shapes(tmp_path, shards, finished_run):  # noqa: F811
+    run = copy_run(finished_run, tmp_path)
+    before = snapshot(run)
+    code, out = run_training(tmp_path, shards, "train.max_steps=8", "model.num_attention_heads=4")  # 2 -> 4 heads
+    assert code == 2, out[-3000:]
+    assert "holds a different model: num_attention_heads: 2 -> 4" in out
+    assert snapshot(run) == before  # config.yaml of the run is not overwritten by the refused one
+
+
+# ---- item 8: SIGTERM to the documented launch command
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG / PR_SET_CHILD_SUBREAPER")
+def test_sigterm_to_accelerate_launch_saves_and_leaves_no_trainer(tmp_path, shards):  # noqa: F811
+    """`accelerate launch train_accelerate.py ...` (the simple launcher) in its own process group; SIGTERM to the
+    launcher's pid only. The launcher exits non-zero, the trainer saves a checkpoint and exits 143, nothing is left.
+    This test process becomes a child subreaper for the duration, so the orphaned trainer is reparented to it and
+    its exit status can be read."""
+    launcher = Path(sys.executable).parent / "accelerate"
+    args = ["--config", str(ROOT / "configs/default.yaml"), f"data.train={shards}", f"train.output_dir={tmp_path}"]
+    args += ["train.run_name=run", *SMALL, "train.max_steps=500", "train.save_every=1000", "eval.every=0"]
+    env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
+    env.update({"PYTHONUNBUFFERED": "1", "HF_HOME": str(tmp_path / "hf")})  # no user default accelerate config
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    with open(tmp_path / "out.log", "w") as log:
+        proc = subprocess.Popen(
+            [str(launcher), "launch", str(ROOT / "train_accelerate.py"), *args],
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_for_step(tmp_path, "run", 2, proc)
+        trainers = _children(proc.pid)
+        assert len(trainers) == 1, trainers
+        proc.send_signal(signal.SIGTERM)  # the launcher only
+        assert proc.wait(timeout=30) != 0
+        _, status = os.waitpid(trainers[0], 0)  # reparented to this process
+        assert os.waitstatus_to_exitcode(status) == 143, (tmp_path / "out.log").read_text()[-3000:]
+        with pytest.raises(ProcessLookupError):
+            os.killpg(proc.pid, 0)  # no process of the launch is left
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        libc.prctl(36, 0, 0, 0, 0)
+    checkpoints = sorted((tmp_path / "run" / "checkpoints").iterdir())
+    assert len(checkpoints) == 1 and (checkpoints[0] / "COMPLETE").exists()
+    assert int(checkpoints[0].name.split("-")[1]) >= 2
+
+
+# ---- item 9: a torn last line in metrics.jsonl
+
+
+def test_torn_metrics_line_is_dropped_on_resume(tmp_path, shards, finished_run):  # noqa: F811
+    run = copy_run(finished_run, tmp_path)
+    shutil.rmtree(run / "checkpoints" / "step-000006")  # resume from step 4
+    lines = len((run / "metrics.jsonl").read_text().splitlines())
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "tokens": 1434')  # killed mid-write
+    code, out = run_training(tmp_path, shards, *FINISHED)
+    assert code == 0, out[-3000:]
+    assert f"{run / 'metrics.jsonl'}:{lines + 1}: torn last line" in out
+    assert train_losses(tmp_path) == train_losses(finished_run.parent)  # steps 1-6 once each, bit-identical
+
+
+def test_bad_metrics_line_refuses_resume_naming_file_and_line(tmp_path, shards, finished_run):  # noqa: F811
+    run = copy_run(finished_run, tmp_path)
+    text = (run / "metrics.jsonl").read_text().splitlines()
+    text[2] = text[2][:20]
+    (run / "metrics.jsonl").write_text("\n".join(text) + "\n")
+    before = snapshot(run)
+    code, out = run_training(tmp_path, shards, "train.max_steps=8")
+    assert code == 2 and f"{run / 'metrics.jsonl'}:3: not a metrics row" in out, out[-3000:]
+    assert snapshot(run) == before
+
+
+# ---- items 10 and 11: the README's 2-rank line; checkpoints are from_pretrained folders
+
+LOAD_OUTSIDE_REPO = """
+import json, sys, torch
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+logits = []
+for path in sys.argv[1:]:
+    model = AutoModelForMaskedLM.from_pretrained(path, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    with torch.no_grad():
+        logits.append(model(**tokenizer(["MKTAYIAKQRQISFVKSHFSRQ"], return_tensors="pt")).logits)
+print(json.dumps([(logits[0] - x).abs().max().item() for x in logits]))
+"""
+
+
+def max_logit_diffs(tmp_path, *directories) -> list[float]:
+    """From a fresh process outside the repository: logits of each directory minus the first one's."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_OUTSIDE_REPO, *map(str, directories)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**env, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_checkpoints_load_with_from_pretrained(tmp_path, finished_run):
+    checkpoints = finished_run / "checkpoints"
+    diffs = max_logit_diffs(tmp_path, finished_run / "final", checkpoints / "step-000006", checkpoints / "step-000002")
+    assert diffs[1] == 0.0  # the last checkpoint is the final model
+    assert diffs[2] > 1e-3  # an earlier one is an earlier model
+
+
+def test_readme_two_rank_line_with_the_default_recipe(tmp_path, shards):  # noqa: F811
+    """`accelerate launch --config_file accelerate_configs/cpu_2ranks.yaml train_accelerate.py` (the default recipe:
+    8,192 tokens per step, rows of 512) with a few steps and the test's data."""
+    overrides = [f"data.train={shards}", f"train.output_dir={tmp_path}", "train.run_name=run", "train.max_steps=2"]
+    overrides += ["eval.every=0", "eval.max_tokens=4000", "eval.test_at_end=false", "train.cpu_threads=1"]
+    overrides += ["train.log_every=1"]
+    port = 29900 + os.getpid() % 90
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    cmd += [str(ROOT / "accelerate_configs/cpu_2ranks.yaml"), "--main_process_port", str(port)]
+    cmd += [str(ROOT / "train_accelerate.py"), *overrides]
+    env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
+    result = subprocess.run(cmd, cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    assert "2 rank(s) x 1 accumulation step(s) x 4096 tokens = 8192 tokens per step" in out
+    assert [r["step"] for r in rows(tmp_path)] == [1, 2]
+    # a checkpoint saved by 2 DDP ranks is a from_pretrained folder too (the model's own parameter names)
+    diffs = max_logit_diffs(tmp_path, tmp_path / "run" / "final", tmp_path / "run" / "checkpoints" / "step-000002")
+    assert diffs == [0.0, 0.0]
