@@ -90,3 +90,23 @@ def test_metrics_bad_line_in_the_middle_names_file_and_line(tmp_path):
     path.write_text('{"step": 1}\n{"step": 2\n{"step": 3}\n')
     with pytest.raises(ValueError, match=rf"{path}:2: not a metrics row"):
         MetricsLog.read(path)
+
+
+def test_torn_checkpoint_directories_are_skipped_and_cleaned(tmp_path, accelerator):
+    """A save cut short leaves `.tmp-step-*` (never listed, removed by the next prune) or, if a directory was copied
+    half-way, a step directory without COMPLETE or with a missing file: skipped by resume, naming the file."""
+    root = tmp_path / "checkpoints"
+    manager = CheckpointManager(root, keep=1, accelerator=accelerator)
+    good = fake_checkpoint(root, 2, "run")
+    (fake_checkpoint(root, 4, "run") / COMPLETE).unlink()
+    (fake_checkpoint(root, 6, "run") / "model.safetensors").unlink()
+    (root / ".tmp-step-000008").mkdir()
+    newest, problems = manager.newest_valid()
+    assert newest == good
+    assert problems == [
+        f"step-000006: {root / 'step-000006' / 'model.safetensors'} missing",
+        f"step-000004: {root / 'step-000004' / COMPLETE} missing (save did not finish)",
+    ]
+    manager.prune("run")
+    assert not (root / ".tmp-step-000008").exists()
+    assert names(root) == ["step-000002", "step-000004", "step-000006"]  # newer than the kept one: not deleted

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -170,8 +171,11 @@ def test_sigterm_to_accelerate_launch_saves_and_leaves_no_trainer(tmp_path, shar
         assert len(trainers) == 1, trainers
         proc.send_signal(signal.SIGTERM)  # the launcher only
         assert proc.wait(timeout=30) != 0
-        _, status = os.waitpid(trainers[0], 0)  # reparented to this process
-        assert os.waitstatus_to_exitcode(status) == 143, (tmp_path / "out.log").read_text()[-3000:]
+        deadline, status = time.monotonic() + 120, None
+        while status is None and time.monotonic() < deadline:  # the orphan was reparented to this process
+            pid, raw = os.waitpid(trainers[0], os.WNOHANG)
+            status = os.waitstatus_to_exitcode(raw) if pid else time.sleep(0.2)
+        assert status == 143, f"trainer exit {status}: " + (tmp_path / "out.log").read_text()[-3000:]
         with pytest.raises(ProcessLookupError):
             os.killpg(proc.pid, 0)  # no process of the launch is left
     finally:
@@ -248,20 +252,33 @@ def test_checkpoints_load_with_from_pretrained(tmp_path, finished_run):
 
 def test_readme_two_rank_line_with_the_default_recipe(tmp_path, shards):  # noqa: F811
     """`accelerate launch --config_file accelerate_configs/cpu_2ranks.yaml train_accelerate.py` (the default recipe:
-    8,192 tokens per step, rows of 512) with a few steps and the test's data."""
-    overrides = [f"data.train={shards}", f"train.output_dir={tmp_path}", "train.run_name=run", "train.max_steps=2"]
+    8,192 tokens per step, rows of 512) with a few steps and the test's data; then its step-1 checkpoint resumed by
+    2 DDP ranks reproduces step 2 exactly, and its checkpoints load with from_pretrained."""
+    overrides = [f"data.train={shards}", f"train.output_dir={tmp_path}", "train.max_steps=2", "train.save_every=1"]
     overrides += ["eval.every=0", "eval.max_tokens=4000", "eval.test_at_end=false", "train.cpu_threads=1"]
-    overrides += ["train.log_every=1"]
+    overrides += ["train.log_every=1", "train.keep_checkpoints=2"]
     port = 29900 + os.getpid() % 90
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
     cmd += [str(ROOT / "accelerate_configs/cpu_2ranks.yaml"), "--main_process_port", str(port)]
     cmd += [str(ROOT / "train_accelerate.py"), *overrides]
     env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
-    result = subprocess.run(cmd, cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    env["OMP_NUM_THREADS"] = "1"
+    result = subprocess.run([*cmd, "train.run_name=run"], cwd=tmp_path, env=env, capture_output=True, text=True)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
     assert "2 rank(s) x 1 accumulation step(s) x 4096 tokens = 8192 tokens per step" in out
     assert [r["step"] for r in rows(tmp_path)] == [1, 2]
-    # a checkpoint saved by 2 DDP ranks is a from_pretrained folder too (the model's own parameter names)
-    diffs = max_logit_diffs(tmp_path, tmp_path / "run" / "final", tmp_path / "run" / "checkpoints" / "step-000002")
-    assert diffs == [0.0, 0.0]
+
+    step1 = tmp_path / "run" / "checkpoints" / "step-000001"
+    resumed = subprocess.run(
+        [*cmd, "train.run_name=resumed", f"train.resume={step1}"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    assert train_losses(tmp_path, "resumed") == {2: train_losses(tmp_path)[2]}  # exact
+
+    # checkpoints saved by 2 DDP ranks are from_pretrained folders too (the model's own parameter names)
+    run = tmp_path / "run"
+    diffs = max_logit_diffs(
+        tmp_path, run / "final", run / "checkpoints" / "step-000002", tmp_path / "resumed" / "final"
+    )
+    assert diffs == [0.0, 0.0, 0.0]
