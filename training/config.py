@@ -13,6 +13,7 @@ at launch (micro-batch and accumulation from the global batch) is `resolve_batch
 
 import dataclasses
 import math
+import operator
 import re
 import types
 import typing
@@ -33,10 +34,15 @@ class ConfigError(ValueError):
     """A config value, key or combination that is not allowed; the message names it."""
 
 
-def setting(default=None, *, factory=None, ge=None, gt=None, le=None, lt=None, check=None):
-    """A config field with its allowed range (checked for numbers and for each item of a list) and an optional
-    `check(value) -> error text or None` for what a range cannot say."""
-    rules = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, check=check).items() if v is not None}
+RANGES = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le), "lt": ("<", operator.lt)}
+
+
+def setting(default=None, *, factory=None, **rules):
+    """A config field with its allowed range (ge/gt/le/lt, checked for numbers and for each item of a list) and an
+    optional `check(value) -> error text or None` for what a range cannot say."""
+    unknown = set(rules) - {*RANGES, "check"}
+    if unknown:
+        raise TypeError(f"setting(): unknown rule(s) {sorted(unknown)}; rules: {sorted(RANGES)} and 'check'")
     if factory is not None:
         return field(default_factory=factory, metadata=rules)
     return field(default=default, metadata=rules)
@@ -86,15 +92,9 @@ def check_value(key: str, value, hint, rules: dict | None = None):
         value = float(value)
         if not math.isfinite(value):
             raise ConfigError(f"{key}={given!r}: must be a finite number")
-    for rule, holds in (
-        ("ge", lambda v, b: v >= b),
-        ("gt", lambda v, b: v > b),
-        ("le", lambda v, b: v <= b),
-        ("lt", lambda v, b: v < b),
-    ):
-        if rule in rules and not holds(value, rules[rule]):
-            sign = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}[rule]
-            raise ConfigError(f"{key}={given!r}: must be {sign} {rules[rule]}")
+    for rule, bound in rules.items():
+        if rule in RANGES and not RANGES[rule][1](value, bound):
+            raise ConfigError(f"{key}={given!r}: must be {RANGES[rule][0]} {bound}")
     if "check" in rules and (problem := rules["check"](value)):
         raise ConfigError(f"{key}={given!r}: {problem}")
     return value

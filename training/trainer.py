@@ -136,7 +136,6 @@ class Trainer:
             )
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
         logger.setLevel(logging.INFO if acc.is_main_process else logging.WARNING)
-        set_seed(t.seed)
         if acc.device.type == "cpu":
             # `accelerate launch` without a config file exports OMP_NUM_THREADS=1, which halves a 2-core CPU run.
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -145,7 +144,8 @@ class Trainer:
         splits = resolve_splits(config.data, acc)  # the directories exist ("builtin": prepared once, data cache)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", t.keep_checkpoints, acc)
         start = self._plan_start()  # fresh or resume, from the files: refused here, nothing is built or written
-        model = build_model(config)  # first use of the seeded RNG
+        set_seed(t.seed)  # right before the model's initialisation, whatever the data preparation drew
+        model = build_model(config)
         rank, world = acc.process_index, acc.num_processes
         self.train_loader = build_train_loader(config, self.batch, splits["train"], rank)  # shards verified
         self.eval_loaders = {
@@ -189,11 +189,11 @@ class Trainer:
                 decision[0] = plan_start(
                     self.config.train, self.run_dir, self.checkpoints, self.config.model_config(), acc.num_processes
                 )
-            except RunRefused as err:
+            except Exception as err:  # every rank must leave the broadcast, refused or not
                 decision[0] = err
         if acc.num_processes > 1:
             broadcast_object_list(decision)
-        if isinstance(decision[0], RunRefused):
+        if isinstance(decision[0], Exception):
             raise decision[0]
         for warning in decision[0].warnings:
             logger.warning("%s", warning)
