@@ -171,6 +171,10 @@ def test_fsdp2_trains_like_one_rank_resumes_exactly_and_saves_full_model(tmp_pat
 
     _, info = SpeedPLMForMaskedLM.from_pretrained(final, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
+    # the sharded checkpoint is a from_pretrained folder too: its model.safetensors holds the gathered full weights
+    in_checkpoint = load_file(ckpt / "model.safetensors")
+    assert in_checkpoint.keys() == full.keys() and all(torch.equal(in_checkpoint[k], full[k]) for k in full)
+    assert (ckpt / "config.json").exists() and (ckpt / "modeling_speedplm.py").exists()
 
     # Hub push from an FSDP2 run: start, step 3 and final; the newest commit is the final folder byte for byte
     assert commits[0].startswith("speedplm: code, config") and commits[-1] == "speedplm: final model at step 6"
