@@ -221,7 +221,7 @@ class TrainSection(Section):
     save_every: int = setting(100, ge=0)  # 0 = only at the end (and on a stop signal)
     keep_checkpoints: int = setting(2, ge=1)  # the newest N verified checkpoints of this run are kept
     resume: str = setting("auto", check=_resume_choice)  # "auto" (newest intact checkpoint), "none", or a directory
-    overwrite: bool = False  # true: a fresh start may delete another run's checkpoints/metrics in this run directory
+    overwrite: bool = False  # true: a start that would mix two histories deletes the other one (training/run_start.py)
     resume_data_state: bool = True  # false: restore weights/optimizer but start the data from the top (new data)
     max_bad_steps: int = setting(5, ge=1)  # non-finite loss/grad steps in a row that stop the run
     peak_tflops: float | None = setting(None, gt=0)  # for MFU; None = known GPUs' bf16 dense peak, no MFU on CPU
