@@ -40,9 +40,8 @@ class StartPlan:
 
     def describe(self) -> str:
         if self.checkpoint is None:
-            return f"fresh start of run {self.run_id}" + (
-                " (train.overwrite=true: old run deleted)" * bool(self.delete)
-            )
+            deleted = " (train.overwrite=true: the old run is deleted)" if self.delete else ""
+            return f"fresh start of run {self.run_id}{deleted}"
         return f"resuming run {self.run_id} from {self.checkpoint} at step {self.step}"
 
 
@@ -65,10 +64,11 @@ def plan_start(train: TrainSection, run_dir: Path, checkpoints: CheckpointManage
     runs = sorted({str(r.get("run_id")) for r in rows})
     held = f"{run_dir} holds {len(existing)} checkpoint(s) and {len(rows)} metrics row(s)"
     held += f" of run {', '.join(runs)}" if runs else ""
+    holds_run = bool(existing or rows or torn)
     starts_anew = train.resume == "none" or (train.resume == "auto" and not existing)
 
     if starts_anew:
-        if (existing or rows or torn) and not train.overwrite:
+        if holds_run and not train.overwrite:
             why = "train.resume=none" if train.resume == "none" else "train.resume=auto found no checkpoint to resume"
             raise RunRefused(f"{why}, but {held}: a new history here would mix two runs; {_how_to_start_over(run_dir)}")
         return StartPlan(uuid.uuid4().hex[:12], delete=old_run if train.overwrite else [])
@@ -104,7 +104,7 @@ def plan_start(train: TrainSection, run_dir: Path, checkpoints: CheckpointManage
     plan = StartPlan(state["run_id"], directory, state["step"], warnings=warnings)
 
     if directory.resolve().parent != checkpoints.root.resolve():  # another directory's checkpoint: a new history here
-        if old_run and not train.overwrite:
+        if holds_run and not train.overwrite:
             raise RunRefused(
                 f"train.resume={train.resume} is another directory's checkpoint, but {held}: continuing it here "
                 f"would mix two histories. Add train.overwrite=true to delete them, or choose another train.run_name"
