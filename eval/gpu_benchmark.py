@@ -377,8 +377,10 @@ def train_step_row(preset, kernels, batch, length, inputs, context, peak):
 
     masked_ids, docs, labels = inputs
     small = dict(num_hidden_layers=2, value_embeddings=1) if ARGS.dry_run else {}  # the interpreter is slow
-    config = SpeedPLMConfig.from_preset(preset, kernels=kernels, max_position_embeddings=1024, **small)
-    config._attn_implementation = "flex_attention" if CUDA else "sdpa"
+    attn_implementation = "flex_attention" if CUDA else "sdpa"
+    config = SpeedPLMConfig.from_preset(
+        preset, kernels=kernels, max_position_embeddings=1024, attn_implementation=attn_implementation, **small
+    )
     torch.manual_seed(0)
     model = SpeedPLMForMaskedLM(config).to(DEVICE).train()
     if CUDA:

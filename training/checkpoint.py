@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from .card import write_tokenizer_and_card
+
 logger = logging.getLogger(__name__)
 
 MANIFEST, COMPLETE = "MANIFEST.json", "COMPLETE"
@@ -63,16 +65,20 @@ def unsharded_model(model: torch.nn.Module, state_dict: dict) -> torch.nn.Module
     return plain
 
 
-def save_pretrained(accelerator, model, directory: Path, state_dict: dict | None = None, **kwargs) -> None:
-    """The main process writes a `save_pretrained` folder of the full model. Call it on every rank: under FSDP2
-    the full weights are gathered first (unless `state_dict`, from full_state_dict(), is given)."""
+def save_pretrained(
+    accelerator, model, directory: Path, state_dict: dict | None = None, training_summary: str | None = None
+) -> None:
+    """The main process writes a `save_pretrained` folder of the full model, with the tokenizer and model card
+    beside it (training/card.py): what final/ and every Hub push hold. Call it on every rank: under FSDP2 the full
+    weights are gathered first (unless `state_dict`, from full_state_dict(), is given)."""
     if state_dict is None:
         state_dict = full_state_dict(accelerator, model)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         if state_dict is not None:
             unwrapped = unsharded_model(unwrapped, state_dict)
-        unwrapped.save_pretrained(directory, **kwargs)
+        unwrapped.save_pretrained(directory)
+        write_tokenizer_and_card(unwrapped, directory, training_summary)
 
 
 class _SameModelForEveryIndex(list):

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from modeling_speedplm.kernels_speedplm import AUTO_KERNELS, NS_COEFFICIENTS, newton_schulz, parse_kernels
+from modeling_speedplm.kernels_speedplm import NS_COEFFICIENTS, newton_schulz, select_kernels
 
 
 def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape) -> float:
@@ -68,8 +68,8 @@ class DistributedMuon(torch.optim.Optimizer):
             raise ValueError(f"DistributedMuon: lr={lr}, momentum={momentum}, weight_decay={weight_decay} must be >= 0")
         if adjust_lr_fn not in (None, "original", "match_rms_adamw"):
             raise ValueError(f"DistributedMuon: adjust_lr_fn={adjust_lr_fn!r} is not supported")
-        try:  # the model's `kernels` setting: "auto", "triton", "torch" or a "+"-joined selection of Triton kernels
-            selected = parse_kernels(kernels)
+        try:  # the model's `kernels` setting, resolved by the model's own rule (None: triton_auto per tensor)
+            use_triton = select_kernels(kernels).newton_schulz
         except ValueError as err:
             raise ValueError(f"DistributedMuon: {err}") from None
         defaults = dict(
@@ -87,10 +87,7 @@ class DistributedMuon(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.ndim != 2:
                     raise ValueError(f"DistributedMuon: only 2-D parameters, got one of shape {tuple(p.shape)}")
-        if selected is None:  # "auto": Triton on CUDA if the benchmark kept it in AUTO_KERNELS
-            self.use_triton = None if "newton_schulz" in AUTO_KERNELS else False
-        else:
-            self.use_triton = "newton_schulz" in selected
+        self.use_triton = use_triton
         self.process_group = process_group
         # Newton-Schulz precision: bf16 on GPUs (tensor cores; torch.optim.Muon's choice), fp32 on CPUs, where bf16
         # matmuls are ~19x slower and made Muon cost more than the forward/backward of a small model.

@@ -18,6 +18,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from torch.distributed.tensor import DTensor
+from transformers import AutoModelForMaskedLM
 
 from modeling_speedplm import SpeedPLMForMaskedLM
 
@@ -114,10 +115,9 @@ def enable_cpu_fsdp2(accelerator: Accelerator) -> None:
 
 
 def build_model(config: RunConfig) -> SpeedPLMForMaskedLM:
-    model = SpeedPLMForMaskedLM(config.model_config())
     requested = config.model.get("attn_implementation")
-    model.config._attn_implementation = requested or ("flex_attention" if torch.cuda.is_available() else "sdpa")
-    return model
+    attn_implementation = requested or ("flex_attention" if torch.cuda.is_available() else "sdpa")
+    return AutoModelForMaskedLM.from_config(config.model_config(), attn_implementation=attn_implementation)
 
 
 def resume(config: RunConfig, checkpoints: CheckpointManager, model, train_loader, metrics: MetricsLog) -> Progress:
@@ -153,7 +153,7 @@ def train_step(accelerator, model, optimizers, micro_batches: list[dict], inject
         last = i == len(micro_batches) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):  # all-reduce once per step
             with accelerator.autocast():
-                loss = model(**batch).loss
+                loss = model(**batch, sparse_prediction=True).loss  # LM head on scored tokens only
             if inject_nan:
                 loss = loss * float("nan")
             # DDP (and FSDP2's reduce-scatter) average gradients over ranks, hence x world: the result is
