@@ -127,7 +127,10 @@ class SpeedPLMMLP(nn.Module):
 
     def forward(self, x):
         # ReLU^2 (So et al. 2021, Primer; used by modded-nanogpt): as good as GELU-gated MLPs with two matrices.
-        return self.down_proj(self.kernels.linear_relu2(x, self.up_proj.weight))  # fused up-projection + ReLU^2
+        if isinstance(self.up_proj, nn.Linear):
+            return self.down_proj(self.kernels.linear_relu2(x, self.up_proj.weight))  # fused up-projection + ReLU^2
+        # A wrapped projection (a PEFT LoRA layer, a quantized linear) must run as a module, or it would be bypassed.
+        return self.down_proj(F.relu(self.up_proj(x)).square())
 
 
 class SpeedPLMBlock(GradientCheckpointingLayer):
