@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -25,7 +26,7 @@ from transformers import (
 )
 
 warnings.simplefilter("ignore")
-ckpt, data, work, out_path = sys.argv[1], json.loads(open(sys.argv[2]).read()), sys.argv[3], sys.argv[4]
+ckpt, data, work, out_path = sys.argv[1], json.loads(Path(sys.argv[2]).read_text()), sys.argv[3], sys.argv[4]
 result = {}
 log = io.StringIO()  # transformers' own messages, e.g. the "newly initialized" warning of a new head
 logging.getLogger("transformers").addHandler(logging.StreamHandler(log))
@@ -85,13 +86,15 @@ trainer = Trainer(
 )
 trainer.train()
 logits, result["sequence_accuracy"] = predict(model, "test", False)
-result["sequence_checkpoints"] = sorted(p.name for p in __import__("pathlib").Path(f"{work}/sequence").iterdir())
+result["sequence_checkpoints"] = sorted(p.name for p in Path(f"{work}/sequence").iterdir())
 reloaded = AutoModelForSequenceClassification.from_pretrained(f"{work}/sequence/checkpoint-24", trust_remote_code=True)
 result["sequence_reload_diff"] = max_diff(predict(reloaded, "test", False)[0], logits)
 reloaded.save_pretrained(f"{work}/sequence-resaved")
 again = AutoModelForSequenceClassification.from_pretrained(f"{work}/sequence-resaved", trust_remote_code=True)
 result["sequence_resave_diff"] = max_diff(predict(again, "test", False)[0], logits)
-result["sequence_resave_auto_map"] = sorted(json.loads(open(f"{work}/sequence-resaved/config.json").read())["auto_map"])
+result["sequence_resave_auto_map"] = sorted(
+    json.loads(Path(f"{work}/sequence-resaved/config.json").read_text())["auto_map"]
+)
 result["sequence_tokenizer_saved"] = type(
     AutoTokenizer.from_pretrained(f"{work}/sequence/checkpoint-24", trust_remote_code=True)
 ).__name__

@@ -8,13 +8,14 @@ and writes the numbers to a JSON file; the test asserts on them.
 import json
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
 warnings.simplefilter("ignore")
-ckpt, proteins, work, out_path = sys.argv[1], json.loads(open(sys.argv[2]).read()), sys.argv[3], sys.argv[4]
+ckpt, proteins, work, out_path = sys.argv[1], json.loads(Path(sys.argv[2]).read_text()), sys.argv[3], sys.argv[4]
 result = {"modules": {}}
 tokenizer = AutoTokenizer.from_pretrained(ckpt, trust_remote_code=True)
 batch = tokenizer(proteins, padding=True, return_tensors="pt")
@@ -36,7 +37,7 @@ tokenizer.save_pretrained(f"{work}/resaved")
 again = AutoModelForMaskedLM.from_pretrained(f"{work}/resaved", trust_remote_code=True).eval()
 with torch.no_grad():
     result["resave_logits_diff"] = max_diff(again(**batch).logits, reference)
-result["resave_auto_map"] = json.loads(open(f"{work}/resaved/config.json").read())["auto_map"]
+result["resave_auto_map"] = json.loads(Path(f"{work}/resaved/config.json").read_text())["auto_map"]
 
 # 2. return_dict=False: tuples, same tensors
 with torch.no_grad():
