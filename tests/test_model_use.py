@@ -203,3 +203,25 @@ def test_lora_train_save_reload_merge(finetuned):
     assert finetuned["lora_reload_diff"] == 0.0
     assert finetuned["lora_merged_diff"] < 1e-5
     assert finetuned["lora_merged_class"] == "SpeedPLMForSequenceClassification"
+
+
+def test_readme_use_a_checkpoint_snippets_run(checkpoint, tmp_path):
+    """The README's "Use a checkpoint" Python blocks, as written (on this checkpoint), in a fresh process."""
+    pytest.importorskip("peft", reason="one block uses peft, the optional extra")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[
+        readme.index("## Use a checkpoint") : readme.index("\n## ", readme.index("## Use a checkpoint") + 1)
+    ]
+    blocks = section.split("```python\n")[1:]
+    assert len(blocks) == 3
+    code = [block.split("```")[0].replace("runs/default/final", str(checkpoint)) for block in blocks]
+    checks = [
+        "assert embeddings.shape == (2, model.config.hidden_size) and torch.isfinite(embeddings).all()",
+        "assert any(p.requires_grad for n, p in model.named_parameters() if 'lora_' in n)",
+        "n = batch['input_ids'].shape[1] - 2\nassert contacts.shape == (n, n) and torch.isfinite(contacts).all()",
+    ]
+    script = tmp_path / "readme.py"
+    script.write_text("\n".join(f"{c}\n{check}" for c, check in zip(code, checks)))
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
