@@ -79,8 +79,11 @@ class SpeedPLMConfig(PretrainedConfig):
         token_dropout: ESM2's rescaling of embeddings by the observed mask rate. Not supported (must be False): the
             RMSNorm applied to the embedding right after cancels any per-sequence rescale, so it would be a no-op.
         sliding_window: bidirectional window (tokens each side) for every layer; None = global attention.
-        kernels: "auto" (Triton where CUDA and triton exist, else torch), "triton", "torch", or the Triton kernels
-            to use joined by "+" (e.g. "linear_relu2+newton_schulz"; torch for the others).
+        kernels: "auto" (Triton for CUDA tensors where triton exists, else torch), "triton", "torch", or the Triton
+            kernels to use joined by "+" (e.g. "linear_relu2+newton_schulz"; torch for the others). Resolved once,
+            when the model is built (kernels_speedplm.select_kernels; SpeedPLMModel.kernels).
+    Base-class fields used here: num_labels and problem_type (task heads), attn_implementation (constructor
+    argument; "sdpa", "flex_attention" or "eager").
     """
 
     model_type = "speedplm"
