@@ -669,12 +669,12 @@ def triton_auto(device) -> bool:
 
 
 def linear_relu2_auto(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """ "auto": Triton on CUDA tensors, the torch twin elsewhere (x.device is static under torch.compile)."""
+    """Under "auto": Triton on CUDA tensors, the torch twin elsewhere (x.device is static under torch.compile)."""
     return linear_relu2(x, weight) if triton_auto(x.device) else linear_relu2_reference(x, weight)
 
 
 def qk_norm_rotary_auto(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float = 1e-6):
-    """ "auto": Triton on CUDA tensors, the torch twin elsewhere."""
+    """Under "auto": Triton on CUDA tensors, the torch twin elsewhere."""
     fn = qk_norm_rotary if triton_auto(q.device) else qk_norm_rotary_reference
     return fn(q, k, cos, sin, eps)
 
