@@ -43,7 +43,8 @@ def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape) -> float:
 class DistributedMuon(torch.optim.Optimizer):
     """torch.optim.Muon's hyperparameters and update; plus `kernels` (the model's resolved set, `model.kernels`, or
     a setting: "auto": Triton xxt Newton-Schulz on CUDA, "triton", "torch", or a "+"-joined kernel selection: Triton
-    iff it names "newton_schulz"; kernels_speedplm.select_kernels either way) and `process_group` (default: the world group if torch.distributed is initialised).
+    iff it names "newton_schulz"; kernels_speedplm.select_kernels either way) and `process_group` (default: the
+    world group if torch.distributed is initialised).
     Precondition: gradients are identical on all ranks when `step()` runs (DDP / accelerate all-reduce them), or,
     for DTensor parameters (FSDP2), each rank holds its shard of the reduced gradient; `step()` is then a collective
     over the parameters' mesh that every rank must call."""
