@@ -157,7 +157,7 @@ class SpeedPLMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
-    accepts_loss_kwargs = False  # the losses are means over scored tokens; Trainer must not rescale them
+    accepts_loss_kwargs = False  # losses are means over their batch: Trainer averages over accumulation itself
     _no_split_modules = ["SpeedPLMBlock"]
     _supports_sdpa = True
     _supports_flex_attn = True
