@@ -314,7 +314,8 @@ def attention_rows(s):
         ),
     ]
     # fp32 reference on the first row of the batch only: (H, L, L) scores fit in memory
-    ref = A.eager_attention(*(t[:1].detach().float() for t in (q, k, v)), dense[:1], scale).transpose(1, 2)
+    ref, _ = A.eager_attention_forward(None, *(t[:1].detach().float() for t in (q, k, v)), dense[:1], scale)
+    ref = ref.transpose(1, 2)  # (1, H, L, D) like the backends below
     for name, fn in impls:
         log(f"attention: {name}")
         err = rel_err(fn(q.detach(), k.detach(), v.detach())[:1], ref)
