@@ -279,6 +279,8 @@ def run_speedplm(s: Settings, config, data_root: Path, steps: int, seed: int, ev
         f"eval.max_tokens={s.max_length}",
         "eval.test_at_end=false",
         "tracking.wandb=disabled",
+        # the trainer sets its own torch threads (cores / ranks) unless told: --threads must reach it too
+        *([f"train.cpu_threads={s.threads}"] if s.threads else []),
     ]
     recipe = ROOT / "configs" / "default.yaml"
     cmd = [sys.executable, str(ROOT / "train_accelerate.py"), "--config", str(recipe), *overrides]
