@@ -188,8 +188,8 @@ def test_trainer_checkpoints_reload_and_resave(finetuned):
 @pytest.mark.parametrize("task", ["sequence", "token"])
 def test_task_heads_load_from_mlm_and_learn(finetuned, task):
     assert finetuned[f"{task}_new_head_warning"]  # transformers' "newly initialized" warning names the head
-    assert finetuned[f"{task}_accuracy"] >= 0.75, finetuned  # balanced toy tasks: chance is ~0.5
-    assert finetuned[f"{task}_accuracy"] > finetuned[f"{task}_chance"] + 0.15
+    # above chance: the held-out majority class is 0.5-0.6 of these toy tasks
+    assert finetuned[f"{task}_accuracy"] >= max(0.75, finetuned[f"{task}_majority"] + 0.15), finetuned
 
 
 def test_token_classification_reload(finetuned):
@@ -199,7 +199,7 @@ def test_token_classification_reload(finetuned):
 def test_lora_train_save_reload_merge(finetuned):
     assert 0 < finetuned["lora_trainable_fraction"] < 0.2
     assert finetuned["lora_untrained_matrices"] == []  # every LoRA layer is in the graph (none bypassed)
-    assert finetuned["lora_accuracy"] >= 0.75
+    assert finetuned["lora_accuracy"] >= max(0.75, finetuned["sequence_majority"] + 0.15), finetuned
     assert finetuned["lora_reload_diff"] == 0.0
     assert finetuned["lora_merged_diff"] < 1e-5
     assert finetuned["lora_merged_class"] == "SpeedPLMForSequenceClassification"
