@@ -314,7 +314,8 @@ def attention_rows(s):
         ),
     ]
     # fp32 reference on the first row of the batch only: (H, L, L) scores fit in memory
-    ref = A.eager_attention(*(t[:1].detach().float() for t in (q, k, v)), dense[:1], scale).transpose(1, 2)
+    ref, _ = A.eager_attention_forward(None, *(t[:1].detach().float() for t in (q, k, v)), dense[:1], scale)
+    ref = ref.transpose(1, 2)  # (1, H, L, D) like the backends below
     for name, fn in impls:
         log(f"attention: {name}")
         err = rel_err(fn(q.detach(), k.detach(), v.detach())[:1], ref)
@@ -377,8 +378,10 @@ def train_step_row(preset, kernels, batch, length, inputs, context, peak):
 
     masked_ids, docs, labels = inputs
     small = dict(num_hidden_layers=2, value_embeddings=1) if ARGS.dry_run else {}  # the interpreter is slow
-    config = SpeedPLMConfig.from_preset(preset, kernels=kernels, max_position_embeddings=1024, **small)
-    config._attn_implementation = "flex_attention" if CUDA else "sdpa"
+    attn_implementation = "flex_attention" if CUDA else "sdpa"
+    config = SpeedPLMConfig.from_preset(
+        preset, kernels=kernels, max_position_embeddings=1024, attn_implementation=attn_implementation, **small
+    )
     torch.manual_seed(0)
     model = SpeedPLMForMaskedLM(config).to(DEVICE).train()
     if CUDA:

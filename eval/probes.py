@@ -17,7 +17,9 @@ Protocol, per task (identical for every model)
     - a protein longer than the model allows keeps its FIRST max_length - 2 residues, max_length = min(--max-length,
       the model's max_position_embeddings and tokenizer limit);
     - features: every hidden state (`output_hidden_states=True`: the embedding output + one per layer, so
-      num_layers + 1 of them), averaged over residue tokens only (not <cls>, <eos> or padding);
+      num_layers + 1 of them), averaged over residue tokens only (not <cls>, <eos> or padding). The last one is the
+      model's `last_hidden_state` (after the final norm) for SpeedPLM and ESM2 alike, transformers' convention; it is
+      what the "last layer" columns report and what a fine-tuned head pools (eval/finetune.py);
     - probe: StandardScaler + LogisticRegression (lbfgs, C=1, max_iter 2000) fit on the train part, accuracy and
       MCC on the held-out part, per layer.
 Outputs: probes.csv (model, task, layer, accuracy, mcc, n_train, n_test, dim), probes.md, probes.png
@@ -124,10 +126,10 @@ def embed(model, spec: ModelSpec, tokens: list, max_length: int, batch_tokens: i
     return out
 
 
-def probe(x_train, y_train, x_test, y_test, seed: int = 0) -> tuple[float, float]:
+def fit_probe(x_train, y_train, seed: int = 0):
+    """StandardScaler + LogisticRegression fit on (N, dim) features; `.predict(x)` gives classes."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import accuracy_score, matthews_corrcoef
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
@@ -135,7 +137,13 @@ def probe(x_train, y_train, x_test, y_test, seed: int = 0) -> tuple[float, float
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         classifier.fit(x_train, y_train)
-    predicted = classifier.predict(x_test)
+    return classifier
+
+
+def probe(x_train, y_train, x_test, y_test, seed: int = 0) -> tuple[float, float]:
+    from sklearn.metrics import accuracy_score, matthews_corrcoef
+
+    predicted = fit_probe(x_train, y_train, seed).predict(x_test)
     return float(accuracy_score(y_test, predicted)), float(matthews_corrcoef(y_test, predicted))
 
 

@@ -119,15 +119,15 @@ def esm_dataset(train_dir: Path, max_length: int) -> list[dict]:
 
 def calibrate_speedplm(s: Settings, train_dir: Path, config) -> float:
     """Median seconds per optimizer step of the SpeedPLM recipe (same loader, collator, optimizers as the trainer)."""
-    from modeling_speedplm import SpeedPLMForMaskedLM
+    from transformers import AutoModelForMaskedLM  # knows SpeedPLMConfig: modeling_speedplm registers it
+
     from training.collator import MLMCollator
     from training.config import TrainSection
     from training.loader import build_loader
     from training.optim import build_optimizers
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = SpeedPLMForMaskedLM(config).to(device)
-    model.config._attn_implementation = "sdpa"
+    model = AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa").to(device)
     optimizers = build_optimizers(model, TrainSection())
     loader = build_loader(
         train_dir,
@@ -253,8 +253,7 @@ def run_esm(s: Settings, config, dataset, batch_size: int, steps: int, seed: int
 def run_speedplm(s: Settings, config, data_root: Path, steps: int, seed: int, eval_batches, out: Path) -> dict:
     from accelerate.utils import set_seed
     from safetensors.torch import load_file
-
-    from modeling_speedplm import SpeedPLMForMaskedLM
+    from transformers import AutoModelForMaskedLM  # knows SpeedPLMConfig: modeling_speedplm registers it
 
     every = max(1, steps // s.evals)
     run_dir = out / f"speedplm_seed{seed}"
@@ -280,6 +279,8 @@ def run_speedplm(s: Settings, config, data_root: Path, steps: int, seed: int, ev
         f"eval.max_tokens={s.max_length}",
         "eval.test_at_end=false",
         "tracking.wandb=disabled",
+        # the trainer sets its own torch threads (cores / ranks) unless told: --threads must reach it too
+        *([f"train.cpu_threads={s.threads}"] if s.threads else []),
     ]
     recipe = ROOT / "configs" / "default.yaml"
     cmd = [sys.executable, str(ROOT / "train_accelerate.py"), "--config", str(recipe), *overrides]
@@ -302,8 +303,7 @@ def run_speedplm(s: Settings, config, data_root: Path, steps: int, seed: int, ev
 
     times, raw = speedplm_clock(run_dir / "metrics.jsonl")
     set_seed(seed)  # the trainer's init: set_seed(train.seed), then the model
-    model = SpeedPLMForMaskedLM(config)
-    model.config._attn_implementation = "sdpa"
+    model = AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")  # as the trainer builds it
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     points = [point(0, 0, 0.0, score_model(model, VocabMap.identity(), eval_batches))]
     for ckpt in sorted((run_dir / "checkpoints").glob("step-*")):

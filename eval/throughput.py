@@ -84,9 +84,8 @@ def measure(preset: str, rows: int, max_length: int, steps: int, warmup: int, ca
         {k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "labels")}
         for b, _ in zip(padded_iter, range(n))
     ]
-    config = SpeedPLMConfig.from_preset(preset)
+    config = SpeedPLMConfig.from_preset(preset, attn_implementation="sdpa")
     speedplm = SpeedPLMForMaskedLM(config)
-    speedplm.config._attn_implementation = "sdpa"
     esm = esm_twin(config)
     results = []
     for name, model, batches, layout in [

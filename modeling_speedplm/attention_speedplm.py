@@ -1,12 +1,15 @@
-"""Attention over packed documents: mask_mod factories, one mask built per forward, and three interchangeable backends.
+"""Attention over packed documents: mask_mod factories, one mask per forward, and the backends behind transformers'
+attention dispatch.
 
-Every backend takes q, k, v of shape (B, H, L, D) and the mask object `build_attention_mask` made for it, and returns
-(B, L, H, D). Document ids are per token, (B, L): tokens attend only to tokens of the same document; padding carries
+The attention module picks its backend from `config._attn_implementation` at call time through
+`ALL_ATTENTION_FUNCTIONS.get_interface(...)` (transformers' contract, so `set_attn_implementation()` takes effect).
+Every backend takes (module, q, k, v (B, H, L, D), mask, scaling, ...) and returns ((B, L, H, D), probabilities or
+None). Document ids are per token, (B, L): tokens attend only to tokens of the same document; padding carries
 document id -1, so it attends only to other padding and no real token ever sees it.
 """
 
 import torch
-import torch.nn.functional as F
+from transformers import AttentionInterface
 
 try:  # FlexAttention exists from torch 2.5; the model still loads (sdpa/eager) where it does not.
     from torch.nn.attention.flex_attention import BlockMask, and_masks, create_block_mask, flex_attention
@@ -28,19 +31,10 @@ def _flex():
 
 
 def document_mask_mod(document_ids: torch.Tensor):
-    """Attention stays inside one protein. document_ids: (B, L)."""
+    """Attention stays inside one protein (and padding, id -1, inside padding). document_ids: (B, L)."""
 
     def mask_mod(b, h, q_idx, kv_idx):
         return document_ids[b, q_idx] == document_ids[b, kv_idx]
-
-    return mask_mod
-
-
-def padding_mask_mod(document_ids: torch.Tensor):
-    """Real tokens never attend to padding (document id -1)."""
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return document_ids[b, kv_idx] >= 0
 
     return mask_mod
 
@@ -54,7 +48,20 @@ def sliding_window_mask_mod(window: int):
     return mask_mod
 
 
-# ---- one mask per forward ----
+# ---- which backend a forward uses, and its mask (built once per forward) ----
+
+
+def attention_backend(requested: str | None, device: torch.device, output_attentions: bool = False) -> str:
+    """The backend actually used for `requested` (config._attn_implementation). Called by the model (to build the
+    matching mask) and by each attention module (to dispatch), with the same arguments, so both agree.
+    - output_attentions: eager, the only backend that materialises the probabilities (transformers' sdpa and flex
+      return none), for this call only;
+    - flex_attention has no backward on CPU, so CPU forwards that record gradients use sdpa."""
+    if output_attentions:
+        return "eager"
+    if requested == "flex_attention" and (flex_attention is None or (device.type == "cpu" and torch.is_grad_enabled())):
+        return "sdpa"
+    return requested or "sdpa"
 
 
 def dense_attention_mask(document_ids: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
@@ -62,56 +69,47 @@ def dense_attention_mask(document_ids: torch.Tensor, sliding_window: int | None)
     allowed = document_ids[:, :, None] == document_ids[:, None, :]  # (B, L, L)
     if sliding_window is not None:
         idx = torch.arange(document_ids.shape[1], device=document_ids.device)
-        allowed &= (idx[:, None] - idx[None, :]).abs() <= sliding_window
+        allowed = allowed & ((idx[:, None] - idx[None, :]).abs() <= sliding_window)
     return allowed[:, None]
 
 
 def flex_block_mask(document_ids: torch.Tensor, sliding_window: int | None):
     """BlockMask for flex_attention; fully masked 128x128 blocks are skipped, which is where packing pays off."""
     batch, length = document_ids.shape
-    mask_mod = document_mask_mod(document_ids)  # padding (-1) == padding (-1): padding rows stay non-empty
+    mask_mod = document_mask_mod(document_ids)
     if sliding_window is not None:
         mask_mod = and_masks(mask_mod, sliding_window_mask_mod(sliding_window))
     return create_block_mask(mask_mod, batch, None, length, length, device=document_ids.device)
 
 
-def build_attention_mask(implementation: str, document_ids: torch.Tensor, sliding_window: int | None):
-    if implementation == "flex_attention":
+def build_attention_mask(backend: str, document_ids: torch.Tensor, sliding_window: int | None):
+    if backend == "flex_attention":
         return flex_block_mask(document_ids, sliding_window)
     return dense_attention_mask(document_ids, sliding_window)
 
 
-# ---- backends: (q, k, v (B, H, L, D), mask, scale) -> (B, L, H, D) ----
+# ---- backends: (module, q, k, v (B, H, L, D), mask, scaling) -> ((B, L, H, D), probabilities or None) ----
 
 
-def sdpa_attention(q, k, v, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return out.transpose(1, 2)
+def eager_attention_forward(module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0, **kwargs):
+    """The reference: explicit softmax, whose probabilities (B, H, L, L) are returned (output_attentions)."""
+    scores = (query @ key.transpose(-1, -2)) * scaling  # (B, H, L, L)
+    scores = scores.masked_fill(~attention_mask, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    return (probs @ value).transpose(1, 2).contiguous(), probs
 
 
-def eager_attention(q, k, v, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, L, L)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    return (probs @ v).transpose(1, 2)
-
-
-def flex_attention_forward(q, k, v, mask: "BlockMask", scale: float) -> torch.Tensor:
+def flex_attention_forward(module, query, key, value, attention_mask: "BlockMask", scaling: float, **kwargs):
     # Eager flex is a reference implementation; the fast path is a compiled kernel. Inside a compiled region (the
     # trainer compiles each block) dynamo captures flex_attention itself; called eagerly on CUDA, the module-level
-    # compiled function is used (transformers' flex integration makes the same choice).
-    fn = _flex() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
-    return fn(q, k, v, block_mask=mask, scale=scale).transpose(1, 2)
+    # compiled function is used (transformers' flex integration makes the same choice). On CPU (forward only) it
+    # runs eagerly, where transformers' own flex backend would compile an Inductor CPU kernel first.
+    fn = _flex() if query.is_cuda and not torch.compiler.is_compiling() else flex_attention
+    out = fn(query, key, value, block_mask=attention_mask, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
 
 
-ATTENTION_FUNCTIONS = {"sdpa": sdpa_attention, "eager": eager_attention, "flex_attention": flex_attention_forward}
-
-
-def resolve_implementation(requested: str | None, device: torch.device, training: bool) -> str:
-    """The backend actually used. Flex has no backward on CPU, so CPU training silently uses SDPA."""
-    implementation = requested or "sdpa"
-    if implementation not in ATTENTION_FUNCTIONS:
-        raise ValueError(f"attn_implementation={implementation!r}: choose one of {sorted(ATTENTION_FUNCTIONS)}")
-    if implementation == "flex_attention" and (flex_attention is None or (device.type == "cpu" and training)):
-        return "sdpa"
-    return implementation
+# A local instance, as transformers does for a model that overrides a backend (e.g. Doge): "sdpa" is transformers'
+# own (with our boolean document mask), "flex_attention" ours above, "eager" the default passed to get_interface.
+ALL_ATTENTION_FUNCTIONS = AttentionInterface()
+ALL_ATTENTION_FUNCTIONS["flex_attention"] = flex_attention_forward

@@ -17,6 +17,13 @@ ESM2_VOCAB = (
 )
 # fmt: on
 
+# The residue alphabet of the input policy that `prepare` (training/validate.py) and the shipped tokenizer
+# (tokenization_speedplm.py) both apply: by default lowercase is upper-cased, one terminal '*' is stripped, the 20
+# standard and 5 ambiguous residues are accepted, gaps and everything else are rejected.
+STANDARD_RESIDUES = "".join(ESM2_VOCAB[4:24])  # "LAGVSERTIDPKQNFYMHWC", ids 4..23
+AMBIGUOUS_RESIDUES = "XBUZO"  # ids 24..28
+GAP_CHARACTERS = ".-"  # ids 29, 30: accepted by `prepare` only with allow_gaps=True
+
 # Size presets: architecture fields only. The "esm2-*-like" rows match ESM2's parameter counts (same hidden size,
 # depth and MLP width) with wider heads (64) because 16-dim heads waste tensor-core time; `speedrun-133m` is the
 # SpeedrunningPLMs default (24 blocks, hidden 768, MLP 8/3 -> 2048, U-Net + value embeddings).
@@ -72,8 +79,11 @@ class SpeedPLMConfig(PretrainedConfig):
         token_dropout: ESM2's rescaling of embeddings by the observed mask rate. Not supported (must be False): the
             RMSNorm applied to the embedding right after cancels any per-sequence rescale, so it would be a no-op.
         sliding_window: bidirectional window (tokens each side) for every layer; None = global attention.
-        kernels: "auto" (Triton where CUDA and triton exist, else torch), "triton", "torch", or the Triton kernels
-            to use joined by "+" (e.g. "linear_relu2+newton_schulz"; torch for the others).
+        kernels: "auto" (Triton for CUDA tensors where triton exists, else torch), "triton", "torch", or the Triton
+            kernels to use joined by "+" (e.g. "linear_relu2+newton_schulz"; torch for the others). Resolved once,
+            when the model is built (kernels_speedplm.select_kernels; SpeedPLMModel.kernels).
+    Base-class fields used here: num_labels and problem_type (task heads), attn_implementation (constructor
+    argument; "sdpa", "flex_attention" or "eager").
     """
 
     model_type = "speedplm"
@@ -191,3 +201,7 @@ class SpeedPLMConfig(PretrainedConfig):
             value = getattr(self, field)
             if not isinstance(value, int) or not 0 <= value < self.vocab_size:
                 fail(field, f"must be a token id in [0, {self.vocab_size})")
+
+
+# Hub remote code: config.json's auto_map gets "AutoConfig" from every save, in-repo or loaded from a checkpoint.
+SpeedPLMConfig.register_for_auto_class()

@@ -6,7 +6,8 @@
                                              X (M, K) or a stack (B, M, K)
     newton_schulz(G, steps, coefficients)    Muon's quintic orthogonalization built on xxt, one matrix or a stack
 
-`select_kernels("auto" | "triton" | "torch" | "linear_relu2+...", device)` returns the implementation to use.
+`select_kernels("auto" | "triton" | "torch" | "linear_relu2+...")` resolves a choice once (the model keeps the result);
+`triton_auto(device)` is the one "auto" rule.
 Shipped as Hub remote code: the triton import is guarded and every kernel has a torch path, so checkpoints load where
 triton is missing.
 The Triton ops are registered with torch.library (namespace "speedplm") so torch.compile traces them as opaque ops.
@@ -16,7 +17,8 @@ is first imported (tests and `python -m eval.gpu_benchmark --dry-run` do this).
 """
 
 import os
-from types import SimpleNamespace
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +38,7 @@ __all__ = [
     "HAS_TRITON",
     "INTERPRET",
     "NS_COEFFICIENTS",
+    "Kernels",
     "TRITON_KERNELS",
     "apply_rotary",
     "linear_relu2",
@@ -46,6 +49,7 @@ __all__ = [
     "qk_norm_rotary",
     "qk_norm_rotary_reference",
     "select_kernels",
+    "triton_auto",
     "xxt",
     "xxt_reference",
 ]
@@ -603,9 +607,9 @@ def newton_schulz(
 ) -> torch.Tensor:
     """Orthogonalize G (~U V^T of its SVD) in bf16, like torch.optim.Muon, with X X^T and b A + c A A (A symmetric,
     so A A = A A^T) on the symmetric xxt kernel. G is one matrix (M, N) or a stack of same-shape matrices (B, M, N),
-    orthogonalised each on its own in one launch per product. use_triton=None: on CUDA with triton."""
+    orthogonalised each on its own in one launch per product. use_triton=None: triton_auto(G.device)."""
     if use_triton is None:
-        use_triton = HAS_TRITON and G.is_cuda
+        use_triton = triton_auto(G.device)
     if not use_triton:
         return newton_schulz_reference(G, steps, coefficients, eps, dtype)
     a, b, c = coefficients
@@ -659,22 +663,55 @@ def newton_schulz_reference(
 AUTO_KERNELS = TRITON_KERNELS
 
 
-def select_kernels(choice: str, device) -> SimpleNamespace:
-    """The implementation of each kernel for `choice` (see parse_kernels) on `device`.
+def triton_auto(device) -> bool:
+    """The "auto" rule, its only home: Triton for tensors on a CUDA device when triton is importable."""
+    return HAS_TRITON and torch.device(device).type == "cuda"
 
-    auto: AUTO_KERNELS in Triton when triton is importable, CUDA is available and `device` is CUDA; torch otherwise.
-    Named kernels ("triton" or a subset) run in Triton everywhere (on CPU only under TRITON_INTERPRET=1: how the
-    tests run them) and raise without triton.
+
+def linear_relu2_auto(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Under "auto": Triton on CUDA tensors, the torch twin elsewhere (x.device is static under torch.compile)."""
+    return linear_relu2(x, weight) if triton_auto(x.device) else linear_relu2_reference(x, weight)
+
+
+def qk_norm_rotary_auto(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float = 1e-6):
+    """Under "auto": Triton on CUDA tensors, the torch twin elsewhere."""
+    fn = qk_norm_rotary if triton_auto(q.device) else qk_norm_rotary_reference
+    return fn(q, k, cos, sin, eps)
+
+
+class Kernels(NamedTuple):
+    """One kernel choice, resolved: the model keeps it (SpeedPLMModel.kernels), DistributedMuon reads newton_schulz."""
+
+    name: str
+    linear_relu2: Callable
+    qk_norm_rotary: Callable
+    newton_schulz: bool | None  # use_triton for newton_schulz(): True, False, or None = per tensor (triton_auto)
+
+
+def select_kernels(choice: str, device=None) -> Kernels:
+    """The implementation of each kernel for `choice` (see parse_kernels).
+
+    auto: AUTO_KERNELS in Triton where `triton_auto` holds; with `device` given it is decided for that device,
+    without one it is decided per call from the tensors' device (what the model keeps, so one model serves any
+    device). Named kernels ("triton" or a subset) run in Triton everywhere (on CPU only under TRITON_INTERPRET=1: how
+    the tests run them) and raise without triton.
     """
-    device = torch.device(device)
     names = parse_kernels(choice)
+    if names is None and device is None:  # decided per tensor
+        auto = AUTO_KERNELS if HAS_TRITON else ()
+        return Kernels(
+            name="auto" if auto else "torch",
+            linear_relu2=linear_relu2_auto if "linear_relu2" in auto else linear_relu2_reference,
+            qk_norm_rotary=qk_norm_rotary_auto if "qk_norm_rotary" in auto else qk_norm_rotary_reference,
+            newton_schulz=None if "newton_schulz" in auto else False,
+        )
     if names is None:
-        auto = HAS_TRITON and torch.cuda.is_available() and device.type == "cuda"
-        names = AUTO_KERNELS if auto else ()
+        names = AUTO_KERNELS if triton_auto(device) else ()
     elif names:
         _require_triton()
-    return SimpleNamespace(  # the model's kernels; Newton-Schulz is chosen by DistributedMuon from the same setting
+    return Kernels(
         name="torch" if not names else "triton" if set(names) == set(TRITON_KERNELS) else "+".join(names),
         linear_relu2=linear_relu2 if "linear_relu2" in names else linear_relu2_reference,
         qk_norm_rotary=qk_norm_rotary if "qk_norm_rotary" in names else qk_norm_rotary_reference,
+        newton_schulz="newton_schulz" in names,
     )

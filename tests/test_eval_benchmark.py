@@ -45,6 +45,7 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     speedplm = randomized_tiny_model(seed=1)
     speedplm.save_pretrained(root / "speedplm")
+    build_tokenizer().save_pretrained(root / "speedplm")  # save_pretrained is transformers': weights + config + code
     torch.manual_seed(2)
     esm = esm_twin(SpeedPLMConfig.from_preset("tiny"))
     esm.save_pretrained(root / "esm")

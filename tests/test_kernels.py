@@ -366,8 +366,8 @@ def test_model_with_triton_kernels_matches_torch_kernels():
     labels[0, [3, 8, 14]] = ids[0, [3, 8, 14]]
     results = {}
     for choice in ("torch", "triton"):
-        model = randomized_tiny_model(seed=5)
-        model.config.kernels = choice
+        model = randomized_tiny_model(seed=5, kernels=choice)  # the kernel set is resolved when the model is built
+        assert model.model.kernels.name == choice
         out = model(ids, document_ids=doc, labels=labels)
         out.loss.backward()
         results[choice] = (out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})

@@ -4,7 +4,8 @@ import pytest
 import torch
 from conftest import PROTEINS, randomized_tiny_model
 
-from modeling_speedplm.modeling_speedplm import positions_from
+from modeling_speedplm.attention_speedplm import dense_attention_mask
+from modeling_speedplm.modeling_speedplm import document_ids_from, positions_from, rms_norm
 
 
 def padded_batch(tokenizer, proteins):
@@ -76,7 +77,7 @@ def test_backends_agree(tokenizer, sliding_window):
     packed_ids, document_ids = packed_row(tokenizer, PROTEINS)
     logits = {}
     for implementation in ("sdpa", "eager", "flex_attention"):  # flex: forward only on CPU
-        model.config._attn_implementation = implementation
+        model.set_attn_implementation(implementation)
         with torch.no_grad():
             logits[implementation] = model(packed_ids, document_ids=document_ids).logits
     torch.testing.assert_close(logits["eager"], logits["sdpa"], atol=1e-5, rtol=0)
@@ -85,7 +86,7 @@ def test_backends_agree(tokenizer, sliding_window):
 
 def test_flex_requested_on_cpu_still_trains(tokenizer):
     model = randomized_tiny_model()
-    model.config._attn_implementation = "flex_attention"
+    model.set_attn_implementation("flex_attention")
     packed_ids, document_ids = packed_row(tokenizer, PROTEINS)
     labels = torch.full_like(packed_ids, -100)
     labels[0, 3:40:4] = packed_ids[0, 3:40:4]
@@ -112,21 +113,25 @@ def test_every_parameter_gets_a_gradient(tokenizer, switches):
         assert param.grad.abs().sum() > 0, f"{name} has a zero gradient"
 
 
-def test_training_head_runs_on_scored_positions_only(tokenizer):
+def test_sparse_prediction_runs_the_head_on_scored_positions_only(tokenizer):
+    """The trainer's switch: head on scored positions, (N_scored, V), same loss; without it (B, L, V) in any mode."""
     model = randomized_tiny_model()
     input_ids, attention_mask = padded_batch(tokenizer, PROTEINS)
     labels = torch.full_like(input_ids, -100)
     labels[:, 5] = input_ids[:, 5]
     labels[0, 9] = input_ids[0, 9]
+    sparse = model.train()(input_ids, attention_mask=attention_mask, labels=labels, sparse_prediction=True)
+    assert sparse.logits.shape == (len(PROTEINS) + 1, 33)
     train_out = model.train()(input_ids, attention_mask=attention_mask, labels=labels)
-    assert train_out.logits.shape == (len(PROTEINS) + 1, 33)
     eval_out = model.eval()(input_ids, attention_mask=attention_mask, labels=labels)
-    assert eval_out.logits.shape == (*input_ids.shape, 33)
+    assert train_out.logits.shape == eval_out.logits.shape == (*input_ids.shape, 33)
+    torch.testing.assert_close(sparse.loss, eval_out.loss, atol=1e-6, rtol=0)
     torch.testing.assert_close(train_out.loss, eval_out.loss, atol=1e-6, rtol=0)
     # hand-computed cross-entropy over the 5 scored positions
     scored = labels != -100
     expected = torch.nn.functional.cross_entropy(eval_out.logits[scored], labels[scored])
     torch.testing.assert_close(eval_out.loss, expected)
+    torch.testing.assert_close(sparse.logits, eval_out.logits[scored], atol=1e-5, rtol=0)
 
 
 def test_soft_cap_bounds_logits(tokenizer):
@@ -138,10 +143,29 @@ def test_soft_cap_bounds_logits(tokenizer):
 
 
 def test_hidden_states_cover_every_layer(tokenizer):
+    """hidden_states = (embedding output, block 1 output, ..., block L output after the final norm); each one equals
+    the block applied by hand to the previous one (plus its U-Net skip), and hidden_states[-1] is last_hidden_state."""
     model = randomized_tiny_model().eval()
-    out = model.model(**tokenizer(PROTEINS[:2], padding=True, return_tensors="pt"), output_hidden_states=True)
-    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
-    assert out.last_hidden_state.shape == out.hidden_states[-1].shape
+    batch = tokenizer(PROTEINS[:2], padding=True, return_tensors="pt")
+    base, eps = model.model, model.config.rms_norm_eps
+    with torch.no_grad():
+        out = base(**batch, output_hidden_states=True)
+        hidden = out.hidden_states
+        assert len(hidden) == model.config.num_hidden_layers + 1
+        assert torch.equal(hidden[-1], out.last_hidden_state)
+        documents = document_ids_from(batch["input_ids"], batch["attention_mask"], None)
+        cos, sin = base.rotary(positions_from(documents))
+        mask = dense_attention_mask(documents, None)
+        x0 = rms_norm(base.embed_tokens(batch["input_ids"]), eps)
+        torch.testing.assert_close(hidden[0], x0, atol=0, rtol=0)
+        n, half = len(base.layers), len(base.layers) // 2
+        for i, block in enumerate(base.layers):
+            x = hidden[i] if i < half else hidden[i] + base.skip_weights[i - half] * hidden[n - i]
+            table = base.value_table_of_layer[i]
+            ve = base.value_embeds[table](batch["input_ids"]) if table is not None else None
+            expected = block(x, x0, ve, cos, sin, mask)
+            expected = rms_norm(expected, eps) if i == n - 1 else expected
+            torch.testing.assert_close(hidden[i + 1], expected, atol=1e-6, rtol=0, msg=f"hidden state {i + 1}")
 
 
 def test_zero_initialised_projections():

@@ -57,10 +57,12 @@ def briefly_trained(model, tokenizer, steps=60):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     from modeling_speedplm import build_tokenizer
+    from training.card import write_tokenizer_and_card
 
     model = briefly_trained(randomized_tiny_model(seed=3), build_tokenizer())
     directory = tmp_path_factory.mktemp("ckpt")
     model.save_pretrained(directory)
+    write_tokenizer_and_card(model, directory)  # what the trainer writes beside final/ and each Hub push
     return model, directory
 
 
@@ -76,11 +78,23 @@ def test_checkpoint_folder_contents(checkpoint):
         "modeling_speedplm.py",
         "configuration_speedplm.py",
         "attention_speedplm.py",
+        "tokenization_speedplm.py",
     } <= files
     auto_map = json.loads((directory / "config.json").read_text())["auto_map"]
-    assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForMaskedLM"}
+    assert auto_map == {
+        "AutoConfig": "configuration_speedplm.SpeedPLMConfig",
+        "AutoModel": "modeling_speedplm.SpeedPLMModel",
+        "AutoModelForMaskedLM": "modeling_speedplm.SpeedPLMForMaskedLM",
+        "AutoModelForSequenceClassification": "modeling_speedplm.SpeedPLMForSequenceClassification",
+        "AutoModelForTokenClassification": "modeling_speedplm.SpeedPLMForTokenClassification",
+    }
+    tokenizer_map = json.loads((directory / "tokenizer_config.json").read_text())["auto_map"]
+    assert tokenizer_map == {"AutoTokenizer": ["tokenization_speedplm.SpeedPLMTokenizer", None]}
     card = (directory / "README.md").read_text()
-    assert f"{checkpoint[0].num_parameters():,}" in card and "trust_remote_code=True" in card
+    assert f"{checkpoint[0].num_parameters():,}" in card
+    # every from_pretrained line of the card's example says trust_remote_code=True (AutoTokenizer included)
+    loads = [line for line in card.splitlines() if ".from_pretrained(" in line]
+    assert len(loads) >= 2 and all("trust_remote_code=True" in line for line in loads), loads
 
 
 @pytest.mark.parametrize("block_triton", [False, True], ids=["plain", "no-triton"])
@@ -106,17 +120,44 @@ def test_round_trip_in_fresh_process(checkpoint, tmp_path, tokenizer, block_trit
     torch.testing.assert_close(loaded["logits"], expected.logits, atol=1e-6, rtol=0)
     torch.testing.assert_close(loaded["hidden"], hidden, atol=1e-6, rtol=0)
     assert loaded["n_hidden"] == model.config.num_hidden_layers + 1
-    assert loaded["classes"] == ["SpeedPLMForMaskedLM", "SpeedPLMModel", "EsmTokenizer"]
+    assert loaded["classes"] == ["SpeedPLMForMaskedLM", "SpeedPLMModel", "SpeedPLMTokenizer"]
     amino_acids = set("LAGVSERTIDPKQNFYMHWCXBUZO")
     assert len(loaded["fill"]) == 5 and set(loaded["fill"]) <= amino_acids | {".", "-"}
     if block_triton:
         assert not loaded["triton_loaded"]
 
 
-def test_auto_classes_in_process():
-    from transformers import AutoModelForMaskedLM
+def test_auto_classes_in_process(tmp_path, tokenizer):
+    """Each Auto class builds our class from a SpeedPLMConfig in-process, saves, and loads back the same weights
+    (same outputs) through the same Auto class; the saved auto_map names every class, whichever one was saved."""
+    from transformers import (
+        AutoModel,
+        AutoModelForMaskedLM,
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+    )
 
-    from modeling_speedplm import SpeedPLMConfig, SpeedPLMForMaskedLM
+    import modeling_speedplm as M
 
-    model = AutoModelForMaskedLM.from_config(SpeedPLMConfig.from_preset("tiny"))
-    assert isinstance(model, SpeedPLMForMaskedLM)
+    config = M.SpeedPLMConfig.from_preset("tiny", num_labels=3)
+    batch = tokenizer(PROTEINS[:2], padding=True, return_tensors="pt")
+    expected = {
+        AutoModel: (M.SpeedPLMModel, "last_hidden_state", (2, batch["input_ids"].shape[1], 64)),
+        AutoModelForMaskedLM: (M.SpeedPLMForMaskedLM, "logits", (*batch["input_ids"].shape, 33)),
+        AutoModelForSequenceClassification: (M.SpeedPLMForSequenceClassification, "logits", (2, 3)),
+        AutoModelForTokenClassification: (M.SpeedPLMForTokenClassification, "logits", (*batch["input_ids"].shape, 3)),
+    }
+    for auto, (cls, field, shape) in expected.items():
+        torch.manual_seed(0)
+        model = auto.from_config(config).eval()
+        assert type(model) is cls
+        directory = tmp_path / cls.__name__
+        model.save_pretrained(directory)
+        reloaded = auto.from_pretrained(directory).eval()
+        assert type(reloaded) is cls
+        with torch.no_grad():
+            out, again = getattr(model(**batch), field), getattr(reloaded(**batch), field)
+        assert out.shape == shape
+        torch.testing.assert_close(again, out, atol=0, rtol=0)
+        auto_map = json.loads((directory / "config.json").read_text())["auto_map"]
+        assert {auto_map[a.__name__].split(".")[-1] for a in expected} == {c.__name__ for c, _, _ in expected.values()}

@@ -29,6 +29,7 @@ import torch
 from modeling_speedplm import SpeedPLMConfig
 
 from .accelerate_compat import one_model_for_every_optimizer
+from .card import write_tokenizer_and_card
 from .config import MODEL_FIELDS
 
 logger = logging.getLogger("speedplm")
@@ -81,9 +82,17 @@ def unsharded_model(model: torch.nn.Module, state_dict: dict) -> torch.nn.Module
     return plain
 
 
-def save_pretrained(accelerator, model, directory: Path, state_dict: dict | None = None, weights=True, **kwargs):
-    """The main process writes a `save_pretrained` folder of the full model. Call it on every rank: under FSDP2
-    the full weights are gathered first (unless `state_dict`, from full_state_dict(), is given). weights=False
+def save_pretrained(
+    accelerator,
+    model,
+    directory: Path,
+    state_dict: dict | None = None,
+    weights=True,
+    training_summary: str | None = None,
+) -> None:
+    """The main process writes a `save_pretrained` folder of the full model, with the tokenizer and model card
+    beside it (training/card.py): what final/, each checkpoint and every Hub push hold. Call it on every rank: under
+    FSDP2 the full weights are gathered first (unless `state_dict`, from full_state_dict(), is given). weights=False
     writes everything but the weights (config, remote code, tokenizer, card), except under FSDP2."""
     if state_dict is None:
         state_dict = full_state_dict(accelerator, model)
@@ -96,13 +105,15 @@ def save_pretrained(accelerator, model, directory: Path, state_dict: dict | None
         # transformers writes no weight file for an empty state dict; staged apart so that nothing it writes can
         # replace the weights already in `directory`
         staging = Path(directory) / ".model-files"
-        unwrapped.save_pretrained(staging, state_dict={}, **kwargs)
+        unwrapped.save_pretrained(staging, state_dict={})
         for path in staging.iterdir():
             if path.name not in WEIGHT_FILES:
                 os.replace(path, Path(directory) / path.name)
         shutil.rmtree(staging)
+        write_tokenizer_and_card(unwrapped, directory, training_summary)
         return
-    unwrapped.save_pretrained(directory, **kwargs)
+    unwrapped.save_pretrained(directory)
+    write_tokenizer_and_card(unwrapped, directory, training_summary)
 
 
 def model_config_difference(directory: Path, current: SpeedPLMConfig) -> list[str]:

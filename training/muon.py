@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from modeling_speedplm.kernels_speedplm import AUTO_KERNELS, NS_COEFFICIENTS, newton_schulz, parse_kernels
+from modeling_speedplm.kernels_speedplm import NS_COEFFICIENTS, Kernels, newton_schulz, select_kernels
 
 
 def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape) -> float:
@@ -41,9 +41,10 @@ def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape) -> float:
 
 
 class DistributedMuon(torch.optim.Optimizer):
-    """torch.optim.Muon's hyperparameters and update; plus `kernels` ("auto": Triton xxt Newton-Schulz on CUDA,
-    "triton", "torch", or the model config's "+"-joined kernel selection: Triton iff it names "newton_schulz") and
-    `process_group` (default: the world group if torch.distributed is initialised).
+    """torch.optim.Muon's hyperparameters and update; plus `kernels` (the model's resolved set, `model.kernels`, or
+    a setting: "auto": Triton xxt Newton-Schulz on CUDA, "triton", "torch", or a "+"-joined kernel selection: Triton
+    iff it names "newton_schulz"; kernels_speedplm.select_kernels either way) and `process_group` (default: the
+    world group if torch.distributed is initialised).
     Precondition: gradients are identical on all ranks when `step()` runs (DDP / accelerate all-reduce them), or,
     for DTensor parameters (FSDP2), each rank holds its shard of the reduced gradient; `step()` is then a collective
     over the parameters' mesh that every rank must call."""
@@ -59,7 +60,7 @@ class DistributedMuon(torch.optim.Optimizer):
         eps: float = 1e-7,
         ns_steps: int = 5,
         adjust_lr_fn: str | None = None,
-        kernels: str = "auto",
+        kernels: str | Kernels = "auto",
         process_group=None,
         ns_dtype: torch.dtype | None = None,
         stack: bool | None = None,
@@ -68,8 +69,8 @@ class DistributedMuon(torch.optim.Optimizer):
             raise ValueError(f"DistributedMuon: lr={lr}, momentum={momentum}, weight_decay={weight_decay} must be >= 0")
         if adjust_lr_fn not in (None, "original", "match_rms_adamw"):
             raise ValueError(f"DistributedMuon: adjust_lr_fn={adjust_lr_fn!r} is not supported")
-        try:  # the model's `kernels` setting: "auto", "triton", "torch" or a "+"-joined selection of Triton kernels
-            selected = parse_kernels(kernels)
+        try:  # the model's resolved kernel set, or a `kernels` setting resolved by the same rule
+            resolved = kernels if isinstance(kernels, Kernels) else select_kernels(kernels)
         except ValueError as err:
             raise ValueError(f"DistributedMuon: {err}") from None
         defaults = dict(
@@ -87,10 +88,7 @@ class DistributedMuon(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.ndim != 2:
                     raise ValueError(f"DistributedMuon: only 2-D parameters, got one of shape {tuple(p.shape)}")
-        if selected is None:  # "auto": Triton on CUDA if the benchmark kept it in AUTO_KERNELS
-            self.use_triton = None if "newton_schulz" in AUTO_KERNELS else False
-        else:
-            self.use_triton = "newton_schulz" in selected
+        self.use_triton = resolved.newton_schulz  # None: triton_auto decides per tensor
         self.process_group = process_group
         # Newton-Schulz precision: bf16 on GPUs (tensor cores; torch.optim.Muon's choice), fp32 on CPUs, where bf16
         # matmuls are ~19x slower and made Muon cost more than the forward/backward of a small model.

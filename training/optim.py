@@ -36,7 +36,7 @@ def build_optimizers(model: torch.nn.Module, cfg: TrainSection) -> list[torch.op
         lr=cfg.muon_lr,
         momentum=cfg.muon_momentum_start,
         weight_decay=cfg.weight_decay,
-        kernels=getattr(model.config, "kernels", "auto"),
+        kernels=model.base_model.kernels,  # the model's kernel set, resolved once when it was built
     )
     adam_groups = [
         {"params": groups["embed"], "lr": cfg.embed_lr},

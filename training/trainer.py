@@ -20,6 +20,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, set_seed
 from torch.distributed.tensor import DTensor
+from transformers import AutoModelForMaskedLM
 
 from modeling_speedplm import SpeedPLMForMaskedLM
 
@@ -99,10 +100,9 @@ def build_accelerator(config: RunConfig) -> Accelerator:
 
 
 def build_model(config: RunConfig) -> SpeedPLMForMaskedLM:
-    model = SpeedPLMForMaskedLM(config.model_config())
     requested = config.model.attn_implementation
-    model.config._attn_implementation = requested or ("flex_attention" if torch.cuda.is_available() else "sdpa")
-    return model
+    attn_implementation = requested or ("flex_attention" if torch.cuda.is_available() else "sdpa")
+    return AutoModelForMaskedLM.from_config(config.model_config(), attn_implementation=attn_implementation)
 
 
 class Trainer:
@@ -304,7 +304,7 @@ class Trainer:
             last = i == len(micro_batches) - 1
             with contextlib.nullcontext() if last else acc.no_sync(model):  # all-reduce once per step
                 with acc.autocast():
-                    loss = model(**batch).loss
+                    loss = model(**batch, sparse_prediction=True).loss  # LM head on scored tokens only
                 if inject_nan:
                     loss = loss * float("nan")
                 # DDP (and FSDP2's reduce-scatter) average gradients over ranks, hence x world: the result is

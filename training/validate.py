@@ -33,15 +33,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-from modeling_speedplm.configuration_speedplm import ESM2_VOCAB
+from modeling_speedplm.configuration_speedplm import AMBIGUOUS_RESIDUES, ESM2_VOCAB, GAP_CHARACTERS, STANDARD_RESIDUES
 
 VOCAB = ESM2_VOCAB
 CLS, PAD, EOS, UNK = (VOCAB.index(t) for t in ("<cls>", "<pad>", "<eos>", "<unk>"))
 MASK = VOCAB.index("<mask>")
 FIRST_RESIDUE, LAST_STANDARD, LAST_RESIDUE = 4, 23, 30  # L..C are the 20 standard residues; X..O, '.', '-' follow
-STANDARD = "".join(VOCAB[FIRST_RESIDUE : LAST_STANDARD + 1])  # "LAGVSERTIDPKQNFYMHWC"
-AMBIGUOUS = "XBUZO"
-GAPS = ".-"
+# the alphabet's one home is configuration_speedplm, shared with the tokenizer shipped in every checkpoint
+STANDARD, AMBIGUOUS, GAPS = STANDARD_RESIDUES, AMBIGUOUS_RESIDUES, GAP_CHARACTERS
 # Shards record this hash so a shard written under another vocabulary order is refused when loaded.
 VOCAB_HASH = hashlib.sha256("\n".join(VOCAB).encode()).hexdigest()[:32]
 BAD = 255  # LUT value for a byte that is not an accepted residue

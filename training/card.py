@@ -1,6 +1,13 @@
-"""The model card (README.md) written beside every checkpoint."""
+"""What the training side writes beside every saved model: the tokenizer and the model card (README.md).
 
-from .configuration_speedplm import SpeedPLMConfig
+`save_pretrained` itself is transformers' (weights, config, remote code); a folder the run publishes (final/, each Hub
+push) also gets these two, through `write_tokenizer_and_card`, so it is self-contained for AutoTokenizer, pipelines
+and the Hub page.
+"""
+
+from pathlib import Path
+
+from modeling_speedplm import SpeedPLMConfig, build_tokenizer
 
 
 def model_card(
@@ -46,17 +53,31 @@ A masked-language-model encoder over amino-acid sequences (ESM2 vocabulary and t
 
 ```python
 from transformers import AutoModelForMaskedLM, AutoTokenizer
-tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
+tokenizer = AutoTokenizer.from_pretrained("{repo_id}", trust_remote_code=True)
 model = AutoModelForMaskedLM.from_pretrained("{repo_id}", trust_remote_code=True)
 batch = tokenizer(["MQIFVKTLTGKTITLEVEPSDTIENVKAKIQDKEGIPPDQQRLIFAGKQLEDGRTLSDYNIQKESTLHLVLRLRGG"], return_tensors="pt")
 logits = model(**batch).logits  # (batch, length, 33)
 ```
 
-Several proteins can share one row: pass `document_ids` (protein index per token, -1 on padding); positions and
-the attention mask are derived per protein. Embeddings: `AutoModel.from_pretrained(..., trust_remote_code=True)`
-with `output_hidden_states=True`.
+The tokenizer applies the training data's policy: lowercase is upper-cased, one terminal `*` stripped, anything
+outside the ESM2 alphabet (digits, `J`, gaps, whitespace inside) raises a ValueError naming its position, and a
+protein longer than {config.max_position_embeddings - 2} residues raises unless you pass `truncation=True`.
+
+Task heads: `AutoModelForSequenceClassification` (one prediction per protein, mean over its residues) and
+`AutoModelForTokenClassification` load this checkpoint with `num_labels=k` and a new head. Embeddings:
+`AutoModel.from_pretrained(..., trust_remote_code=True)` (`last_hidden_state`, or `output_hidden_states=True`);
+attention maps: `attn_implementation="eager"` and `output_attentions=True`. Several proteins can share one row: pass
+`document_ids` (protein index per token, -1 on padding); positions and the attention mask are derived per protein.
 
 ## Training data
 
 {training_summary or "See the training run's config.yaml."}
 """
+
+
+def write_tokenizer_and_card(model, directory: Path, training_summary: str | None = None) -> None:
+    """The tokenizer (SpeedPLMTokenizer, remote code, ESM2 ids) and README.md beside `model`'s save_pretrained."""
+    config = model.config
+    build_tokenizer(config.max_position_embeddings).save_pretrained(directory)
+    card = model_card(config, model.num_parameters(), training_summary=training_summary)
+    (Path(directory) / "README.md").write_text(card)
