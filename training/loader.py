@@ -206,13 +206,14 @@ class _EpochPlan:
         firsts = [w.first_row for w in self.windows]
         return self.windows[bisect_right(firsts, row) - 1]
 
-    def rows(self, start: int, stop: int) -> list[list[tuple[_Window, int]]]:
-        """Rows [start, stop) (they must exist) as lists of (window, protein position in it)."""
+    def rows(self, start: int, stop: int) -> list[list[tuple[int, int, int, int, int]]]:
+        """Rows [start, stop) (they must exist): each a list of (shard, start, length, crc, id) per protein."""
         out = []
         for r in range(start, stop):
             win = self.window_of(r)
-            i = r - win.first_row
-            out.append([(win, k) for k in range(int(win.row_offsets[i]), int(win.row_offsets[i + 1]))])
+            a, b = win.row_offsets[r - win.first_row : r - win.first_row + 2].tolist()
+            columns = (win.shard[a:b], win.start[a:b], win.length[a:b], win.crc[a:b], win.ids[a:b])
+            out.append(list(zip(*(c.tolist() for c in columns))))
         return out
 
     def release_before(self, row: int) -> None:
@@ -236,7 +237,7 @@ class _BatchStream(IterableDataset):
         g = b * s.world_size + s.rank
         plan.ensure((g + 1) * s.rows)
         first, last = g * s.rows, min((g + 1) * s.rows, plan.total_rows)
-        rows = [[self.crop(plan.epoch, win, k) for win, k in row] for row in plan.rows(first, last)]
+        rows = [[self.crop(plan.epoch, *protein) for protein in row] for row in plan.rows(first, last)]
         if not rows:  # finite loader, this rank has run out: filler with nothing to score
             rows = [[np.zeros(0, dtype=np.uint8)]]
         if s.fixed_mask_step is not None:
@@ -252,13 +253,11 @@ class _BatchStream(IterableDataset):
         win = plan.window_of(min(first, plan.total_rows - 1))
         return win.index, win.first_row, self.collator.rate(step), batch
 
-    def crop(self, epoch: int, win: _Window, k: int) -> np.ndarray:
-        start, n = int(win.start[k]), int(win.length[k])
-        tokens = self.blocks.shards.read(int(win.shard[k]), start, start + n, int(win.crc[k]))
+    def crop(self, epoch: int, shard: int, start: int, n: int, crc: int, d: int) -> np.ndarray:
+        tokens = self.blocks.shards.read(shard, start, start + n, crc)
         window = self.spec.max_length - 2
         if n <= window:
             return tokens
-        d = int(win.ids[k])
         offset = 0 if self.spec.crop == "first" else mix64(self.spec.seed, epoch, d) % (n - window + 1)
         return tokens[offset : offset + window]
 

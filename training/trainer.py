@@ -135,6 +135,7 @@ def resume(config: RunConfig, checkpoints: CheckpointManager, model, train_loade
     loader_state, state = checkpoints.load(directory, model)
     if config.train.resume_data_state:
         train_loader.load_state_dict(loader_state)
+    train_loader.set_optimizer_step(state["step"])  # the mask-rate clock is the optimizer step, data restored or not
     metrics.truncate_after(state["step"])
     logger.info("resumed from %s at step %d", directory, state["step"])
     return Progress(**state)
@@ -303,7 +304,8 @@ def _loop(
             step, last_step = progress.step, progress.step == t.max_steps
             if step % t.log_every == 0 or last_step or not finite:
                 elapsed = max(time.perf_counter() - window["time"], 1e-9)
-                tps = window["tokens"] / elapsed
+                tps = window["tokens"] / elapsed  # global: every rank's tokens
+                tps_device = tps / accelerator.num_processes  # torchtitan's per-device rate; MFU is per device
                 row = {
                     "step": step,
                     "tokens": progress.tokens,
@@ -311,9 +313,10 @@ def _loop(
                     "lr": schedulers[0].get_last_lr()[0],
                     "grad_norm": grad_norm,
                     "tokens_per_s": tps,
-                    "mask_rate": train_loader.collator.rate(step - 1),
+                    "tokens_per_s_per_device": tps_device,
+                    "mask_rate": train_loader.last_mask_rate,  # the rate the last batch was masked with
                     "data_wait": window["data_wait"] / elapsed,
-                    "mfu": tps * flops / peak if peak else None,
+                    "mfu": tps_device * flops / peak if peak else None,
                     "bad_steps": progress.bad_steps,
                     "train_seconds": progress.train_seconds,
                 }
@@ -332,10 +335,11 @@ def _loop(
                 run_eval(config, accelerator, model, eval_loaders, "valid", progress, metrics)
             stop_code = 128 + stop.signum if stop.signum else 0
             stop_code = int(accelerator.reduce(torch.tensor(stop_code, device=accelerator.device), "max").item())
-            if (t.save_every and step % t.save_every == 0) or stop_code or last_step:
-                checkpoints.save(step, model, train_loader.state_dict(), vars(progress))
-            if publisher is not None and config.hub.push_every and step % config.hub.push_every == 0 and not last_step:
-                publisher.push_model(step, training_summary(config, progress))
+            push = publisher is not None and config.hub.push_every and step % config.hub.push_every == 0
+            if (t.save_every and step % t.save_every == 0) or stop_code or last_step or push:
+                saved = checkpoints.save(step, model, train_loader.state_dict(), vars(progress))
+            if push and not last_step:  # staged from that checkpoint by the pusher's thread, off the step path
+                publisher.push_checkpoint(step, saved, training_summary(config, progress))
             if stop_code:
                 bar.close()
                 if publisher is not None:
@@ -350,7 +354,7 @@ def _loop(
     save_pretrained(accelerator, model, config.run_dir / "final", training_summary=training_summary(config, progress))
     accelerator.wait_for_everyone()
     if publisher is not None:
-        publisher.push_model(progress.step, training_summary(config, progress), final=True)
+        publisher.push_final(config.run_dir / "final", progress.step)
         publisher.finish()
 
 
