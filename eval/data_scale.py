@@ -17,8 +17,9 @@ process reports, for its whole process tree (itself + the DataLoader workers, fo
 The table adds the per-protein slope of PSS between the smallest and the largest N and its extrapolation to 207 M
 proteins (OMGprot50). Targets (issue 12): < 1.5 GiB at 20 M with 2 workers, <= 24 bytes/protein, reads <= 1%.
 
-`prepare`: a synthetic FASTA of `--prepare-proteins` proteins prepared with each `--num-proc`; wall time, residues/s,
-speedup over the first row, and whether the shards and report are byte-identical to the first row's.
+`prepare`: a synthetic FASTA of `--prepare-proteins` proteins prepared (in a fresh process) with each `--num-proc`;
+wall time, residues/s, speedup over the first row, CPU seconds of the main process and of the workers, and whether the
+shards and report are byte-identical to the first row's.
 
 `--code-root DIR` runs everything (writer, loader, prepare) from another checkout (e.g. an unchanged one, for
 before/after tables). Memory and time figures on a shared machine are noisy: compare rows of one run.
@@ -224,45 +225,71 @@ def _digest_tree(directory: Path) -> str:
     return digest.hexdigest()
 
 
-def run_prepare(args, root: Path) -> list[dict]:
+def measure_prepare(args) -> dict:
+    """In a fresh process: prepare args.prepare_measure[0] into [1] with num_proc [2]; wall and CPU seconds of this
+    process (reading, cutting, bookkeeping, writing) and of its workers (parsing, validating, tokenizing)."""
     import inspect
+    import resource
 
     from training.data import prepare
 
+    fasta, out, n = args.prepare_measure
+    kw = dict(num_proc=int(n)) if "num_proc" in inspect.signature(prepare).parameters else {}
+    t0, c0 = time.perf_counter(), time.process_time()
+    report = prepare([fasta], out, log=lambda *a: None, **kw)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return dict(
+        wall_s=time.perf_counter() - t0,
+        main_cpu_s=time.process_time() - c0,
+        workers_cpu_s=children.ru_utime + children.ru_stime,
+        accepted=report["accepted"],
+        parallel=bool(kw),
+    )
+
+
+def run_prepare(args, root: Path) -> list[dict]:
     fasta = root / "proteins.fasta"
     residues = write_fasta(fasta, args.prepare_proteins)
-    parallel = "num_proc" in inspect.signature(prepare).parameters
     rows = []
     for n in args.num_proc:
-        if n != 1 and not parallel:
-            print(f"  --num-proc {n}: this code's prepare has no num_proc; skipped")
-            continue
         out = root / f"prepared-{n}"
-        kw = dict(num_proc=n) if parallel else {}
-        t0 = time.perf_counter()
-        report = prepare([str(fasta)], out, log=lambda *a: None, **kw)
-        wall = time.perf_counter() - t0
+        cmd = [sys.executable, "-m", "eval.data_scale", "--prepare-measure", str(fasta), str(out), str(n)]
+        cmd += [f"--code-root={args.code_root}"] * bool(args.code_root)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=_repo())
+        if proc.returncode != 0:
+            raise SystemExit(f"prepare with {n} processes failed:\n{proc.stderr[-3000:]}")
+        row = json.loads(proc.stdout.splitlines()[-1])
+        assert row["accepted"] == args.prepare_proteins
+        if n != 1 and not row["parallel"]:
+            print(f"  --num-proc {n}: this code's prepare has no num_proc; skipped")
+            shutil.rmtree(out)
+            continue
         report_path = out / "report.json"
         report_path.write_text(json.dumps({**json.loads(report_path.read_text()), "inputs": None}))
-        rows.append(dict(num_proc=n, wall_s=wall, residues=residues, digest=_digest_tree(out)))
-        assert report["accepted"] == args.prepare_proteins
+        rows.append(dict(num_proc=n, residues=residues, digest=_digest_tree(out), **row))
         shutil.rmtree(out)
     fasta.unlink()
     return rows
 
 
-def prepare_table(rows: list[dict], proteins: int, fasta_bytes: int | None = None) -> str:
+def prepare_table(rows: list[dict], proteins: int) -> str:
     lines = [
         f"`prepare` of a synthetic FASTA, {proteins:,} proteins, {rows[0]['residues']:,} residues:",
         "",
-        "| processes | wall (s) | residues/s | speedup | output identical to 1 process |",
-        "|---|---|---|---|---|",
+        "| processes | wall (s) | residues/s | speedup | CPU s: main / workers | serial share | same output as 1 |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        cpu = r["main_cpu_s"] + r["workers_cpu_s"]
         lines.append(
             f"| {r['num_proc']} | {r['wall_s']:.1f} | {r['residues'] / r['wall_s'] / 1e6:.1f} M | "
-            f"{rows[0]['wall_s'] / r['wall_s']:.2f} | {'yes' if r['digest'] == rows[0]['digest'] else 'NO'} |"
+            f"{rows[0]['wall_s'] / r['wall_s']:.2f} | {r['main_cpu_s']:.1f} / {r['workers_cpu_s']:.1f} | "
+            f"{r['main_cpu_s'] / cpu:.0%} | {'yes' if r['digest'] == rows[0]['digest'] else 'NO'} |"
         )
+    lines.append(
+        "\nserial share = the main process's CPU (reading, cutting, duplicate checks, writing) / all CPU: with "
+        "N workers on N free cores the wall time is about max(main, workers / N)"
+    )
     return "\n".join(lines)
 
 
@@ -293,11 +320,15 @@ def main(argv=None) -> int:
     ap.add_argument("--code-root", help="import training/ from this checkout instead (before/after tables)")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--measure", help=argparse.SUPPRESS)  # internal: the fresh measuring process
+    ap.add_argument("--prepare-measure", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.code_root:
         sys.path.insert(0, args.code_root)
     if args.measure:
         print(json.dumps(measure_loader(args)))
+        return 0
+    if args.prepare_measure:
+        print(json.dumps(measure_prepare(args)))
         return 0
     root = Path(args.dir or tempfile.mkdtemp(prefix="speedplm-scale-"))
     root.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,6 @@ Assumes every rank sees the same filesystem (shared storage on multi-node runs).
 """
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -18,17 +17,11 @@ from pathlib import Path
 
 import torch
 
+from .checksum import sha256_file
+
 logger = logging.getLogger(__name__)
 
 MANIFEST, COMPLETE = "MANIFEST.json", "COMPLETE"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def parameter_shapes(model: torch.nn.Module) -> dict[str, list[int]]:

@@ -128,7 +128,7 @@ class _Blocks:
         self.shard = np.concatenate([np.full(len(c), s, np.int32) for s, c in enumerate(counts)] or [[]])
         self.first = np.concatenate([np.arange(len(c)) * block_docs for c in counts] or [[]]).astype(np.int64)
         self.count = np.concatenate(counts or [[]]).astype(np.int64)  # proteins in each block
-        self.base = self.first + np.asarray(shards._starts[:-1], np.int64)[self.shard]  # global id of the first
+        self.base = self.first + np.asarray(shards.starts[:-1], np.int64)[self.shard]  # global id of the first
         self.shards = shards
 
     def __len__(self) -> int:

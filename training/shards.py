@@ -7,7 +7,8 @@ Public API
         verify="header": magic, version, vocabulary and sizes of every shard against the manifest (64 bytes read per
                          shard: what a training start does); "sha256": also the sha256 of every shard (reads it all:
                          `python -m training.data verify DIR`, and `prepare` right after writing)
-        .num_docs, .num_tokens, .files, .shard_docs (proteins per shard), .doc(i) -> (n,) uint8, checked
+        .num_docs, .num_tokens, .files, .shard_docs (proteins per shard), .starts (first protein of each shard)
+        .doc(i) -> (n,) uint8, checked; .locate(i) -> (shard, index in it)
         .index(shard, first, count) -> (offsets (count + 1,) int64, crcs (count,) int64, -1 where unknown)
         .read(shard, start, stop, crc) -> (stop - start,) uint8 residues, checked against `crc`
         .lengths -> (num_docs,) int64 residues per protein (reads every offsets table: for tools and tests)
@@ -146,7 +147,7 @@ class ShardSet:
         self.shard_docs = [int(s["num_docs"]) for s in entries]
         self.num_docs = sum(self.shard_docs)
         self.num_tokens = sum(int(s["num_tokens"]) for s in entries)
-        self._starts = np.cumsum([0, *self.shard_docs])  # (shards + 1,) first global protein index of each shard
+        self.starts = np.cumsum([0, *self.shard_docs])  # (shards + 1,) first global protein index of each shard
         self._fds, self._pid, self._sha_checked = {}, None, set()
 
     @staticmethod
@@ -222,8 +223,8 @@ class ShardSet:
         """(shard, index within the shard) of global protein `i`."""
         if not 0 <= i < self.num_docs:
             raise IndexError(f"protein {i} of {self.num_docs}")
-        shard = int(np.searchsorted(self._starts, i, side="right")) - 1
-        return shard, i - int(self._starts[shard])
+        shard = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return shard, i - int(self.starts[shard])
 
     def doc(self, i: int) -> np.ndarray:
         """(n,) uint8 residue ids of protein `i`, checked against its crc32."""
