@@ -92,21 +92,22 @@ class ShardWriter:
     def _flush(self) -> None:
         if not self._lengths:
             return
-        tokens, lengths, crcs = (np.concatenate(x) for x in (self._tokens, self._lengths, self._crcs))
+        parts, (lengths, crcs) = self._tokens, (np.concatenate(x) for x in (self._lengths, self._crcs))
         self._tokens, self._lengths, self._crcs, self._buffered = [], [], [], 0
+        size = int(lengths.sum())
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         name = f"shard-{len(self.shards):05d}.bin"
-        header = HEADER.pack(MAGIC, VERSION, HEADER.size, VOCAB_HASH.encode(), len(lengths), tokens.size)
-        pad = bytes(_align8(HEADER.size + tokens.size) - HEADER.size - tokens.size)
+        header = HEADER.pack(MAGIC, VERSION, HEADER.size, VOCAB_HASH.encode(), len(lengths), size)
+        pad = bytes(_align8(HEADER.size + size) - HEADER.size - size)
         digest = hashlib.sha256()
         tmp = self.dir / (name + ".tmp")
-        with open(tmp, "wb") as f:
-            for part in (header, tokens.data, pad, offsets.data, crcs.astype("<u4").data):
+        with open(tmp, "wb") as f:  # the buffered pieces go out one by one: no concatenated copy of the residues
+            for part in (header, *(p.data for p in parts), pad, offsets.data, crcs.astype("<u4").data):
                 f.write(part)
                 digest.update(part)
         os.replace(tmp, self.dir / name)  # never leave a half-written shard under its final name
-        entry = dict(file=name, sha256=digest.hexdigest(), num_docs=len(lengths), num_tokens=int(tokens.size))
+        entry = dict(file=name, sha256=digest.hexdigest(), num_docs=len(lengths), num_tokens=size)
         self.shards.append(entry)
 
     def close(self, extra: dict | None = None) -> dict:

@@ -110,33 +110,34 @@ def _read_errors(path) -> contextlib.AbstractContextManager:
 
 
 def _cut_chunks(f, chunk_bytes: int, cut) -> Iterator[tuple[bytes, int, bool]]:
-    """(text, first line, last) pieces of an open binary file, each ending where `cut(buffer)` says (-1: read on);
+    """(text, first line, last) pieces of an open binary file, each ending where `cut(data, pending)` says in the
+    data just read (-1: read on);
     lines are counted by b"\n" so every piece knows the number of its first line."""
     line, pending = 1, b""
     while True:
         data = f.read(chunk_bytes)
-        buf = pending + data if pending else data
         if not data:
-            yield buf, line, True
+            yield pending, line, True
             return
-        end = cut(buf)
-        if end < 0:  # one record longer than a chunk: read on
-            pending = buf
+        end = cut(data, pending)
+        if end < 0:  # no place to cut in what was read: one record longer than a chunk, read on
+            pending += data
             continue
-        yield buf[:end], line, False
-        line += buf.count(b"\n", 0, end)
-        pending = buf[end:]
+        text, pending = pending + data[:end], data[end:]  # one copy of the piece, the short tail kept
+        yield text, line, False
+        line += text.count(b"\n")
 
 
-def _fasta_cut(buf: bytes) -> int:
+def _fasta_cut(buf: bytes, before: bytes) -> int:
     return buf.rfind(b"\n>") + 1 or -1  # just before the last header that starts in the buffer
 
 
-def _table_cut(buf: bytes) -> int:
-    """After the last newline outside a quoted field (an even number of '"' before it: csv's doubled quotes keep the
-    parity), so a row with a quoted newline is never split."""
+def _table_cut(buf: bytes, before: bytes) -> int:
+    """After the last newline outside a quoted field (an even number of '"' before it, `before` included: csv's
+    doubled quotes keep the parity), so a row with a quoted newline is never split."""
+    odd = before.count(b'"') % 2
     end = buf.rfind(b"\n")
-    while end >= 0 and buf.count(b'"', 0, end) % 2:
+    while end >= 0 and (buf.count(b'"', 0, end) + odd) % 2:
         end = buf.rfind(b"\n", 0, end)
     return end + 1 if end >= 0 else -1
 
