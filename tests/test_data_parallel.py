@@ -123,3 +123,19 @@ def test_key_index_finds_every_key_and_only_those():
     assert (index.find(twin) == -1).all()
     index.add(twin, np.array([7, 8, 9]))
     assert index.find(twin).tolist() == [7, 8, 9] and index.find(every[:3]).tolist() == [0, 1, 2]
+
+
+def test_hub_dataset_streams_in_pieces(tmp_path):
+    """The Hub path (datasets streaming; a local dir stands in for owner/name offline) is cut into pieces of
+    records as it streams: never held whole, rows numbered across pieces."""
+    from training.sources import _hub_chunks, chunk_records
+
+    seqs = [F.UBIQUITIN, F.KCNE2, F.BTC, F.TMIE, F.KCNE1, F.TGFA, F.FXYD3, F.TYROBP] * 3
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.table({"sequence": seqs}), tmp_path / "data" / "train-00000-of-00001.parquet")
+    chunks = list(_hub_chunks(str(tmp_path), "train", chunk_bytes=400))
+    assert len(chunks) >= 6 and chunks[-1].last and not any(c.last for c in chunks[:-1])
+    assert max(len(c.payload) for c in chunks) <= 4  # a few records each
+    records = [r for c in chunks for r in chunk_records(c)]
+    assert [r.line for r in records] == list(range(1, len(seqs) + 1))
+    assert [r.seq.decode() for r in records] == seqs

@@ -339,6 +339,7 @@ def prepare(
     `split_fractions`); writes out_dir/report.json and returns the report. Raises DataError naming the bad file.
     `num_proc` processes parse and validate (0: one per core); the output is the same for any number."""
     policy = policy or ValidationPolicy()
+    processes = _processes(num_proc)
     out = Path(out_dir)
     names = SPLITS if split_fractions else ("",)
     if split_fractions is not None and len(split_fractions) != 3:
@@ -355,7 +356,7 @@ def prepare(
     kw = dict(split=split, sequence_column=sequence_column, id_column=id_column, chunk_bytes=chunk_bytes)
     chunks = (c for source in list(inputs) for c in iter_chunks(source, **kw))
     try:
-        pieces = _parse_pieces(chunks, policy, run.ids is not None, run.needs_seq_keys, _processes(num_proc))
+        pieces = _parse_pieces(chunks, policy, run.ids is not None, run.needs_seq_keys, processes)
         for piece in pieces:
             run.feed(piece)
             if piece.last and not run.records_in[piece.file]:
