@@ -1,6 +1,7 @@
 """Packed loader: packing, rank/epoch layout, exact resume with workers (training/loader.py)."""
 
 import csv
+import functools
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import torch
 from training.collator import MLMCollator
 from training.data import prepare, prepare_builtin
 from training.loader import build_eval_loader, build_loader, pack_best_fit
+from training.shards import ShardSet
 from training.sources import builtin_dir
 from training.validate import CLS, EOS
 
@@ -184,3 +186,134 @@ def test_too_little_data_for_one_round_is_an_error(small_shards):
     )
     with pytest.raises(ValueError, match="too little data"):
         next(iter(ld))
+
+
+# Several blocks and windows per epoch: 180 proteins in blocks of 16 -> 12 blocks -> 6 windows of 2 blocks.
+WINDOWED = dict(block_docs=16, window_blocks=2)
+
+
+def stream_equal(a, b) -> bool:
+    return len(a) == len(b) and all(
+        x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b)
+    )
+
+
+@functools.cache
+def stored_docs(shards_dir) -> list[bytes]:
+    shards = ShardSet(shards_dir)
+    return [shards.doc(i).tobytes() for i in range(shards.num_docs)]
+
+
+def block_of(shards_dir, protein: tuple) -> int:
+    """Block (16 proteins of the stored order) of a protein as a batch holds it (<cls> + residues + <eos>, maybe a
+    cropped window of its residues)."""
+    return next(i for i, d in enumerate(stored_docs(shards_dir)) if bytes(protein[1:-1]) in d) // 16
+
+
+@pytest.mark.parametrize("workers, points", [(0, range(0, 70)), (2, (0, 5, 21, 43, 44, 51))])
+def test_resume_anywhere_in_windows_and_across_epochs(small_shards, workers, points):
+    """Resume at every batch (no workers) or mid-window, at a window edge and at the epoch edge (2 workers)."""
+    reference = loader(small_shards, 1, 0, **WINDOWED)
+    per_epoch = reference.batches_per_epoch()
+    assert 40 < per_epoch < 50  # so the points above cross into epoch 1
+    it, states, batches = iter(reference), [], []
+    for _ in range(max(points) + 3):
+        states.append(reference.state_dict())
+        batches.append(next(it))
+    assert len({s["window"] for s in states[:per_epoch]}) == 6  # the resume point moves window by window
+    for k in points:
+        resumed = loader(small_shards, 1, workers, **WINDOWED)
+        resumed.load_state_dict(states[k])
+        assert stream_equal(take(iter(resumed), 3), batches[k : k + 3]), (workers, k)
+
+
+def test_windows_mix_blocks_ranks_stay_disjoint_and_nothing_spans_the_corpus(small_shards):
+    seen, blocks_per_batch = [], []
+    for rank in (0, 1):
+        ld = loader(small_shards, rank, **WINDOWED)
+        batches = take(iter(ld), ld.batches_per_epoch())
+        seen.append([p for batch in batches for p in proteins_of(batch)])
+        blocks_per_batch += [len({block_of(small_shards, p) for p in proteins_of(b)}) for b in batches[:4]]
+    assert not set(seen[0]) & set(seen[1]) and len(set(seen[0])) == len(seen[0])
+    assert len(seen[0]) + len(seen[1]) >= 0.95 * N_PROTEINS
+    assert max(blocks_per_batch) >= 2  # a batch mixes the blocks of its window
+    ld = loader(small_shards, 0, **WINDOWED)
+    next(iter(ld))
+    arrays = [v for obj in (ld, ld.blocks, ld.shards) for v in vars(obj).values() if isinstance(v, np.ndarray)]
+    assert arrays and max(a.size for a in arrays) < N_PROTEINS  # block tables only: no array over every protein
+
+
+def test_ranks_and_accumulation_split_the_same_batches_and_masks(small_shards):
+    """1 rank x 4 micro-batches per step, 2 ranks x 2 and 4 ranks x 1 see the same rows with the same masks."""
+    kw = dict(max_length=MAX_LEN, tokens_per_micro_batch=ROWS * MAX_LEN, seed=7, collator=MLMCollator(seed=3))
+    kw |= dict(global_batch_tokens=4 * ROWS * MAX_LEN, **WINDOWED)
+    one = take(iter(build_loader(small_shards, **kw)), 8)
+    for world in (2, 4):
+        ranks = [
+            take(iter(build_loader(small_shards, rank=r, world_size=world, **kw)), 8 // world) for r in range(world)
+        ]
+        interleaved = [ranks[g % world][g // world] for g in range(8)]
+        assert stream_equal(interleaved, one), world
+
+
+def test_mask_rate_follows_the_optimizer_step(small_shards):
+    from training.collator import MaskRateSchedule
+
+    schedule = MaskRateSchedule(0.05, 0.4, steps=100)
+    kw = dict(max_length=MAX_LEN, tokens_per_micro_batch=8 * MAX_LEN, seed=7, global_batch_tokens=16 * MAX_LEN)
+
+    def make():
+        return build_loader(small_shards, collator=MLMCollator(mask_rate=schedule, seed=3), **kw)
+
+    def observed(batch) -> float:  # scored / maskable residues
+        return float((batch["labels"] != -100).sum() / ((batch["input_ids"] >= 4) | (batch["labels"] != -100)).sum())
+
+    a = make()
+    it = iter(a)
+    take(it, 4)  # 2 optimizer steps of 2 micro-batches
+    state = a.state_dict()
+    continued = take(it, 2)
+    assert a.last_mask_rate == schedule(2)
+    restored = make()  # train.resume_data_state=true: position and clock restored
+    restored.load_state_dict(state)
+    restored.set_optimizer_step(2)
+    assert stream_equal(take(iter(restored), 2), continued)
+    fresh = make()  # train.resume_data_state=false at step 90: the data starts over, the schedule does not
+    fresh.set_optimizer_step(90)
+    first = next(iter(fresh))
+    assert fresh.last_mask_rate == schedule(90) == pytest.approx(0.365)
+    assert observed(first) == pytest.approx(0.365, abs=0.03)
+    assert observed(next(iter(make()))) == pytest.approx(0.05, abs=0.02)  # the same rows at step 0
+
+
+def test_a_start_reads_no_residues_and_a_flipped_byte_is_named_when_read(tmp_path, small_shards):
+    import os
+    import shutil
+
+    from training.shards import ShardError, ShardWriter
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(30, 200, size=100_000)
+    writer = ShardWriter(tmp_path / "big", shard_tokens=4 << 20)  # ~12 MB in 3 shards
+    writer.add(rng.integers(4, 24, size=int(lengths.sum()), dtype=np.uint8), lengths)
+    writer.close()
+    corpus = sum(f.stat().st_size for f in (tmp_path / "big").glob("shard-*.bin"))
+
+    def rchar() -> int:
+        return int(next(line for line in open(f"/proc/{os.getpid()}/io") if line.startswith("rchar")).split()[1])
+
+    before = rchar()
+    kw = dict(max_length=512, tokens_per_micro_batch=8 * 512, block_docs=1024, window_blocks=4)
+    next(iter(build_loader(tmp_path / "big", collator=MLMCollator(), **kw)))
+    assert rchar() - before < 0.01 * corpus  # header checks + one window's index + one batch, not the corpus
+
+    shutil.copytree(small_shards, tmp_path / "flipped")
+    shard = tmp_path / "flipped" / "shard-00000.bin"
+    data = bytearray(shard.read_bytes())
+    data[64 + 1000] ^= 0x01  # one residue byte, somewhere in the middle of the corpus
+    shard.write_bytes(bytes(data))
+    kw = dict(max_length=MAX_LEN, tokens_per_micro_batch=ROWS * MAX_LEN, collator=MLMCollator(), **WINDOWED)
+    for workers in (0, 2):
+        ld = build_loader(tmp_path / "flipped", num_workers=workers, **kw)  # the start checks headers and sizes
+        with pytest.raises(ShardError, match=f"{shard}: residues .* fail their crc32"):
+            take(iter(ld), ld.batches_per_epoch())  # every protein once

@@ -147,16 +147,19 @@ def test_existing_output_needs_overwrite(fixture_run, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
-def test_corrupted_shard_is_named_when_loaded(tmp_path, capsys):
+def test_corrupted_shard_is_named_when_read(tmp_path, capsys):
     prepare([str(FIX / "proteins.tsv")], tmp_path, log=lambda *a: None)
     shard = tmp_path / "shard-00000.bin"
     data = bytearray(shard.read_bytes())
-    data[70] ^= 1  # one residue byte
+    data[70] ^= 1  # one residue byte of the first protein
     shard.write_bytes(data)
     with pytest.raises(ShardError, match=f"{shard}.*sha256 mismatch"):
-        ShardSet(tmp_path)
+        ShardSet(tmp_path, verify="sha256")
     assert main(["verify", str(tmp_path)]) == 1 and str(shard) in capsys.readouterr().err
-    ShardSet(tmp_path, verify="header")  # the header check alone cannot see a flipped residue
+    shards = ShardSet(tmp_path)  # a start checks headers and sizes only: it reads no residues
+    assert decode(shards.doc(1))  # an intact protein of the same shard reads fine
+    with pytest.raises(ShardError, match=f"{shard}: residues 0..[0-9]+ fail their crc32"):
+        shards.doc(0)  # ... and the flipped byte is named with its file when its protein is read
     data[:8] = b"NOTASHRD"
     shard.write_bytes(data)
     with pytest.raises(ShardError, match=f"{shard}: bad magic"):

@@ -14,12 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    from training.card import write_tokenizer_and_card
+    from training.card import write_model_folder
 
     model = randomized_tiny_model(seed=2)
     directory = tmp_path_factory.mktemp("ckpt")
-    model.save_pretrained(directory)
-    write_tokenizer_and_card(model, directory)
+    write_model_folder(model, directory)
     return directory
 
 

@@ -3,9 +3,13 @@ snapshots, and a canary token that must never leak."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -267,3 +271,78 @@ def test_revision_pushes_to_a_branch(hub, make_pusher, model_dir):
     assert hub.commits(REPO, "main") == []
     assert [c.message for c in hub.commits(REPO, "run-42")] == ["step 1"]
     assert hub.files(REPO, "run-42") == _tree(model_dir)
+
+
+def test_push_built_writes_in_the_worker_thread_and_frees_its_inputs(hub, make_pusher, tmp_path):
+    """push_built returns before its folder exists; a superseded job never builds; discard runs for every job."""
+    gate = hub.hold("create")
+    pusher = make_pusher()
+    built, discarded = [], []
+
+    def job(name: str):
+        def build(folder: Path) -> None:
+            built.append((name, threading.current_thread().name))
+            (folder / "weights.txt").write_text(name)
+
+        return dict(build=build, discard=lambda: discarded.append(name))
+
+    pusher.push_built(commit_message="start", step=0, key="start", **job("start"))
+    _wait_until(lambda: hub.seen("create") == 1)
+    for step in (2, 4):  # step 2 is still queued behind the parked start push when step 4 arrives
+        pusher.push_built(commit_message=f"step {step}", step=step, key="model", **job(f"step {step}"))
+    assert pusher.status()["dropped"] == 1 and discarded == ["step 2"]
+    gate.set()
+    pusher.wait(timeout=30)
+    assert [c.message for c in hub.commits(REPO)] == ["start", "step 4"]
+    assert [name for name, _ in built] == ["start", "step 4"]
+    assert all(thread.startswith("speedplm-hub-push") for _, thread in built)  # never the caller's thread
+    assert sorted(discarded) == ["start", "step 2", "step 4"]
+    assert hub.files(REPO) == {"weights.txt": b"step 4"}
+
+
+def test_publisher_pushes_a_sharded_model_from_its_checkpoint(hub, tmp_path):
+    """Start push: code, config, tokenizer, card and no weights (none written). Periodic push: staged by the pusher's
+    thread from the checkpoint's weights, sharded into several safetensors files; it loads from a fresh process."""
+    from accelerate import Accelerator
+    from conftest import randomized_tiny_model
+
+    from training.checkpoint import CheckpointManager
+    from training.config import HubSection
+    from training.publish import ModelPublisher
+
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(randomized_tiny_model(seed=3))
+    checkpoint = CheckpointManager(tmp_path / "checkpoints", 2, accelerator).save(7, model, {}, {"step": 7})
+    gate = hub.hold("commit")  # the start commit parks: the publisher has written nothing yet on this thread
+    staging = tmp_path / "run" / "hub_staging"
+    hub_config = HubSection(push=True, model_id=REPO, max_retries=3, backoff_s=0.05)
+    publisher = ModelPublisher(hub_config, staging, accelerator, model, max_shard_size="40KB")
+    publisher.push_checkpoint(7, checkpoint, "a test run")
+    gate.set()
+    publisher.finish()
+    start, pushed = hub.commits(REPO)
+    assert start.message.startswith("speedplm: code, config") and pushed.message == "speedplm: model at step 7"
+    assert "config.json" in start.files and "tokenizer_config.json" in start.files and "README.md" in start.files
+    assert not [f for f in start.files if f.endswith(".safetensors") or "index" in f]
+    shards = sorted(f for f in pushed.files if f.endswith(".safetensors"))
+    assert len(shards) >= 3 and "model.safetensors.index.json" in pushed.files, sorted(pushed.files)
+    assert not staging.exists() or not list(staging.rglob("*.safetensors"))  # links and folders removed
+
+    folder = tmp_path / "downloaded"
+    for name, data in pushed.files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    load = (
+        "import sys, hashlib, torch; from transformers import AutoModelForMaskedLM;"
+        "m = AutoModelForMaskedLM.from_pretrained(sys.argv[1], trust_remote_code=True);"
+        "sd = m.state_dict(); print(hashlib.sha256(b''.join(sd[k].float().numpy().tobytes() for k in sorted(sd)))"
+        ".hexdigest())"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_TOKEN")} | {"HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", load, str(folder)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    sd = accelerator.unwrap_model(model).state_dict()
+    expected = hashlib.sha256(b"".join(sd[k].float().numpy().tobytes() for k in sorted(sd))).hexdigest()
+    assert out.stdout.split()[-1] == expected  # the checkpoint's weights, bit for bit

@@ -57,12 +57,11 @@ def briefly_trained(model, tokenizer, steps=60):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     from modeling_speedplm import build_tokenizer
-    from training.card import write_tokenizer_and_card
+    from training.card import write_model_folder
 
     model = briefly_trained(randomized_tiny_model(seed=3), build_tokenizer())
     directory = tmp_path_factory.mktemp("ckpt")
-    model.save_pretrained(directory)
-    write_tokenizer_and_card(model, directory)  # what the trainer writes beside final/ and each Hub push
+    write_model_folder(model, directory)  # what the trainer writes beside final/ and each Hub push
     return model, directory
 
 

@@ -42,12 +42,11 @@ def run_outside_repo(script: str, tmp: Path, *args) -> dict:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A masked-LM checkpoint as the trainer writes final/: save_pretrained + tokenizer + card."""
-    from training.card import write_tokenizer_and_card
+    from training.card import write_model_folder
 
     model = randomized_tiny_model(seed=1)  # every projection non-zero, so every path affects the outputs
     directory = tmp_path_factory.mktemp("ckpt")
-    model.save_pretrained(directory)
-    write_tokenizer_and_card(model, directory)
+    write_model_folder(model, directory)
     return directory
 
 

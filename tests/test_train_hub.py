@@ -6,8 +6,9 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 from hub_server import HubServer
-from test_train_e2e import rows, run_training, shards  # noqa: F401  (shards is a fixture)
+from test_train_e2e import rows, run_training, shards, wait_for_step  # noqa: F401  (shards is a fixture)
 
 pytestmark = pytest.mark.slow
 REPO = "speedplm-test/run"
@@ -94,3 +95,43 @@ def test_failed_last_push_exits_non_zero(tmp_path, shards, canary):  # noqa: F81
     assert code != 0
     assert "HubPushError" in out and "403" in out and REPO in out
     assert canary not in out
+
+
+def test_steps_go_on_while_a_push_is_held_and_the_push_is_its_checkpoint(tmp_path, shards, canary):  # noqa: F811
+    """The loopback Hub parks every commit until the trainer has logged 6 steps (pushes are due every 2): the steps
+    go on meanwhile; then each pushed model is, tensor for tensor, the checkpoint of its step."""
+    from safetensors.torch import load, load_file
+
+    with HubServer(canary) as server:
+        gate = server.hold("commit", count=2)  # the start commit, and whichever is next
+        proc = run_training(
+            tmp_path,
+            shards,
+            "train.max_steps=10",
+            "eval.every=0",
+            "train.save_every=100",
+            "train.keep_checkpoints=10",
+            "hub.push=true",
+            f"hub.model_id={REPO}",
+            "hub.push_every=2",
+            "hub.backoff_s=0.2",
+            env=hub_env(server, canary, tmp_path),
+            wait=False,
+        )
+        wait_for_step(tmp_path, "run", 6, proc)
+        assert not gate.is_set() and server.commits(REPO) == []  # 3 pushes due, none landed: nobody waited
+        gate.set()
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-3000:]
+        commits = server.commits(REPO)
+        messages = [c.message for c in commits]
+        assert messages[0].startswith("speedplm: code, config") and messages[-1] == "speedplm: final model at step 10"
+        assert server.files(REPO) == {p.name: p.read_bytes() for p in (tmp_path / "run" / "final").iterdir()}
+        middle = commits[1:-1]
+        assert middle and all(c.message.startswith("speedplm: model at step ") for c in middle), messages
+        for commit in middle:
+            step = int(commit.message.rsplit(" ", 1)[1])
+            pushed = load(commit.files["model.safetensors"])
+            saved = load_file(tmp_path / "run" / "checkpoints" / f"step-{step:06d}" / "model.safetensors")
+            assert pushed.keys() == saved.keys() and all(torch.equal(pushed[k], saved[k]) for k in saved), step
+    assert rows(tmp_path)[-1]["hub_failed"] == 0

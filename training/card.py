@@ -1,7 +1,7 @@
 """What the training side writes beside every saved model: the tokenizer and the model card (README.md).
 
 `save_pretrained` itself is transformers' (weights, config, remote code); a folder the run publishes (final/, each Hub
-push) also gets these two, through `write_tokenizer_and_card`, so it is self-contained for AutoTokenizer, pipelines
+push) also gets these two, through `write_model_folder`, so it is self-contained for AutoTokenizer, pipelines
 and the Hub page.
 """
 
@@ -75,8 +75,11 @@ attention maps: `attn_implementation="eager"` and `output_attentions=True`. Seve
 """
 
 
-def write_tokenizer_and_card(model, directory: Path, training_summary: str | None = None) -> None:
-    """The tokenizer (SpeedPLMTokenizer, remote code, ESM2 ids) and README.md beside `model`'s save_pretrained."""
+def write_model_folder(model, directory: Path, training_summary: str | None = None, **save_kwargs) -> None:
+    """The one way the training side writes a model folder: transformers' `save_pretrained` (weights, config, remote
+    code; `save_kwargs` such as max_shard_size, or state_dict={} for no weight file), then the tokenizer
+    (SpeedPLMTokenizer, remote code, ESM2 ids) and README.md beside it."""
+    model.save_pretrained(directory, **save_kwargs)
     config = model.config
     build_tokenizer(config.max_position_embeddings).save_pretrained(directory)
     card = model_card(config, model.num_parameters(), training_summary=training_summary)

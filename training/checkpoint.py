@@ -17,7 +17,6 @@ of another run, or newer, is never deleted. Assumes every rank sees the same fil
 multi-node runs).
 """
 
-import hashlib
 import json
 import logging
 import os
@@ -29,27 +28,21 @@ import torch
 from modeling_speedplm import SpeedPLMConfig
 
 from .accelerate_compat import one_model_for_every_optimizer
-from .card import write_tokenizer_and_card
+from .card import write_model_folder
+from .checksum import sha256_file
 from .config import MODEL_FIELDS
 
 logger = logging.getLogger("speedplm")
 
 MANIFEST, COMPLETE, TRAINER_STATE = "MANIFEST.json", "COMPLETE", "trainer_state.json"
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+WEIGHTS = "model.safetensors"  # accelerate's save_state name, also the from_pretrained one
+WEIGHT_FILES = (WEIGHTS, "model.safetensors.index.json")
 # How the same model is computed, not which model it is: may differ between a checkpoint and the run resuming it.
 IMPLEMENTATION_FIELDS = ("kernels",)
 
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def step_of(directory: Path) -> int:
@@ -65,20 +58,26 @@ def full_state_dict(accelerator, model) -> dict | None:
     return accelerator.get_state_dict(model) if accelerator.is_fsdp2 else None
 
 
-def unsharded_model(model: torch.nn.Module, state_dict: dict) -> torch.nn.Module:
-    """A plain instance of an FSDP2 model's own class holding `state_dict` (a full one). fully_shard swaps the
-    module's class for a generated `FSDP<Name>` subclass, and save_pretrained would ship that class (and torch's
-    FSDP sources) as the checkpoint's remote code; the plain class saves the same weights as a loadable model."""
+def plain_model(model: torch.nn.Module, state_dict: dict | None = None) -> torch.nn.Module:
+    """A fresh instance of the model's own class holding `state_dict` (a full one), built on the meta device (no
+    second initialisation: load_state_dict assigns the given tensors); without a state dict it stays on meta (enough
+    for config, code, tokenizer and card). fully_shard swaps the module's class for a generated `FSDP<Name>`
+    subclass, and save_pretrained would ship that class (and torch's FSDP sources) as the checkpoint's remote code;
+    the plain class saves the same weights as a loadable model."""
     from torch.distributed.fsdp import FSDPModule
 
     cls = type(model)
     if isinstance(model, FSDPModule):
         cls = next(base for base in cls.__bases__ if not issubclass(base, FSDPModule))
-    with torch.device("meta"):  # no second initialisation of the weights: load_state_dict assigns the gathered ones
+    with torch.device("meta"):
         plain = cls(model.config)
-    plain.load_state_dict(state_dict, assign=True)
-    if getattr(plain.config, "tie_word_embeddings", False):
-        plain.tie_weights()  # assign=True replaced the shared tensor by two equal ones
+    if state_dict is not None:
+        missing, unexpected = plain.load_state_dict(state_dict, strict=False, assign=True)
+        tied = set(getattr(plain, "_tied_weights_keys", None) or {})
+        if unexpected or set(missing) - tied:
+            raise CheckpointError(f"weights do not fit the model: missing {missing}, unexpected {unexpected}")
+        if getattr(plain.config, "tie_word_embeddings", False):
+            plain.tie_weights()  # assign=True replaced the shared tensor by two equal ones
     return plain
 
 
@@ -100,20 +99,18 @@ def save_pretrained(
         return
     unwrapped = accelerator.unwrap_model(model)
     if state_dict is not None:
-        unwrapped = unsharded_model(unwrapped, state_dict)
+        unwrapped = plain_model(unwrapped, state_dict)
     elif not weights:
         # transformers writes no weight file for an empty state dict; staged apart so that nothing it writes can
         # replace the weights already in `directory`
         staging = Path(directory) / ".model-files"
-        unwrapped.save_pretrained(staging, state_dict={})
+        write_model_folder(unwrapped, staging, training_summary, state_dict={})
         for path in staging.iterdir():
             if path.name not in WEIGHT_FILES:
                 os.replace(path, Path(directory) / path.name)
         shutil.rmtree(staging)
-        write_tokenizer_and_card(unwrapped, directory, training_summary)
         return
-    unwrapped.save_pretrained(directory)
-    write_tokenizer_and_card(unwrapped, directory, training_summary)
+    write_model_folder(unwrapped, directory, training_summary)
 
 
 def model_config_difference(directory: Path, current: SpeedPLMConfig) -> list[str]:

@@ -1,12 +1,13 @@
 """Prepare token shards from protein sources: read -> validate -> tokenize -> shards + report.json.
 
-    python -m training.data prepare --input PATH [PATH ...] --out DIR [options]
+    python -m training.data prepare --input PATH [PATH ...] --out DIR [--num-proc N] [options]
     python -m training.data prepare --builtin --out DIR          # DIR/train, DIR/valid, DIR/test (98/1/1)
+    python -m training.data verify DIR                           # every shard's header, size and sha256
 
 Public API
     prepare(inputs, out_dir, *, policy=None, split=None, sequence_column="sequence", id_column=None, dedup=False,
             split_fractions=None, max_length=1024, shard_tokens=256 MiB, overwrite=False, log=print,
-            extra=None) -> report dict
+            extra=None, num_proc=1, chunk_bytes=16 MiB) -> report dict
     prepare_builtin(out_dir, *, policy=None, fractions=(98, 1, 1), max_length=1024, overwrite=False, log=print)
     builtin_attribution() -> str        # licence/credit text for the built-in proteins (quoted by the README)
     hash_bucket(letters: bytes) -> int  # 0..9999 from blake2b of the upper-case sequence; with fractions 98/1/1
@@ -16,7 +17,15 @@ Public API
 
 report.json holds read, accepted, rejected (list of {file, line, id, reason}), cropped (accepted proteins longer
 than max_length - 2 residues: kept whole in the shards, cropped by the loader), rejected_by_reason, duplicate_ids,
-normalized counts, per-split counts and the policy; always accepted + len(rejected) == read.
+normalized counts, per-split counts and the policy; always accepted + len(rejected) == read. An input that yields no
+records (an empty file, a 0-byte .gz) or cannot be read to its end (a truncated .gz) stops the run, naming the file,
+with nothing written.
+
+Parallel: this process reads the inputs in order and cuts them into pieces of whole records (training.sources:
+decompression included); `num_proc` worker processes parse, validate, tokenize and checksum the pieces; this process
+takes their results back in input order for what must see every record (duplicate ids and sequences, the report) and
+writes the shards. The pieces depend on the inputs alone, so the shards and report.json are byte-identical for any
+`num_proc`. The shards' sha256 are verified once, after writing.
 """
 
 import argparse
@@ -24,17 +33,22 @@ import collections
 import dataclasses
 import hashlib
 import json
+import multiprocessing
+import os
 import shutil
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-from training.shards import MANIFEST, ShardError, ShardWriter
-from training.sources import RawRecord, SourceError, builtin_files, iter_records
+from training.checksum import protein_crc32
+from training.keyindex import KeyIndex
+from training.shards import MANIFEST, ShardError, ShardSet, ShardWriter
+from training.sources import CHUNK_BYTES, Chunk, SourceError, builtin_files, chunk_records, iter_chunks
 from training.validate import ID_TO_BYTE, ValidationPolicy, validate_batch
 
-BATCH_RECORDS, BATCH_BYTES = 8192, 8 << 20  # records validated together (one LUT gather per batch)
 SPLITS = ("train", "valid", "test")
 
 
@@ -62,6 +76,92 @@ def _digest(letters: bytes) -> bytes:
     return hashlib.blake2b(letters, digest_size=16).digest()
 
 
+class _Piece(NamedTuple):
+    """What a worker returns for one Chunk: every record's line and id, the rejections it already knows, and the
+    validated records' residues, crc32s and 16-byte digests of their ids and sequences (numpy arrays: cheap to
+    send back and to check in bulk)."""
+
+    file: str
+    last: bool
+    lines: np.ndarray  # (n,) int64 line/row of each record
+    ids: bytes  # every record's id (UTF-8, surrogateescape), back to back, ...
+    id_ends: np.ndarray  # (n,) ... ending here
+    problems: list  # (index, reason) of records rejected by the reader or by validation, in order
+    valid: np.ndarray  # (v,) indexes of the validated records
+    tokens: np.ndarray  # (sum of lengths,) uint8 residue ids of the validated records, back to back
+    lengths: np.ndarray  # (v,) int64
+    crcs: np.ndarray  # (v,) uint32, training.checksum.protein_crc32
+    id_keys: np.ndarray | None  # (v, 2) uint64 blake2b of each validated record's id (None: ids not tracked)
+    seq_keys: np.ndarray | None  # (v, 2) uint64 blake2b of the upper-case letters (None: not needed)
+    uppercased: int
+    stops: int
+
+    def id(self, i: int) -> str:
+        return self.ids[self.id_ends[i - 1] if i else 0 : self.id_ends[i]].decode("utf-8", "surrogateescape")
+
+
+def _keys(texts) -> np.ndarray:
+    """(k, 2) uint64 view of the 16-byte blake2b of each bytes object."""
+    blob = b"".join(_digest(t) for t in texts)
+    return np.frombuffer(blob, dtype="<u8").reshape(-1, 2)
+
+
+def _parse_piece(chunk: Chunk, policy: ValidationPolicy, id_keys: bool, seq_keys: bool) -> _Piece:
+    """Parse + validate + tokenize one chunk (runs in the worker processes; a pure function of its arguments)."""
+    records = list(chunk_records(chunk))
+    problems = [(i, r.problem) for i, r in enumerate(records) if r.seq is None]
+    reached = [i for i, r in enumerate(records) if r.seq is not None]
+    res = validate_batch([records[i].seq for i in reached], policy)
+    problems += [(reached[k], reason) for k, reason in enumerate(res.reasons) if reason is not None]
+    problems.sort()
+    valid = np.array([reached[k] for k, reason in enumerate(res.reasons) if reason is None], dtype=np.int64)
+    lengths = res.lengths[res.lengths >= 0]
+    ids = [r.id.encode("utf-8", "surrogateescape") for r in records]
+    sequences = None
+    if seq_keys:
+        letters, ends = ID_TO_BYTE[res.tokens].tobytes(), np.cumsum(lengths).tolist()
+        sequences = _keys(letters[e - n : e] for e, n in zip(ends, lengths.tolist()))
+    return _Piece(
+        chunk.file,
+        chunk.last,
+        np.array([r.line for r in records], dtype=np.int64),
+        b"".join(ids),
+        np.cumsum([len(x) for x in ids], dtype=np.int64),
+        problems,
+        valid,
+        res.tokens,
+        lengths,
+        protein_crc32(res.tokens, lengths),
+        _keys(ids[i] for i in valid.tolist()) if id_keys else None,
+        sequences,
+        res.uppercased,
+        res.stops_stripped,
+    )
+
+
+def _parse_pieces(chunks, policy: ValidationPolicy, id_keys: bool, seq_keys: bool, num_proc: int):
+    """_parse_piece over `chunks` in order: in this process, or in `num_proc` worker processes with at most
+    2 x num_proc chunks in flight (the reading here stays ahead; results come back in input order)."""
+    if num_proc <= 1:
+        yield from (_parse_piece(c, policy, id_keys, seq_keys) for c in chunks)
+        return
+    # fork where there is one: a worker starts at once with this module imported (a spawned one re-imports torch,
+    # through the vocabulary, for seconds); the pool forks all its workers before it starts its own thread
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    with ProcessPoolExecutor(num_proc, mp_context=context) as pool:
+        pending: collections.deque = collections.deque()
+        try:
+            for chunk in chunks:
+                pending.append(pool.submit(_parse_piece, chunk, policy, id_keys, seq_keys))
+                if len(pending) >= 2 * num_proc:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+
+
 class _Run:
     """One prepare run: counts, rejections, duplicate ids/sequences and a shard writer per output split."""
 
@@ -73,63 +173,99 @@ class _Run:
         self.read = self.accepted = self.cropped = self.uppercased = self.stops = 0
         self.rejected: list[dict] = []
         self.duplicate_ids: list[dict] = []
-        self.ids: dict[str, tuple] = {}  # id -> (file, line) of its first record; grows with the input
-        self.seen: dict[bytes, tuple] = {}  # sequence digest -> (file, line, id); only when deduplicating
+        self.files: list[str] = []  # a record's place is (file index << 40) | line, one int64
+        self.ids = KeyIndex() if policy.duplicate_ids != "ignore" else None  # id -> place of its first record
+        self.seen = KeyIndex() if dedup else None  # sequence -> place of its first record
+        self.records_in: collections.Counter = collections.Counter()  # records per input file
         self.split_counts = {name: dict(sequences=0, residues=0) for name in writers}
 
-    def _reject(self, rec: RawRecord, reason: str) -> None:
-        self.rejected.append(dict(file=rec.file, line=rec.line, id=rec.id, reason=reason))
+    @property
+    def needs_seq_keys(self) -> bool:
+        return self.dedup or self.edges is not None
 
-    def feed(self, records: list[RawRecord]) -> None:
-        self.read += len(records)
-        res = validate_batch([r.seq for r in records if r.seq is not None], self.policy)
-        self.uppercased += res.uppercased
-        self.stops += res.stops_stripped
-        lengths = res.lengths[res.lengths >= 0]  # (validated,) residues per record left in res.tokens
-        ends = np.cumsum(lengths)
-        letters = ID_TO_BYTE[res.tokens] if (self.dedup or self.edges is not None) else None
-        dest = np.zeros(len(lengths), dtype=np.int64)  # (validated,) output split index, -1 = rejected late
-        j = k = -1  # j: index among validated records, k: among records that reached validation
-        for rec in records:  # in input order, so report.json lists rejections as they occur in the files
-            if rec.seq is None:
-                self._reject(rec, rec.problem)
-                continue
-            k += 1
-            if res.reasons[k] is not None:
-                self._reject(rec, res.reasons[k])
-                continue
-            j += 1
-            if letters is not None:
-                digest = _digest(letters[ends[j] - lengths[j] : ends[j]].tobytes())
-                if self.dedup and digest in self.seen:
-                    first = self.seen[digest]
-                    self._reject(rec, f"duplicate_sequence: same as {first[0]}:{first[1]} ({first[2]})")
-                    dest[j] = -1
-                    continue
-            if rec.id and rec.id in self.ids:
-                first = self.ids[rec.id]
-                if self.policy.duplicate_ids == "reject":
-                    self._reject(rec, f"duplicate_id: {rec.id!r} first at {first[0]}:{first[1]}")
-                    dest[j] = -1
-                    continue
-                self.duplicate_ids.append(
-                    dict(file=rec.file, line=rec.line, id=rec.id, first_file=first[0], first_line=first[1])
-                )
-            elif rec.id:
-                self.ids[rec.id] = (rec.file, rec.line)
-            if letters is not None:
-                if self.dedup:
-                    self.seen[digest] = (rec.file, rec.line, rec.id)
-                if self.edges is not None:
-                    bucket = int.from_bytes(digest[:8], "big") % 10000
-                    dest[j] = int(np.searchsorted(self.edges, bucket, side="right"))
-        for i, name in enumerate(self.names):
-            m = dest == i  # (validated,)
+    def _where(self, place: int) -> str:
+        return f"{self.files[place >> 40]}:{place & ((1 << 40) - 1)}"
+
+    def feed(self, piece: _Piece) -> None:
+        if not self.files or self.files[-1] != piece.file:
+            self.files.append(piece.file)
+        self.read += len(piece.lines)
+        self.records_in[piece.file] += len(piece.lines)
+        self.uppercased += piece.uppercased
+        self.stops += piece.stops
+        v = len(piece.valid)
+        places = ((len(self.files) - 1) << 40) | piece.lines[piece.valid]  # (v,)
+        named = (np.diff(piece.id_ends, prepend=0) > 0)[piece.valid]  # (v,) an empty id is never a duplicate
+        keep = np.ones(v, dtype=bool)  # (v,) validated records that survive dedup / duplicate-id rejection
+        rejected = list(piece.problems)  # (record index, reason)
+        id_first = self.ids.find(piece.id_keys) if self.ids is not None else np.full(v, -1)  # (v,)
+        id_first[~named] = -1
+        seq_first = self.seen.find(piece.seq_keys) if self.dedup else np.full(v, -1)  # (v,)
+        clash = (id_first >= 0).any() or (seq_first >= 0).any() or _repeats(piece.id_keys, named)
+        if self.dedup:
+            clash = clash or _repeats(piece.seq_keys, np.ones(v, dtype=bool))
+        if not clash:  # the common case, in bulk: no duplicate id or sequence in this piece or before it
+            if self.ids is not None:
+                self.ids.add(piece.id_keys[named], places[named])
+            if self.dedup:
+                self.seen.add(piece.seq_keys, places)
+        else:
+            rejected += self._one_by_one(piece, places, named, id_first, seq_first, keep)
+        for i, reason in sorted(rejected):  # in input order, as they occur in the files
+            self.rejected.append(dict(file=piece.file, line=int(piece.lines[i]), id=piece.id(i), reason=reason))
+        dest = np.zeros(v, dtype=np.int64)  # (v,) output split of each validated record
+        if self.edges is not None and v:
+            buckets = piece.seq_keys[:, 0].byteswap() % 10000  # first 8 digest bytes, big-endian (hash_bucket)
+            dest = np.searchsorted(self.edges, buckets, side="right")
+        dest[~keep] = -1
+        for k, name in enumerate(self.names):
+            m = dest == k  # (v,)
             if m.any():
-                self._add(name, res.tokens if m.all() else res.tokens[np.repeat(m, lengths)], lengths[m])
+                tokens = piece.tokens if m.all() else piece.tokens[np.repeat(m, piece.lengths)]
+                self._add(name, tokens, piece.lengths[m], piece.crcs[m])
 
-    def _add(self, name: str, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        self.writers[name].add(tokens, lengths)
+    def _one_by_one(self, piece: _Piece, places, named, id_first, seq_first, keep) -> list:
+        """Duplicates in or before this piece, record by record in input order: the first one wins."""
+        rejected, ids, seqs = [], {}, {}  # this piece's first occurrences: key -> place
+        new_ids, new_seqs = np.zeros(len(keep), dtype=bool), np.zeros(len(keep), dtype=bool)
+        for j, i in enumerate(piece.valid.tolist()):
+            if self.dedup:
+                key = piece.seq_keys[j].tobytes()
+                first = seq_first[j] if seq_first[j] >= 0 else seqs.get(key, -1)
+                if first >= 0:
+                    rejected.append((i, f"duplicate_sequence: same as {self._where(first)}"))
+                    keep[j] = False
+                    continue
+            if named[j] and self.ids is not None:
+                key = piece.id_keys[j].tobytes()
+                first = id_first[j] if id_first[j] >= 0 else ids.get(key, -1)
+                if first >= 0:
+                    if self.policy.duplicate_ids == "reject":
+                        rejected.append((i, f"duplicate_id: {piece.id(i)!r} first at {self._where(first)}"))
+                        keep[j] = False
+                        continue
+                    file, line = self._where(first).rsplit(":", 1)
+                    self.duplicate_ids.append(
+                        dict(
+                            file=piece.file,
+                            line=int(piece.lines[i]),
+                            id=piece.id(i),
+                            first_file=file,
+                            first_line=int(line),
+                        )
+                    )
+                else:
+                    ids[key], new_ids[j] = places[j], True
+            if self.dedup:
+                seqs[piece.seq_keys[j].tobytes()], new_seqs[j] = places[j], True
+        if self.ids is not None:
+            self.ids.add(piece.id_keys[new_ids], places[new_ids])
+        if self.dedup:
+            self.seen.add(piece.seq_keys[new_seqs], places[new_seqs])
+        return rejected
+
+    def _add(self, name: str, tokens: np.ndarray, lengths: np.ndarray, crcs: np.ndarray) -> None:
+        self.writers[name].add(tokens, lengths, crcs)
         self.accepted += len(lengths)
         self.cropped += int((lengths + 2 > self.max_length).sum())
         self.split_counts[name]["sequences"] += len(lengths)
@@ -154,17 +290,21 @@ class _Run:
         )
 
 
-def _batches(inputs: list, **kw):
-    batch, nbytes = [], 0
-    for source in inputs:
-        for rec in iter_records(source, **kw):
-            batch.append(rec)
-            nbytes += len(rec.seq or b"")
-            if len(batch) >= BATCH_RECORDS or nbytes >= BATCH_BYTES:
-                yield batch
-                batch, nbytes = [], 0
-    if batch:
-        yield batch
+def _repeats(keys: np.ndarray | None, mask: np.ndarray) -> bool:
+    """Whether two of the masked (k, 2) keys are equal (compared on their first half: a rare false alarm only
+    sends the piece down the exact, record-by-record path)."""
+    if keys is None:
+        return False
+    first = np.sort(keys[mask, 0])
+    return bool((first[1:] == first[:-1]).any())
+
+
+def _processes(num_proc: int) -> int:
+    if num_proc < 0:
+        raise DataError(f"num_proc must be >= 0 (0: one per core), got {num_proc}")
+    if num_proc:
+        return num_proc
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def _install(stage: Path, target: Path, overwrite: bool) -> None:
@@ -192,10 +332,14 @@ def prepare(
     overwrite: bool = False,
     log=print,
     extra: dict | None = None,
+    num_proc: int = 1,
+    chunk_bytes: int = CHUNK_BYTES,
 ) -> dict:
     """Validate and tokenize `inputs` into shards under `out_dir` (or out_dir/{train,valid,test} with
-    `split_fractions`); writes out_dir/report.json and returns the report. Raises DataError naming the bad file."""
+    `split_fractions`); writes out_dir/report.json and returns the report. Raises DataError naming the bad file.
+    `num_proc` processes parse and validate (0: one per core); the output is the same for any number."""
     policy = policy or ValidationPolicy()
+    processes = _processes(num_proc)
     out = Path(out_dir)
     names = SPLITS if split_fractions else ("",)
     if split_fractions is not None and len(split_fractions) != 3:
@@ -209,14 +353,23 @@ def prepare(
     run = _Run(
         {n: ShardWriter(stage / (n or "all"), shard_tokens) for n in names}, policy, max_length, dedup, split_fractions
     )
+    kw = dict(split=split, sequence_column=sequence_column, id_column=id_column, chunk_bytes=chunk_bytes)
+    chunks = (c for source in list(inputs) for c in iter_chunks(source, **kw))
     try:
-        for batch in _batches(list(inputs), split=split, sequence_column=sequence_column, id_column=id_column):
-            run.feed(batch)
+        pieces = _parse_pieces(chunks, policy, run.ids is not None, run.needs_seq_keys, processes)
+        for piece in pieces:
+            run.feed(piece)
+            if piece.last and not run.records_in[piece.file]:
+                gz = piece.file.lower().endswith(".gz") and Path(piece.file).stat().st_size == 0
+                raise SourceError(
+                    f"{piece.file}: no protein records ({'a 0-byte gzip file is truncated' if gz else 'empty input'})"
+                )
         for name, writer in run.writers.items():
             writer.close(dict(split=name or None))
+            ShardSet(stage / (name or "all"), verify="sha256")  # checksums verified once, when written
         for name in names:
             _install(stage / (name or "all"), out / name, overwrite)
-    except SourceError as e:
+    except (SourceError, ShardError) as e:
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise DataError(f"{e} (nothing written to {out})") from e
@@ -295,6 +448,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--split-fractions", help="e.g. 98,1,1: write DIR/{train,valid,test} split by sequence hash")
     p.add_argument("--max-length", type=int, default=1024, help="tokens per protein for the `cropped` count")
     p.add_argument("--shard-tokens", type=int, default=256 << 20)
+    p.add_argument(
+        "--num-proc", type=int, default=1, help="processes that parse and validate (0: one per core); same output"
+    )
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--lowercase", choices=("upper", "reject"), default="upper")
     p.add_argument("--keep-terminal-stop", action="store_true", help="reject a terminal '*' instead of stripping it")
@@ -302,8 +458,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ambiguous", action="store_true", help="reject X B U Z O")
     p.add_argument("--min-length", type=int, default=1)
     p.add_argument("--reject-longer-than", type=int)
-    p.add_argument("--duplicate-ids", choices=("report", "reject"), default="report")
-    v = sub.add_parser("verify", help="check a shard directory (magic, version, vocabulary, sha256)")
+    p.add_argument("--duplicate-ids", choices=("report", "reject", "ignore"), default="report")
+    v = sub.add_parser("verify", help="check a shard directory: magic, version, vocabulary, sizes, sha256 of all")
     v.add_argument("dir")
     return ap
 
@@ -312,9 +468,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "verify":
-            from training.shards import ShardSet
-
-            shards = ShardSet(args.dir)
+            shards = ShardSet(args.dir, verify="sha256")
             print(
                 f"{args.dir}: ok, {len(shards.files)} shards, {shards.num_docs} proteins, {shards.num_tokens} residues"
             )
@@ -344,6 +498,7 @@ def main(argv=None) -> int:
                 max_length=args.max_length,
                 shard_tokens=args.shard_tokens,
                 overwrite=args.overwrite,
+                num_proc=args.num_proc,
             )
     except (DataError, SourceError, ShardError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

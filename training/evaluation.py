@@ -15,10 +15,10 @@ def evaluate(model, loader, accelerator, max_tokens: int | None = None) -> dict:
     model.eval()
     vocab_size = accelerator.unwrap_model(model).config.vocab_size
     accumulator = MaskedLMAccumulator(vocab_size, device=accelerator.device)
-    per_batch = loader.rows_per_micro_batch * loader.spec["max_length"] * accelerator.num_processes
+    per_batch = loader.rows_per_micro_batch * loader.spec.max_length * accelerator.num_processes
     max_batches = math.ceil(max_tokens / per_batch) if max_tokens else None
     # Always from the first batch: an earlier eval that stopped at max_tokens left the loader mid-pass.
-    loader.load_state_dict({**loader.state_dict(), "epoch": 0, "batch": 0, "micro_step": 0})
+    loader.restart()
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break

@@ -1,7 +1,8 @@
 """Background push of checkpoint folders to the Hugging Face Hub.
 
-The training loop calls ``push_folder`` and goes on: the folder is snapshotted (copied) and uploaded as ONE
-commit by a single worker thread, retried with exponential backoff on 5xx, 408, 429 (honouring Retry-After) and
+The training loop calls ``push_folder`` (the folder is snapshotted, copied, now) or ``push_built`` (the worker thread
+writes the folder itself, so the caller does no file work) and goes on; each push is uploaded as ONE commit by a
+single worker thread, retried with exponential backoff on 5xx, 408, 429 (honouring Retry-After) and
 network errors; other 4xx fail fast. ``wait`` awaits everything and raises ``HubPushError`` if the latest push
 of a folder failed; ``check`` lets the loop stop early on a permanent failure (bad token, no write access).
 
@@ -30,6 +31,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +63,8 @@ class _Job:
     path_in_repo: str
     state: str = "pending"  # pending -> running -> done, or pending -> dropped
     future: cf.Future | None = field(default=None, repr=False)
+    build: Callable[[Path], None] | None = field(default=None, repr=False)  # fills the snapshot, in the worker
+    discard: Callable[[], None] | None = field(default=None, repr=False)  # called once the job is over or dropped
 
 
 def _env_true(name: str) -> bool:
@@ -133,7 +137,7 @@ class HubPusher:
         if constants.HF_HUB_DISABLE_PROGRESS_BARS is None and not are_progress_bars_disabled():
             disable_progress_bars()
         self._api = HfApi(endpoint=self.endpoint, library_name="speedplm")
-        self._tmp_root = Path(tempfile.mkdtemp(prefix="speedplm-hub-", dir=tmp_dir))
+        self.tmp_root = Path(tempfile.mkdtemp(prefix="speedplm-hub-", dir=tmp_dir))
         self._lock = threading.Lock()
         self._stop = threading.Event()  # interrupts backoff sleeps on close(cancel=True)
         self._executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="speedplm-hub-push")
@@ -153,7 +157,7 @@ class HubPusher:
         src = Path(local_dir).resolve()
         if not src.is_dir():
             raise HubPushError(f"hub push to {self.model_id}: {src} is not a directory")
-        snapshot = Path(tempfile.mkdtemp(prefix="push-", dir=self._tmp_root))
+        snapshot = Path(tempfile.mkdtemp(prefix="push-", dir=self.tmp_root))
         # Copy before returning so the caller may overwrite the folder while the upload runs.
         shutil.copytree(src, snapshot, ignore=_IGNORED, dirs_exist_ok=True)
         if not any(p.is_file() for p in snapshot.rglob("*")):
@@ -166,9 +170,31 @@ class HubPusher:
             step=step,
             path_in_repo=path_in_repo,
         )
+        self._submit(job)
+
+    def push_built(
+        self,
+        build: Callable[[Path], None],
+        commit_message: str,
+        step: int | None = None,
+        key: str = "built",
+        path_in_repo: str = "",
+        discard: Callable[[], None] | None = None,
+    ) -> None:
+        """Queue a push whose folder `build(folder)` writes in the background thread, just before the upload
+        (nothing is written or copied now); returns at once. The newest pending push of a `key` wins; `discard()`
+        runs once the job is over or dropped (to free what `build` reads)."""
+        snapshot = Path(tempfile.mkdtemp(prefix="push-", dir=self.tmp_root))
+        job = _Job((f"<built:{key}>", path_in_repo), snapshot, commit_message, step, path_in_repo, build=build)
+        job.discard = discard
+        self._submit(job)
+
+    def _submit(self, job: _Job) -> None:
         with self._lock:
             if self._executor is None:
-                shutil.rmtree(snapshot, ignore_errors=True)
+                shutil.rmtree(job.snapshot, ignore_errors=True)
+                if job.discard is not None:
+                    job.discard()
                 raise HubPushError(f"hub push to {self.model_id}: pusher is closed")
             older = self._latest.get(job.key)
             if older is not None and older.state == "pending":
@@ -176,6 +202,8 @@ class HubPusher:
                 older.state = "dropped"
                 self._counts["dropped"] += 1
                 shutil.rmtree(older.snapshot, ignore_errors=True)
+                if older.discard is not None:
+                    older.discard()
             self._latest[job.key] = job
             self._counts["queued"] += 1
             job.future = self._executor.submit(self._run, job)
@@ -218,7 +246,7 @@ class HubPusher:
         if cancel:
             self._stop.set()
         executor.shutdown(wait=True, cancel_futures=cancel)
-        shutil.rmtree(self._tmp_root, ignore_errors=True)
+        shutil.rmtree(self.tmp_root, ignore_errors=True)
 
     def __enter__(self) -> HubPusher:
         return self
@@ -253,6 +281,10 @@ class HubPusher:
                 return None
             job.state = "running"
         try:
+            if job.build is not None:
+                job.build(job.snapshot)
+                if not any(p.is_file() for p in job.snapshot.rglob("*")):
+                    raise HubPushError(f"hub push to {self.model_id} (step {job.step}): nothing was staged")
             oid = self._push_with_retries(job)
         except HubPushError:
             with self._lock:
@@ -270,6 +302,8 @@ class HubPusher:
             with self._lock:
                 job.state = "done"
             shutil.rmtree(job.snapshot, ignore_errors=True)
+            if job.discard is not None:
+                job.discard()
         with self._lock:
             self._counts["done"] += 1
             self._last_commit = oid

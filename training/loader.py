@@ -1,38 +1,54 @@
-"""Packed, resumable, multi-worker loader over token shards.
+"""Packed, resumable, multi-worker loader over token shards, in memory that does not grow with the corpus.
 
 Public API
     pack_best_fit(lengths, capacity, max_open=1024) -> (order, row_offsets)
+    LoaderSpec: the epoch layout and batch shape (frozen dataclass; `loader.spec`)
     PackedLoader(shards, *, max_length, tokens_per_micro_batch, collator, rank=0, world_size=1, seed=0,
                  global_batch_tokens=None, num_workers=0, prefetch_factor=4, pin_memory=None, shuffle=True,
-                 packing=True, num_epochs=None, crop=None, fixed_mask_step=None, chunk_docs=131072)
-        iter(loader) -> batch dicts (see training.collator); state_dict() / load_state_dict(state)
+                 packing=True, num_epochs=None, crop=None, fixed_mask_step=None, block_docs=4096, window_blocks=16)
+        iter(loader) -> batch dicts (see training.collator); state_dict() / load_state_dict(state) / restart()
+        set_optimizer_step(step): the optimizer step the next micro-batch belongs to (the mask-rate clock)
+        last_mask_rate: the mask rate the last batch handed out was built with
         batches_per_epoch(epoch=None), packing_stats(epoch=0) -> dict, grad_accum_steps, rows_per_micro_batch
     build_loader(shard_dir, *, max_length=1024, tokens_per_micro_batch, collator, rank=0, world_size=1, seed=0,
-                 num_workers=0, verify="sha256", **kw) -> PackedLoader      # training: shuffled, endless
+                 num_workers=0, verify="header", **kw) -> PackedLoader      # training: shuffled, endless
     build_eval_loader(shard_dir, *, max_length=1024, tokens_per_micro_batch, collator, rank=0, world_size=1,
                       seed=0, packing=True, num_workers=0, **kw) -> PackedLoader   # one pass, fixed masks
 
 How an epoch is laid out (identically in every rank and worker, from (seed, epoch) alone)
-    1. order: a permutation of all proteins from numpy default_rng([seed, epoch]) (identity when shuffle=False);
-    2. proteins longer than max_length - 2 residues take a max_length - 2 window: a fresh random start per epoch
+    1. blocks: each shard's proteins in runs of `block_docs` (a shard's last run may be shorter); the epoch visits
+       the blocks in a permutation from numpy default_rng([seed, epoch]) (stored order when shuffle=False);
+    2. windows: consecutive groups of `window_blocks` blocks of that order. A window's proteins are permuted by
+       default_rng([seed, epoch, window]) and packed into rows of max_length tokens by greedy best fit
+       (packing=False: one protein per row, padded to the longest row of its batch); the rows of one window follow
+       those of the previous one. So a batch mixes proteins of window_blocks random blocks spread over the corpus
+       (65,536 proteins by default), the "shuffle block" of streaming loaders (MosaicML streaming's py1e, ...);
+    3. proteins longer than max_length - 2 residues take a max_length - 2 window: a fresh random start per epoch
        (hash of seed, epoch, protein) for training, the first residues for eval (crop="first");
-    3. packing: consecutive chunks of `chunk_docs` proteins of that order are packed into rows of max_length tokens
-       by greedy best fit (packing=False: one protein per row, padded to the longest row of its batch);
     4. global micro-batch g holds rows [g*R, (g+1)*R) with R = tokens_per_micro_batch // max_length; rank r takes
        g = b*world_size + r as its b-th batch, so ranks see disjoint rows. Training drops the last incomplete
        round of world_size micro-batches; a finite loader keeps it and gives a rank with nothing left a filler batch
        (one empty protein, no scored label) so every rank runs the same number of steps.
+Memory: a process holds the manifest, a block table (a few bytes per block_docs proteins) and one or two windows
+(ids, offsets, lengths, crc32s and the packing of window_blocks x block_docs proteins: ~2 MB); no array over all
+proteins. Residues are read (os.pread) per protein when its batch is built, and checked against the protein's
+crc32 (training.shards), so a start reads no residues and a corrupt protein is named with its file when read.
 Workers: worker w of n builds the rank's batches j with j % n == w (counted from where iteration starts); the
-DataLoader's round-robin returns them in order. Masks: the collator is called with step = micro_step //
-grad_accum_steps and micro = (micro_step % grad_accum_steps) x world_size + rank, rank = 0 (eval: step =
-fixed_mask_step, micro = global batch index), so masks and the mask-rate schedule depend only on counters carried
-in the state, and the same rows get the same masks for any number of ranks.
-State: {epoch, batch (next batch index within the epoch), micro_step, seed, ...}; restoring it resumes exactly.
+DataLoader's round-robin returns them in order. Every worker packs every window (to number the rows).
+Masks: the collator is called with step = the optimizer step of the micro-batch (step_offset + micro_step //
+grad_accum_steps; set_optimizer_step moves the offset, so the schedule follows the trainer's step even when the data
+position is not restored) and micro = (micro_step % grad_accum_steps) x world_size + rank, rank = 0 (eval: step =
+fixed_mask_step, micro = global batch index): the same rows get the same masks for any number of ranks or workers.
+State: {epoch, batch (next batch index within the epoch), micro_step, step_offset, window and its first row (where
+the rows of the last batch begin: a resume packs from there, not from the epoch's start), ...}; restoring it
+resumes exactly.
 """
 
 import itertools
 import math
 from bisect import bisect_left, bisect_right, insort
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +58,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from training.collator import mix64
 from training.shards import ShardSet
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 def pack_best_fit(lengths, capacity: int, max_open: int = 1024) -> tuple[np.ndarray, np.ndarray]:
@@ -79,107 +95,196 @@ def pack_best_fit(lengths, capacity: int, max_open: int = 1024) -> tuple[np.ndar
     return order, offsets
 
 
-class _EpochPlan:
-    """Rows of one epoch as global protein ids, packed lazily chunk by chunk; old chunks are released."""
+@dataclass(frozen=True)
+class LoaderSpec:
+    """Everything that decides which rows and masks a rank sees (see the module docstring)."""
 
-    def __init__(self, spec: dict, lengths: np.ndarray, epoch: int):
-        self.epoch, self.spec = epoch, spec
-        n = len(lengths)
-        rng = np.random.default_rng([spec["seed"], epoch])
-        self.order = rng.permutation(n) if spec["shuffle"] else np.arange(n)
-        self.tokens = np.minimum(lengths + 2, spec["max_length"])  # (n,) tokens each protein takes in a row
-        self.chunks: list[tuple[int, np.ndarray, np.ndarray]] = []  # (first row, protein ids, row offsets)
-        self.next_doc, self.total_rows = 0, 0
+    max_length: int  # tokens per row
+    rows: int  # rows per micro-batch
+    rank: int
+    world_size: int
+    seed: int
+    shuffle: bool
+    packing: bool
+    num_epochs: int | None  # None: endless (training)
+    drop_last: bool  # drop the last incomplete round of world_size micro-batches of an epoch
+    crop: str  # "random" | "first"
+    fixed_mask_step: int | None  # eval: masks keyed by (this step, batch index)
+    grad_accum_steps: int
+    block_docs: int
+    window_blocks: int
+
+    @property
+    def rows_per_round(self) -> int:
+        return self.rows * self.world_size
+
+
+class _Blocks:
+    """The corpus as runs of block_docs proteins of one shard: (nb,) arrays, a few bytes per block."""
+
+    def __init__(self, shards: ShardSet, block_docs: int):
+        counts = [np.diff(np.minimum(np.arange(0, n + block_docs, block_docs), n)) for n in shards.shard_docs]
+        counts = [c[c > 0] for c in counts]
+        self.shard = np.concatenate([np.full(len(c), s, np.int32) for s, c in enumerate(counts)] or [[]])
+        self.first = np.concatenate([np.arange(len(c)) * block_docs for c in counts] or [[]]).astype(np.int64)
+        self.count = np.concatenate(counts or [[]]).astype(np.int64)  # proteins in each block
+        self.base = self.first + np.asarray(shards.starts[:-1], np.int64)[self.shard]  # global id of the first
+        self.shards = shards
+
+    def __len__(self) -> int:
+        return len(self.count)
+
+
+@dataclass
+class _Window:
+    """One packed window: its proteins in row order and where each row starts."""
+
+    index: int
+    first_row: int  # global row number (within the epoch) of its first row
+    ids: np.ndarray  # (k,) global protein ids, in row order
+    shard: np.ndarray  # (k,) int32
+    start: np.ndarray  # (k,) int64 residue offset within the shard
+    length: np.ndarray  # (k,) int64 residues
+    crc: np.ndarray  # (k,) int64 crc32 (-1: version-1 shard)
+    row_offsets: np.ndarray  # (rows + 1,) row i holds proteins row_offsets[i]:row_offsets[i + 1]
+
+    @property
+    def end_row(self) -> int:
+        return self.first_row + len(self.row_offsets) - 1
+
+
+class _EpochPlan:
+    """Rows of one epoch, packed window by window from a start window; windows behind the reader are released."""
+
+    def __init__(self, spec: LoaderSpec, blocks: _Blocks, epoch: int, window: int = 0, first_row: int = 0):
+        self.spec, self.blocks, self.epoch = spec, blocks, epoch
+        nb = len(blocks)
+        self.order = np.random.default_rng([spec.seed, epoch]).permutation(nb) if spec.shuffle else np.arange(nb)
+        self.num_windows = math.ceil(nb / spec.window_blocks)
+        self.next_window, self.total_rows = window, first_row
+        self.windows: deque[_Window] = deque()
 
     @property
     def complete(self) -> bool:
-        return self.next_doc >= len(self.order)
+        return self.next_window >= self.num_windows
 
     def ensure(self, rows: int) -> bool:
-        """Pack chunks until `rows` rows exist; False if the epoch has fewer."""
+        """Pack windows until `rows` rows exist; False if the epoch has fewer."""
         while self.total_rows < rows and not self.complete:
-            ids = self.order[self.next_doc : self.next_doc + self.spec["chunk_docs"]]
-            self.next_doc += len(ids)
-            if self.spec["packing"]:
-                order, offsets = pack_best_fit(self.tokens[ids], self.spec["max_length"])
-                ids = ids[order]
-            else:
-                offsets = np.arange(len(ids) + 1)
-            self.chunks.append((self.total_rows, ids, offsets))
-            self.total_rows += len(offsets) - 1
+            self.windows.append(self.pack(self.next_window))
+            self.next_window += 1
+            self.total_rows = self.windows[-1].end_row
         return self.total_rows >= rows
 
-    def rows(self, start: int, stop: int) -> list[np.ndarray]:
-        """Protein ids of rows [start, stop) (rows must exist)."""
+    def proteins(self, w: int) -> tuple[np.ndarray, ...]:
+        """Window w's proteins in its shuffled order: (ids, shard, start, length, crc), each (k,)."""
+        spec, blocks = self.spec, self.blocks
+        chosen = self.order[w * spec.window_blocks : (w + 1) * spec.window_blocks]
+        parts = []
+        for b in chosen.tolist():
+            s, count = int(blocks.shard[b]), int(blocks.count[b])
+            offsets, crcs = blocks.shards.index(s, int(blocks.first[b]), count)
+            ids = blocks.base[b] + np.arange(count)
+            parts.append((ids, np.full(count, s, np.int32), offsets[:-1], np.diff(offsets), crcs))
+        columns = [np.concatenate(c) for c in zip(*parts)]
+        if spec.shuffle:
+            perm = np.random.default_rng([spec.seed, self.epoch, w]).permutation(len(columns[0]))
+            columns = [c[perm] for c in columns]
+        return tuple(columns)
+
+    def pack(self, w: int) -> _Window:
+        ids, shard, start, length, crc = self.proteins(w)
+        tokens = np.minimum(length + 2, self.spec.max_length)  # (k,) tokens each protein takes in a row
+        if self.spec.packing:
+            order, row_offsets = pack_best_fit(tokens, self.spec.max_length)
+            ids, shard, start, length, crc = (c[order] for c in (ids, shard, start, length, crc))
+        else:
+            row_offsets = np.arange(len(ids) + 1)
+        return _Window(w, self.total_rows, ids, shard, start, length, crc, row_offsets)
+
+    def window_of(self, row: int) -> _Window:
+        firsts = [w.first_row for w in self.windows]
+        return self.windows[bisect_right(firsts, row) - 1]
+
+    def rows(self, start: int, stop: int) -> list[list[tuple[int, int, int, int, int]]]:
+        """Rows [start, stop) (they must exist): each a list of (shard, start, length, crc, id) per protein."""
         out = []
-        firsts = [c[0] for c in self.chunks]
         for r in range(start, stop):
-            first, ids, offsets = self.chunks[bisect_right(firsts, r) - 1]
-            out.append(ids[offsets[r - first] : offsets[r - first + 1]])
+            win = self.window_of(r)
+            a, b = win.row_offsets[r - win.first_row : r - win.first_row + 2].tolist()
+            columns = (win.shard[a:b], win.start[a:b], win.length[a:b], win.crc[a:b], win.ids[a:b])
+            out.append(list(zip(*(c.tolist() for c in columns))))
         return out
 
     def release_before(self, row: int) -> None:
-        while len(self.chunks) > 1 and self.chunks[1][0] <= row:
-            self.chunks.pop(0)
+        while len(self.windows) > 1 and self.windows[1].first_row <= row:
+            self.windows.popleft()
 
 
 class _BatchStream(IterableDataset):
-    """Yields (epoch, batch, micro_step, batch dict) for one rank from a start position; see the module docstring."""
+    """Yields (epoch, batch, micro_step, window, window_row, mask_rate, batch dict) for one rank from a start
+    position; see the module docstring."""
 
-    def __init__(self, shards: ShardSet, spec: dict, collator, start: tuple):
-        self.shards, self.spec, self.collator, self.start = shards, spec, collator, start
+    def __init__(self, blocks: _Blocks, spec: LoaderSpec, collator, start: tuple, step_offset: int):
+        self.blocks, self.spec, self.collator, self.start, self.step_offset = blocks, spec, collator, start, step_offset
 
     def batch_exists(self, plan: _EpochPlan, b: int) -> bool:
-        s = self.spec
-        per_round = s["rows"] * s["world_size"]
-        return plan.ensure((b + 1) * per_round) if s["drop_last"] else plan.ensure(b * per_round + 1)
+        per_round = self.spec.rows_per_round
+        return plan.ensure((b + 1) * per_round) if self.spec.drop_last else plan.ensure(b * per_round + 1)
 
-    def make_batch(self, plan: _EpochPlan, b: int, micro_step: int) -> dict:
+    def make_batch(self, plan: _EpochPlan, b: int, micro_step: int) -> tuple:
         s = self.spec
-        g = b * s["world_size"] + s["rank"]
-        plan.ensure((g + 1) * s["rows"])
-        first, last = g * s["rows"], min((g + 1) * s["rows"], plan.total_rows)
-        rows = [[self.crop(plan.epoch, int(d)) for d in row] for row in plan.rows(first, last)]
+        g = b * s.world_size + s.rank
+        plan.ensure((g + 1) * s.rows)
+        first, last = g * s.rows, min((g + 1) * s.rows, plan.total_rows)
+        rows = [[self.crop(plan.epoch, *protein) for protein in row] for row in plan.rows(first, last)]
         if not rows:  # finite loader, this rank has run out: filler with nothing to score
             rows = [[np.zeros(0, dtype=np.uint8)]]
-        if s["fixed_mask_step"] is not None:
-            step, micro = s["fixed_mask_step"], b
+        if s.fixed_mask_step is not None:
+            step, micro = s.fixed_mask_step, b
         else:
-            step, micro = divmod(micro_step, s["grad_accum_steps"])
+            step, micro = divmod(micro_step, s.grad_accum_steps)
+            step += self.step_offset
         # Masks are keyed by the micro-batch's global slot (micro x world + rank, with rank 0 in the key): the same
         # rows get the same masks whatever the split into ranks and accumulation steps, so N ranks reproduce 1.
-        slot = micro * s["world_size"] + s["rank"]
-        length = s["max_length"] if s["packing"] else None
-        return self.collator(rows, length=length, step=step, rank=0, micro=slot)
+        slot = micro * s.world_size + s.rank
+        length = s.max_length if s.packing else None
+        batch = self.collator(rows, length=length, step=step, rank=0, micro=slot)
+        win = plan.window_of(min(first, plan.total_rows - 1))
+        return win.index, win.first_row, self.collator.rate(step), batch
 
-    def crop(self, epoch: int, d: int) -> np.ndarray:
-        tokens = self.shards.doc(d)
-        window = self.spec["max_length"] - 2
-        if len(tokens) <= window:
+    def crop(self, epoch: int, shard: int, start: int, n: int, crc: int, d: int) -> np.ndarray:
+        tokens = self.blocks.shards.read(shard, start, start + n, crc)
+        window = self.spec.max_length - 2
+        if n <= window:
             return tokens
-        start = 0 if self.spec["crop"] == "first" else mix64(self.spec["seed"], epoch, d) % (len(tokens) - window + 1)
-        return tokens[start : start + window]
+        offset = 0 if self.spec.crop == "first" else mix64(self.spec.seed, epoch, d) % (n - window + 1)
+        return tokens[offset : offset + window]
 
     def __iter__(self):
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        epoch, b, micro_step = self.start
+        epoch, b, micro_step, window, window_row = self.start
         plan, j = None, 0
-        while self.spec["num_epochs"] is None or epoch < self.spec["num_epochs"]:
+        while self.spec.num_epochs is None or epoch < self.spec.num_epochs:
             if plan is None:
-                plan = _EpochPlan(self.spec, self.shards.lengths, epoch)
+                plan = _EpochPlan(self.spec, self.blocks, epoch, window, window_row)
             if not self.batch_exists(plan, b):
                 if b == 0:  # an empty epoch would loop forever
                     raise ValueError(
-                        f"{self.shards.dir}: too little data for one round of "
-                        f"{self.spec['world_size']} x {self.spec['rows']} rows"
+                        f"{self.blocks.shards.dir}: too little data for one round of "
+                        f"{self.spec.world_size} x {self.spec.rows} rows"
                     )
-                epoch, b, plan = epoch + 1, 0, None
+                epoch, b, window, window_row, plan = epoch + 1, 0, 0, 0, None
                 continue
             if j % workers == worker:
-                yield epoch, b, micro_step, self.make_batch(plan, b, micro_step)
-            plan.release_before(b * self.spec["rows"] * self.spec["world_size"])
+                yield epoch, b, micro_step, *self.make_batch(plan, b, micro_step)
+            plan.release_before(b * self.spec.rows_per_round)
             b, micro_step, j = b + 1, micro_step + 1, j + 1
+
+
+_MATCH_KEYS = ("version", "seed", "rank", "world_size", "max_length", "rows", "shuffle", "packing", "block_docs")
+_MATCH_KEYS += ("window_blocks", "num_docs", "num_tokens")
 
 
 class PackedLoader:
@@ -204,7 +309,8 @@ class PackedLoader:
         num_epochs: int | None = None,
         crop: str | None = None,
         fixed_mask_step: int | None = None,
-        chunk_docs: int = 1 << 17,
+        block_docs: int = 4096,
+        window_blocks: int = 16,
     ):
         rows = tokens_per_micro_batch // max_length
         if rows < 1 or not 0 <= rank < world_size:
@@ -220,6 +326,8 @@ class PackedLoader:
             )
         if crop not in (None, "random", "first"):
             raise ValueError(f"crop must be 'random' or 'first', got {crop!r}")
+        if block_docs < 1 or window_blocks < 1:
+            raise ValueError(f"block_docs and window_blocks must be >= 1, got {block_docs}, {window_blocks}")
         if shards.num_docs == 0:
             raise ValueError(f"{shards.dir}: no proteins")
         self.shards, self.collator, self.num_workers = shards, collator, num_workers
@@ -227,7 +335,7 @@ class PackedLoader:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.grad_accum_steps = 1 if global_batch_tokens is None else global_batch_tokens // per_step
         self.rows_per_micro_batch = rows
-        self.spec = dict(
+        self.spec = LoaderSpec(
             max_length=max_length,
             rows=rows,
             rank=rank,
@@ -240,12 +348,29 @@ class PackedLoader:
             crop=crop or ("random" if shuffle else "first"),
             fixed_mask_step=fixed_mask_step,
             grad_accum_steps=self.grad_accum_steps,
-            chunk_docs=chunk_docs,
+            block_docs=block_docs,
+            window_blocks=window_blocks,
         )
-        self.epoch, self.batch, self.micro_step = 0, 0, 0
+        self.blocks = _Blocks(shards, block_docs)
+        self._rows_in_epoch: dict[int, int] = {}
+        self.step_offset = 0
+        self.last_mask_rate: float | None = None
+        self.restart()
+
+    def restart(self) -> None:
+        """Back to the first batch of epoch 0 (a finite loader does this by itself after its last batch)."""
+        self.epoch, self.batch, self.micro_step, self.window, self.window_row = 0, 0, 0, 0, 0
+
+    def set_optimizer_step(self, step: int) -> None:
+        """The next micro-batch belongs to optimizer step `step` (call it after a resume, whether or not the data
+        position was restored): the mask-rate schedule then follows the trainer's step, not this loader's count."""
+        if self.micro_step % self.grad_accum_steps:
+            raise ValueError(f"micro-step {self.micro_step} is not at an optimizer-step boundary")
+        self.step_offset = step - self.micro_step // self.grad_accum_steps
 
     def __iter__(self):
-        stream = _BatchStream(self.shards, self.spec, self.collator, (self.epoch, self.batch, self.micro_step))
+        start = (self.epoch, self.batch, self.micro_step, self.window, self.window_row)
+        stream = _BatchStream(self.blocks, self.spec, self.collator, start, self.step_offset)
         if self.num_workers == 0 and not self.pin_memory:
             items = iter(stream)
         else:
@@ -256,11 +381,12 @@ class PackedLoader:
                 pin_memory=self.pin_memory,
                 prefetch_factor=self.prefetch_factor if self.num_workers else None,
             )
-        for epoch, b, micro_step, batch in items:
+        for epoch, b, micro_step, window, window_row, rate, batch in items:
             self.epoch, self.batch, self.micro_step = epoch, b + 1, micro_step + 1
+            self.window, self.window_row, self.last_mask_rate = window, window_row, rate
             yield batch
-        if self.spec["num_epochs"] is not None:  # a finite loader starts over on the next iteration (repeat evals)
-            self.epoch, self.batch, self.micro_step = 0, 0, 0
+        if self.spec.num_epochs is not None:  # a finite loader starts over on the next iteration (repeat evals)
+            self.restart()
 
     def state_dict(self) -> dict:
         """Position after the last batch handed out, plus what must match on restore. All randomness is derived
@@ -271,62 +397,72 @@ class PackedLoader:
             epoch=self.epoch,
             batch=self.batch,
             micro_step=self.micro_step,
-            seed=s["seed"],
-            rank=s["rank"],
-            world_size=s["world_size"],
-            max_length=s["max_length"],
-            rows=s["rows"],
-            shuffle=s["shuffle"],
-            packing=s["packing"],
+            step_offset=self.step_offset,
+            window=self.window,
+            window_row=self.window_row,
+            seed=s.seed,
+            rank=s.rank,
+            world_size=s.world_size,
+            max_length=s.max_length,
+            rows=s.rows,
+            shuffle=s.shuffle,
+            packing=s.packing,
+            block_docs=s.block_docs,
+            window_blocks=s.window_blocks,
             num_docs=self.shards.num_docs,
             num_tokens=self.shards.num_tokens,
         )
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
-        keys = (
-            "version",
-            "seed",
-            "rank",
-            "world_size",
-            "max_length",
-            "rows",
-            "shuffle",
-            "packing",
-            "num_docs",
-            "num_tokens",
-        )
-        diff = {k: (state.get(k), mine[k]) for k in keys if state.get(k) != mine[k]}
+        diff = {k: (state.get(k), mine[k]) for k in _MATCH_KEYS if state.get(k) != mine[k]}
         if diff:
             raise ValueError(f"loader state does not match this loader (saved, current): {diff}")
-        self.epoch, self.batch, self.micro_step = int(state["epoch"]), int(state["batch"]), int(state["micro_step"])
+        for key in ("epoch", "batch", "micro_step", "step_offset", "window", "window_row"):
+            setattr(self, key, int(state[key]))
+
+    def _epoch_windows(self, epoch: int):
+        """Every packed window of `epoch` in order (O(window) memory: each is dropped once the next is packed)."""
+        plan = _EpochPlan(self.spec, self.blocks, epoch)
+        for w in range(plan.num_windows):
+            win = plan.pack(w)
+            plan.total_rows = win.end_row
+            yield win
 
     def batches_per_epoch(self, epoch: int | None = None) -> int:
-        """This rank's batches in `epoch` (default: the current one); packs the whole epoch to count."""
-        plan = _EpochPlan(self.spec, self.shards.lengths, self.epoch if epoch is None else epoch)
-        plan.ensure(math.inf)
-        per_round = self.spec["rows"] * self.spec["world_size"]
-        return plan.total_rows // per_round if self.spec["drop_last"] else math.ceil(plan.total_rows / per_round)
+        """This rank's batches in `epoch` (default: the current one); packs the whole epoch once to count."""
+        epoch = self.epoch if epoch is None else epoch
+        if epoch not in self._rows_in_epoch:
+            self._rows_in_epoch[epoch] = sum(len(w.row_offsets) - 1 for w in self._epoch_windows(epoch))
+        rows, per_round = self._rows_in_epoch[epoch], self.spec.rows_per_round
+        return rows // per_round if self.spec.drop_last else math.ceil(rows / per_round)
 
     def __len__(self) -> int:
         return self.batches_per_epoch()
 
     def packing_stats(self, epoch: int = 0) -> dict:
         """Padding waste of one epoch's layout: 1 - real tokens / tokens in all rows (padded mode: per batch)."""
-        plan = _EpochPlan(self.spec, self.shards.lengths, epoch)
-        plan.ensure(math.inf)
-        real = int(plan.tokens.sum())
-        if self.spec["packing"]:
-            slots = plan.total_rows * self.spec["max_length"]
-        else:  # padded: every row of a micro-batch is as long as its longest protein
-            t = plan.tokens[plan.order]
-            R = self.spec["rows"]
-            t = np.pad(t, (0, -len(t) % R)).reshape(-1, R)
-            slots = int((t.max(1) * (t > 0).sum(1)).sum())
-        cropped = int((self.shards.lengths + 2 > self.spec["max_length"]).sum())
+        L, R = self.spec.max_length, self.spec.rows
+        rows = proteins = real = slots = cropped = 0
+        pending = np.zeros(0, np.int64)  # padded mode: tokens of rows not yet grouped into a batch of R rows
+        for win in self._epoch_windows(epoch):
+            tokens = np.minimum(win.length + 2, L)
+            rows += len(win.row_offsets) - 1
+            proteins += len(tokens)
+            real += int(tokens.sum())
+            cropped += int((win.length + 2 > L).sum())
+            if self.spec.packing:
+                slots += (len(win.row_offsets) - 1) * L
+            else:  # every row of a micro-batch is as long as its longest protein
+                pending = np.concatenate([pending, tokens])
+                full = len(pending) // R * R
+                slots += int(pending[:full].reshape(-1, R).max(1).sum()) * R
+                pending = pending[full:]
+        if len(pending):
+            slots += int(pending.max()) * len(pending)
         return dict(
-            rows=plan.total_rows,
-            proteins=len(plan.order),
+            rows=rows,
+            proteins=proteins,
             real_tokens=real,
             slot_tokens=slots,
             padding_waste=1 - real / slots,
@@ -344,7 +480,7 @@ def build_loader(
     world_size: int = 1,
     seed: int = 0,
     num_workers: int = 0,
-    verify: str = "sha256",
+    verify: str = "header",
     **kw,
 ) -> PackedLoader:
     """Training loader: shuffled each epoch, random crops, endless (count epochs with loader.epoch)."""
@@ -372,7 +508,7 @@ def build_eval_loader(
     seed: int = 0,
     packing: bool = True,
     num_workers: int = 0,
-    verify: str = "sha256",
+    verify: str = "header",
     **kw,
 ) -> PackedLoader:
     """Eval loader: one pass in stored order, first-window crops, masks fixed per batch index (step 0), so every

@@ -1,49 +1,97 @@
-"""What the run publishes to the Hub, and when: code + config + tokenizer + card at start, the model periodically
-and at the end. Only the main process talks to the Hub; the upload itself runs in HubPusher's background thread."""
+"""What the run publishes to the Hub, and when: code + config + tokenizer + card at start (no weights), the model of a
+checkpoint every `hub.push_every` steps, the final folder at the end.
+
+Nothing of it runs on the step path. The training loop saves its checkpoint as usual (its model.safetensors holds
+the full weights under the model's own names, FSDP2 included: training/checkpoint.py); push_checkpoint() only
+hard-links that file (O(1), so pruning cannot pull it away) and queues a job; HubPusher's background thread then
+loads it into a plain model, writes the model folder with `write_model_folder` (transformers' save_pretrained,
+shards included, tokenizer and card) and uploads it. No process waits for the upload or for the folder being
+written; no collective runs for a push. Only the main process talks to the Hub.
+"""
 
 import logging
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
-from .checkpoint import full_state_dict, save_pretrained
+from safetensors.torch import load_file
+
+from .card import write_model_folder
+from .checkpoint import WEIGHTS, plain_model
 from .config import HubSection
 from .hub import HubPusher
 
 logger = logging.getLogger("speedplm")
 
 
-class ModelPublisher:
-    """Construct it and call push_model() on every rank: under FSDP2 staging the model gathers its sharded weights
-    (a collective); only the main process then writes and uploads."""
+def link_weights(checkpoint: Path, target: Path) -> Path:
+    """Hard-link (copy where links are impossible) a checkpoint's model.safetensors into `target`."""
+    src, dst = checkpoint / WEIGHTS, target / WEIGHTS
+    if not src.is_file():
+        raise FileNotFoundError(f"{checkpoint}: no {WEIGHTS} to push")
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem: a copy (on the step path only in that case)
+        shutil.copy2(src, dst)
+    return dst
 
-    def __init__(self, hub: HubSection, staging_dir: Path, accelerator, model):
-        self.accelerator, self.model = accelerator, model
-        self.staging = Path(staging_dir)
+
+class ModelPublisher:
+    """Construct it and call push_checkpoint()/push_final() on every rank (only the main process acts)."""
+
+    def __init__(self, hub: HubSection, staging_dir: Path, accelerator, model, max_shard_size=None):
+        self.model = accelerator.unwrap_model(model)
+        self.max_shard_size = max_shard_size
         self.pusher = None
-        state_dict = full_state_dict(accelerator, model)  # collective under FSDP2
         if accelerator.is_main_process:
+            Path(staging_dir).mkdir(parents=True, exist_ok=True)
             self.pusher = HubPusher(
-                hub.model_id, private=hub.private, max_retries=hub.max_retries, backoff_s=hub.backoff_s
+                hub.model_id,
+                private=hub.private,
+                max_retries=hub.max_retries,
+                backoff_s=hub.backoff_s,
+                tmp_dir=staging_dir,  # the same filesystem as the checkpoints: weights are hard-linked
             )
-        if self.pusher is not None:
-            start = self._stage("start", state_dict=state_dict)
-            (start / "model.safetensors").unlink()  # the start push carries no weights yet
-            self.pusher.push_folder(start, "speedplm: code, config, tokenizer and model card", step=0)
+            start = plain_model(self.model)
+            self.pusher.push_built(
+                lambda folder: write_model_folder(start, folder, state_dict={}),
+                "speedplm: code, config, tokenizer and model card",
+                step=0,
+                key="start",
+            )
             logger.info("hub: pushing code and config to %s in the background", hub.model_id)
 
-    def _stage(self, name: str, summary: str | None = None, state_dict: dict | None = None) -> Path:
-        directory = self.staging / name
-        shutil.rmtree(directory, ignore_errors=True)
-        save_pretrained(self.accelerator, self.model, directory, state_dict=state_dict, training_summary=summary)
-        return directory
-
-    def push_model(self, step: int, summary: str | None = None, final: bool = False) -> None:
-        state_dict = full_state_dict(self.accelerator, self.model)  # collective under FSDP2: before any return
+    def push_checkpoint(self, step: int, checkpoint: Path, summary: str | None = None) -> None:
+        """Queue a push of the model saved in `checkpoint` (a finished checkpoint directory of step `step`)."""
         if self.pusher is None:
             return
         self.pusher.check()  # fail early on a bad token or missing write access
-        directory = self._stage("model", summary, state_dict)
-        self.pusher.push_folder(directory, f"speedplm: {'final model' if final else 'model'} at step {step}", step=step)
+        weights = Path(tempfile.mkdtemp(prefix=f"weights-{step}-", dir=self.pusher.tmp_root))
+        linked = link_weights(Path(checkpoint), weights)
+
+        def build(folder: Path) -> None:
+            plain = plain_model(self.model, load_file(linked))
+            kwargs = {} if self.max_shard_size is None else {"max_shard_size": self.max_shard_size}
+            write_model_folder(plain, folder, summary, **kwargs)
+
+        self.pusher.push_built(
+            build,
+            f"speedplm: model at step {step}",
+            step=step,
+            key="model",
+            discard=lambda: shutil.rmtree(weights, ignore_errors=True),
+        )
+
+    def push_final(self, directory: Path, step: int) -> None:
+        """Queue a push of the final save_pretrained folder (already complete: copied in the background)."""
+        if self.pusher is not None:
+            self.pusher.push_built(
+                lambda folder: shutil.copytree(directory, folder, dirs_exist_ok=True),
+                f"speedplm: final model at step {step}",
+                step=step,
+                key="model",
+            )
 
     def check(self) -> None:
         if self.pusher is not None:

@@ -1,9 +1,13 @@
-"""Readers that turn input files into raw protein records, one (file, line, id, sequence) at a time.
+"""Readers that turn inputs into raw protein records (file, line, id, sequence), in pieces that workers can parse.
 
 Public API
     RawRecord(file, line, id, seq, problem)   # seq: whitespace-free bytes (may be empty), or None with `problem` set
+    Chunk(kind, file, first, payload, last, columns)   # a piece of one input: whole records, and where they start
     SourceError(Exception)                    # unreadable / truncated / wrong-schema input; the message names the file
-    iter_records(source, *, split=None, sequence_column="sequence", id_column=None) -> Iterator[RawRecord]
+    iter_chunks(source, *, split=None, sequence_column="sequence", id_column=None, chunk_bytes=16 MiB)
+        -> Iterator[Chunk]                    # reads, decompresses and cuts (one process, in order)
+    chunk_records(chunk) -> Iterator[RawRecord]   # parses one piece (any process)
+    iter_records(source, **kw) -> Iterator[RawRecord]   # both, one record at a time
     source_files(directory, split=None) -> list[Path]
     builtin_dir() -> Path, builtin_files() -> list[Path]   # aaanalysis benchmark TSVs, found without importing it
 
@@ -16,11 +20,19 @@ Sources and what `line` means in them
                                           with `datasets.save_to_disk` (Dataset or DatasetDict + `split`)
     a Hub id "owner/name"                 streamed with `datasets.load_dataset(..., streaming=True)`; row number
 Readers remove whitespace inside sequences (including CR of CRLF files) and a UTF-8 BOM; they never fix letters.
+
+Pieces: FASTA text is cut just before a header line, CSV/TSV text after a row (never inside a quoted field), each
+about chunk_bytes long (a gzipped file is decompressed here, in order, and cut the same way); a parquet piece is a run
+of whole row groups that the worker reads itself, an Arrow file is one piece, a Hub dataset is streamed and cut into
+pieces of records. Nothing holds more than a piece of an input; the pieces depend on the input alone, not on how
+many processes parse them.
 """
 
+import contextlib
 import csv
 import gzip
 import importlib.util
+import io
 import json
 import re
 import zlib
@@ -40,10 +52,24 @@ WHITESPACE = b" \t\r\n\v\f"
 BOM = b"\xef\xbb\xbf"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 READ_ERRORS = (OSError, EOFError, zlib.error, csv.Error, pa.ArrowException)
+CHUNK_BYTES = 16 << 20  # raw input per piece handed to a `prepare` worker
+csv.field_size_limit(2**31 - 1)  # titin-sized proteins exceed the 128 KiB default
 
 
 class SourceError(Exception):
     """An input that cannot be read at all (as opposed to a bad record, which is rejected with a reason)."""
+
+
+class Chunk(NamedTuple):
+    """A piece of one input for a worker: whole records, and where they start."""
+
+    kind: str  # "fasta" | "table" (payload: bytes) | "columnar" (payload: parquet row groups, None: whole file)
+    # | "records" (payload: list of RawRecord, from a streamed Hub dataset)
+    file: str  # the input it comes from (named in every message)
+    first: int  # line (FASTA, tables) or row (columnar, Hub) number of its first record
+    payload: object
+    last: bool  # the input's last piece
+    columns: tuple = ()  # table: (delimiter, sequence index, id index); columnar: (sequence name, id name)
 
 
 class RawRecord(NamedTuple):
@@ -66,19 +92,65 @@ def _kind(path: Path) -> str | None:
     return None
 
 
-def iter_fasta(path: Path) -> Iterator[RawRecord]:
-    """Records of a (multi-line, optionally gzipped) FASTA file."""
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    try:
-        with opener(path, "rb") as f:
-            yield from _parse_fasta(f, str(path))
-    except READ_ERRORS as e:
-        raise SourceError(f"{path}: cannot read: {type(e).__name__}: {e}") from e
+def _opener(path: Path):
+    return gzip.open if path.name.lower().endswith(".gz") else open
 
 
-def _parse_fasta(lines, name: str) -> Iterator[RawRecord]:
+def _read_errors(path) -> contextlib.AbstractContextManager:
+    """Turn a reader's low-level error (truncated gzip, bad CSV quoting, broken parquet) into a SourceError."""
+
+    @contextlib.contextmanager
+    def wrap():
+        try:
+            yield
+        except READ_ERRORS as e:
+            raise SourceError(f"{path}: cannot read: {type(e).__name__}: {e}") from e
+
+    return wrap()
+
+
+def _cut_chunks(f, chunk_bytes: int, cut) -> Iterator[tuple[bytes, int, bool]]:
+    """(text, first line, last) pieces of an open binary file, each ending where `cut(data, pending)` says in the
+    data just read (-1: read on);
+    lines are counted by b"\n" so every piece knows the number of its first line."""
+    line, pending = 1, b""
+    while True:
+        data = f.read(chunk_bytes)
+        if not data:
+            yield pending, line, True
+            return
+        end = cut(data, pending)
+        if end < 0:  # no place to cut in what was read: one record longer than a chunk, read on
+            pending += data
+            continue
+        text, pending = pending + data[:end], data[end:]  # one copy of the piece, the short tail kept
+        yield text, line, False
+        line += text.count(b"\n")
+
+
+def _fasta_cut(buf: bytes, before: bytes) -> int:
+    return buf.rfind(b"\n>") + 1 or -1  # just before the last header that starts in the buffer
+
+
+def _table_cut(buf: bytes, before: bytes) -> int:
+    """After the last newline outside a quoted field (an even number of '"' before it, `before` included: csv's
+    doubled quotes keep the parity), so a row with a quoted newline is never split."""
+    odd = before.count(b'"') % 2
+    end = buf.rfind(b"\n")
+    while end >= 0 and (buf.count(b'"', 0, end) + odd) % 2:
+        end = buf.rfind(b"\n", 0, end)
+    return end + 1 if end >= 0 else -1
+
+
+def _fasta_chunks(path: Path, chunk_bytes: int) -> Iterator[Chunk]:
+    with _read_errors(path), _opener(path)(path, "rb") as f:
+        for text, line, last in _cut_chunks(f, chunk_bytes, _fasta_cut):
+            yield Chunk("fasta", str(path), line, text, last)
+
+
+def _parse_fasta(lines, name: str, first_line: int = 1) -> Iterator[RawRecord]:
     rid, header_line, parts, blank, orphan = None, 0, [], False, 0
-    for lineno, line in enumerate(lines, 1):
+    for lineno, line in enumerate(lines, first_line):
         if lineno == 1 and line.startswith(BOM):
             line = line[len(BOM) :]
         if line.startswith(b">"):
@@ -121,35 +193,36 @@ def _column(names: list, wanted: str | None, candidates: tuple, path, required: 
     return None
 
 
-def iter_table(path: Path, *, sequence_column: str = "sequence", id_column: str | None = None) -> Iterator[RawRecord]:
-    """Records of a CSV/TSV file (optionally gzipped) with a header row."""
+def _table_chunks(path: Path, chunk_bytes: int, sequence_column: str, id_column: str | None) -> Iterator[Chunk]:
+    """A CSV/TSV file (optionally gzipped) with a header row, in pieces of whole rows."""
     delimiter = "," if path.name.lower().removesuffix(".gz").endswith(".csv") else "\t"
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    csv.field_size_limit(2**31 - 1)  # titin-sized proteins exceed the 128 KiB default
-    try:  # utf-8-sig drops a BOM; surrogateescape keeps invalid bytes so validation can name them
-        with opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
-            reader = csv.reader(f, delimiter=delimiter)
-            header = next(reader, None)
-            if header is None:
-                raise SourceError(f"{path}: empty file (no header row)")
-            si = _column(header, sequence_column, (), path, required=True)
-            ii = _column(header, id_column, ID_COLUMNS, path, required=False)
-            for row in reader:
-                if not row:  # blank line
-                    continue
-                line = reader.line_num
-                cell = row[si] if si < len(row) else ""
-                rid = row[ii] if ii is not None and ii < len(row) else f"row{line}"
-                seq = cell.encode("utf-8", "surrogateescape").translate(None, WHITESPACE)
-                yield RawRecord(str(path), line, rid, seq)
-    except READ_ERRORS as e:
-        raise SourceError(f"{path}: cannot read: {type(e).__name__}: {e}") from e
+    with _read_errors(path), _opener(path)(path, "rb") as f:
+        first = f.readline()
+        if not first.strip():
+            raise SourceError(f"{path}: empty file (no header row)")
+        # utf-8-sig drops a BOM; surrogateescape keeps invalid bytes so validation can name them
+        header = next(csv.reader([first.decode("utf-8-sig", "surrogateescape")], delimiter=delimiter))
+        si = _column(header, sequence_column, (), path, required=True)
+        ii = _column(header, id_column, ID_COLUMNS, path, required=False)
+        for text, line, last in _cut_chunks(f, chunk_bytes, _table_cut):
+            yield Chunk("table", str(path), line + 1, text, last, (delimiter, si, ii))
+
+
+def _parse_table(chunk: Chunk) -> Iterator[RawRecord]:
+    delimiter, si, ii = chunk.columns
+    text = chunk.payload.decode("utf-8", "surrogateescape")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    for row in reader:
+        if not row:  # blank line
+            continue
+        line = chunk.first - 1 + reader.line_num
+        cell = row[si] if si < len(row) else ""
+        rid = row[ii] if ii is not None and ii < len(row) else f"row{line}"
+        seq = cell.encode("utf-8", "surrogateescape").translate(None, WHITESPACE)
+        yield RawRecord(chunk.file, line, rid, seq)
 
 
 def _arrow_batches(path: Path) -> tuple[list, Iterator]:
-    if path.name.lower().endswith(".parquet"):
-        pf = pq.ParquetFile(path)
-        return pf.schema_arrow.names, lambda cols: pf.iter_batches(batch_size=16384, columns=cols)
     source = pa.memory_map(str(path))
     try:  # datasets writes the IPC stream format; plain Arrow files use the file format
         reader = pa.ipc.open_stream(source)
@@ -160,26 +233,60 @@ def _arrow_batches(path: Path) -> tuple[list, Iterator]:
     return reader.schema.names, lambda cols: (b.select(cols) for b in reader)
 
 
-def iter_columnar(
-    path: Path, *, sequence_column: str = "sequence", id_column: str | None = None
-) -> Iterator[RawRecord]:
-    """Records of a parquet or Arrow IPC file."""
-    try:
-        names, batches = _arrow_batches(path)
+def _columnar_chunks(path: Path, chunk_bytes: int, sequence_column: str, id_column: str | None) -> Iterator[Chunk]:
+    """A parquet file in pieces of whole row groups (read by the worker itself); an Arrow IPC file whole."""
+    with _read_errors(path):
+        parquet = path.name.lower().endswith(".parquet")
+        meta = pq.ParquetFile(path).metadata if parquet else None
+        names = meta.schema.to_arrow_schema().names if parquet else _arrow_batches(path)[0]
         si = _column(names, sequence_column, (), path, required=True)
         ii = _column(names, id_column, ID_COLUMNS, path, required=False)
-        cols = [names[si]] + ([names[ii]] if ii is not None else [])
-        row = 0
-        for batch in batches(cols):
-            seqs = batch.column(names[si]).to_pylist()
-            ids = batch.column(names[ii]).to_pylist() if ii is not None else None
-            for k, s in enumerate(seqs):
-                row += 1
-                rid = str(ids[k]) if ids is not None else f"row{row}"
-                seq = s.encode("utf-8", "surrogateescape").translate(None, WHITESPACE) if s is not None else b""
-                yield RawRecord(str(path), row, rid, seq)
-    except READ_ERRORS as e:
-        raise SourceError(f"{path}: cannot read: {type(e).__name__}: {e}") from e
+        columns = (names[si], names[ii] if ii is not None else None)
+        if not parquet:
+            yield Chunk("columnar", str(path), 1, None, True, columns)
+            return
+        groups, size, row = [], 0, 1
+        for g in range(meta.num_row_groups):
+            groups.append(g)
+            size += meta.row_group(g).total_byte_size
+            if size >= chunk_bytes or g == meta.num_row_groups - 1:
+                yield Chunk("columnar", str(path), row, groups, g == meta.num_row_groups - 1, columns)
+                row += sum(meta.row_group(k).num_rows for k in groups)
+                groups, size = [], 0
+        if meta.num_row_groups == 0:
+            yield Chunk("columnar", str(path), 1, [], True, columns)
+
+
+def _parse_columnar(chunk: Chunk) -> Iterator[RawRecord]:
+    path = Path(chunk.file)
+    seq_name, id_name = chunk.columns
+    cols = [seq_name] + ([id_name] if id_name is not None else [])
+    if chunk.payload is None:
+        batches = _arrow_batches(path)[1](cols)
+    else:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=16384, row_groups=chunk.payload, columns=cols)
+    row = chunk.first - 1
+    for batch in batches:
+        seqs = batch.column(seq_name).to_pylist()
+        ids = batch.column(id_name).to_pylist() if id_name is not None else None
+        for k, s in enumerate(seqs):
+            row += 1
+            rid = str(ids[k]) if ids is not None else f"row{row}"
+            seq = s.encode("utf-8", "surrogateescape").translate(None, WHITESPACE) if s is not None else b""
+            yield RawRecord(chunk.file, row, rid, seq)
+
+
+def chunk_records(chunk: Chunk) -> Iterator[RawRecord]:
+    """The records of one chunk (runs in prepare's worker processes)."""
+    with _read_errors(chunk.file):
+        if chunk.kind == "fasta":
+            yield from _parse_fasta(io.BytesIO(chunk.payload), chunk.file, chunk.first)
+        elif chunk.kind == "table":
+            yield from _parse_table(chunk)
+        elif chunk.kind == "columnar":
+            yield from _parse_columnar(chunk)
+        else:
+            yield from chunk.payload
 
 
 def _split_of(rel: Path) -> str | None:
@@ -240,30 +347,56 @@ def iter_hub(
         ) from e
 
 
-def iter_records(
-    source, *, split: str | None = None, sequence_column: str = "sequence", id_column: str | None = None
-) -> Iterator[RawRecord]:
-    """Records of a file, a directory or a Hub dataset id (see the module docstring)."""
+def _hub_chunks(repo_id: str, split: str | None, chunk_bytes: int, **kw) -> Iterator[Chunk]:
+    """A Hub dataset streamed row by row, in pieces of about chunk_bytes of sequence (never held whole)."""
+    name = f"{repo_id}[{split or 'train'}]"
+    records, size, first = [], 0, 1
+    for rec in iter_hub(repo_id, split, **kw):
+        records.append(rec)
+        size += len(rec.seq or b"")
+        if size >= chunk_bytes:
+            yield Chunk("records", name, first, records, False)
+            records, size, first = [], 0, rec.line + 1
+    yield Chunk("records", name, first, records, True)
+
+
+def iter_chunks(
+    source,
+    *,
+    split: str | None = None,
+    sequence_column: str = "sequence",
+    id_column: str | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> Iterator[Chunk]:
+    """Pieces of a file, a directory or a Hub dataset id, in order (see the module docstring); an input's last piece
+    has last=True (an empty file gives one empty piece). Reading, decompressing and cutting happen here, parsing in
+    chunk_records."""
     path = Path(source)
     kw = dict(sequence_column=sequence_column, id_column=id_column)
     if path.is_dir():
         for f in source_files(path, split):
-            yield from iter_records(f, **kw)
+            yield from iter_chunks(f, chunk_bytes=chunk_bytes, **kw)
     elif path.exists():
         kind = _kind(path)
         if kind == "fasta":
-            yield from iter_fasta(path)
+            yield from _fasta_chunks(path, chunk_bytes)
         elif kind == "table":
-            yield from iter_table(path, **kw)
+            yield from _table_chunks(path, chunk_bytes, **kw)
         elif kind == "columnar":
-            yield from iter_columnar(path, **kw)
+            yield from _columnar_chunks(path, chunk_bytes, **kw)
         else:
             known = " ".join(FASTA_SUFFIXES + TABLE_SUFFIXES + COLUMNAR_SUFFIXES)
             raise SourceError(f"{path}: unsupported file type (known: {known}, FASTA/CSV/TSV also .gz)")
     elif HUB_ID.match(str(source)) and _kind(path) is None:  # "owner/name", not a mistyped file path
-        yield from iter_hub(str(source), split, **kw)
+        yield from _hub_chunks(str(source), split, chunk_bytes, **kw)
     else:
         raise SourceError(f"{source}: no such file or directory")
+
+
+def iter_records(source, **kw) -> Iterator[RawRecord]:
+    """Records of a file, a directory or a Hub dataset id, one at a time (keyword arguments of iter_chunks)."""
+    for chunk in iter_chunks(source, **kw):
+        yield from chunk_records(chunk)
 
 
 def builtin_dir() -> Path:

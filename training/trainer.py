@@ -14,6 +14,7 @@ import shutil
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import yaml
@@ -119,8 +120,9 @@ class Trainer:
         train_step(batches)    one optimizer step over the step's micro-batches -> StepResult
         log(result)            a metrics row every train.log_every steps, at the last step and on a skipped step
         maybe_eval()           the valid split every eval.every steps
-        maybe_save(stop_code)  a checkpoint every train.save_every steps, at the last step and on a stop signal
-        maybe_push()           the model to the Hub every hub.push_every steps
+        maybe_save(stop_code)  a checkpoint every train.save_every steps, at the last step, on a stop signal and
+                               when a push is due
+        maybe_push(saved)      that checkpoint to the Hub every hub.push_every steps (staged in the background)
         evaluate(split)        one evaluation of a split, logged
         finish()               final evals, final/ (the save_pretrained folder), the last push awaited
     """
@@ -208,6 +210,7 @@ class Trainer:
             loader_state, state = self.checkpoints.load(start.checkpoint, self.model)
             if self.config.train.resume_data_state:
                 self.train_loader.load_state_dict(loader_state)
+            self.train_loader.set_optimizer_step(state["step"])  # the mask-rate clock, data restored or not
         except (ValueError, CheckpointError) as err:
             problem = f"{start.checkpoint}: {err}"
         problems = [p for p in gather_object([problem]) if p] if self.accelerator.num_processes > 1 else [problem]
@@ -263,8 +266,8 @@ class Trainer:
                 self.maybe_eval()
                 stop_code = 128 + stop.signum if stop.signum else 0
                 stop_code = int(self.accelerator.reduce(torch.tensor(stop_code, device=self.accelerator.device), "max"))
-                self.maybe_save(stop_code)
-                self.maybe_push()
+                saved = self.maybe_save(stop_code)
+                self.maybe_push(saved)
                 if stop_code:
                     self.bar.close()
                     if self.publisher is not None:
@@ -273,10 +276,8 @@ class Trainer:
         self.bar.close()
 
     def _next_batches(self, batches) -> list[dict]:
-        """The step's micro-batches for this rank. The collator's mask-rate step comes from the loader's own
-        counter (micro_step // accumulation, training/loader.py); the loader is to take it from
-        self.progress.step instead (the corpus-scale issue), so a resume with train.resume_data_state=false keeps
-        the schedule."""
+        """The step's micro-batches for this rank, masked at the rate of optimizer step self.progress.step (the
+        loader counts from the step it was given at resume: set_optimizer_step)."""
         t0 = time.perf_counter()
         device = self.accelerator.device
         micro_batches = [to_device(next(batches), device) for _ in range(self.batch.accumulation)]
@@ -350,7 +351,8 @@ class Trainer:
         if not (step % self.config.train.log_every == 0 or step == self.config.train.max_steps or not result.finite):
             return
         elapsed = max(time.perf_counter() - self.window["time"], 1e-9)
-        tps = self.window["tokens"] / elapsed
+        tps = self.window["tokens"] / elapsed  # global: every rank's tokens
+        tps_device = tps / self.accelerator.num_processes  # torchtitan's per-device rate; MFU is per device
         row = {
             "step": step,
             "tokens": self.progress.tokens,
@@ -358,9 +360,10 @@ class Trainer:
             "lr": self.schedulers[0].get_last_lr()[0],
             "grad_norm": result.grad_norm,
             "tokens_per_s": tps,
-            "mask_rate": self.train_loader.collator.rate(step - 1),  # the rate of the step just taken
+            "tokens_per_s_per_device": tps_device,
+            "mask_rate": self.train_loader.last_mask_rate,  # the rate the step's last batch was masked with
             "data_wait": self.window["data_wait"] / elapsed,
-            "mfu": tps * self.flops_per_token / self.peak if self.peak else None,
+            "mfu": tps_device * self.flops_per_token / self.peak if self.peak else None,
             "bad_steps": self.progress.bad_steps,
             "train_seconds": self.progress.train_seconds,
         }
@@ -377,16 +380,24 @@ class Trainer:
         if "valid" in self.eval_loaders and every and step % every == 0 and step != self.config.train.max_steps:
             self.evaluate("valid")
 
-    def maybe_save(self, stop_code: int = 0) -> None:
-        t, step = self.config.train, self.progress.step
-        if (t.save_every and step % t.save_every == 0) or stop_code or step == t.max_steps:
-            state = {**vars(self.progress), "run_id": self.run_id, "world_size": self.accelerator.num_processes}
-            self.checkpoints.save(step, self.model, self.train_loader.state_dict(), state, self.summary())
+    def _push_due(self) -> bool:
+        every = self.config.hub.push_every
+        return self.publisher is not None and bool(every) and self.progress.step % every == 0
 
-    def maybe_push(self) -> None:
-        every, step = self.config.hub.push_every, self.progress.step
-        if self.publisher is not None and every and step % every == 0 and step != self.config.train.max_steps:
-            self.publisher.push_model(step, self.summary())
+    def maybe_save(self, stop_code: int = 0) -> Path | None:
+        """A checkpoint every train.save_every steps, at the last step, on a stop signal, and at each step a Hub push
+        is due (the push is staged from it). Returns its directory, or None."""
+        t, step = self.config.train, self.progress.step
+        if (t.save_every and step % t.save_every == 0) or stop_code or step == t.max_steps or self._push_due():
+            state = {**vars(self.progress), "run_id": self.run_id, "world_size": self.accelerator.num_processes}
+            return self.checkpoints.save(step, self.model, self.train_loader.state_dict(), state, self.summary())
+        return None
+
+    def maybe_push(self, saved: Path | None) -> None:
+        """Queue a Hub push of the checkpoint just saved: the pusher's thread stages and uploads it, off the step
+        path (the last step's model is pushed from final/ by finish())."""
+        if self._push_due() and saved is not None and self.progress.step != self.config.train.max_steps:
+            self.publisher.push_checkpoint(self.progress.step, saved, self.summary())
 
     def evaluate(self, split: str) -> dict:
         acc, step = self.accelerator, self.progress.step
@@ -413,7 +424,7 @@ class Trainer:
         save_pretrained(acc, self.model, self.run_dir / "final", training_summary=self.summary())
         acc.wait_for_everyone()
         if self.publisher is not None:
-            self.publisher.push_model(self.progress.step, self.summary(), final=True)
+            self.publisher.push_final(self.run_dir / "final", self.progress.step)
             self.publisher.finish()
 
     def summary(self) -> str:

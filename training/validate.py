@@ -22,7 +22,7 @@ Policy (defaults suit pretraining)
     empty / header-only      rejected (by the source readers and here)
     over-long                accepted and kept whole: the loader crops them (random window per epoch for training,
                              the first max_length-2 residues for eval); reject_longer_than=N rejects beyond N residues
-    duplicate ids            reported in report.json ("report") or rejected ("reject")
+    duplicate ids            reported in report.json ("report"), rejected ("reject") or not looked for ("ignore")
     whitespace, CR, UTF-8 BOM  removed by the readers before validation
 """
 
@@ -75,13 +75,13 @@ class ValidationPolicy:
     allow_ambiguous: bool = True
     min_length: int = 1
     reject_longer_than: int | None = None
-    duplicate_ids: str = "report"  # "report" | "reject"
+    duplicate_ids: str = "report"  # "report" | "reject" | "ignore" (no id index: corpora with unique ids)
 
     def __post_init__(self):
         if self.lowercase not in ("upper", "reject"):
             raise ValueError(f"lowercase must be 'upper' or 'reject', got {self.lowercase!r}")
-        if self.duplicate_ids not in ("report", "reject"):
-            raise ValueError(f"duplicate_ids must be 'report' or 'reject', got {self.duplicate_ids!r}")
+        if self.duplicate_ids not in ("report", "reject", "ignore"):
+            raise ValueError(f"duplicate_ids must be 'report', 'reject' or 'ignore', got {self.duplicate_ids!r}")
         if self.min_length < 1:
             raise ValueError(f"min_length must be >= 1, got {self.min_length}")
 
