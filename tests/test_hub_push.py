@@ -312,7 +312,9 @@ def test_publisher_pushes_a_sharded_model_from_its_checkpoint(hub, tmp_path):
 
     accelerator = Accelerator(cpu=True)
     model = accelerator.prepare(randomized_tiny_model(seed=3))
-    checkpoint = CheckpointManager(tmp_path / "checkpoints", 2, accelerator).save(7, model, {}, {"step": 7})
+    checkpoint = CheckpointManager(tmp_path / "checkpoints", 2, accelerator).save(
+        7, model, {}, {"step": 7, "run_id": "r"}
+    )
     gate = hub.hold("commit")  # the start commit parks: the publisher has written nothing yet on this thread
     staging = tmp_path / "run" / "hub_staging"
     hub_config = HubSection(push=True, model_id=REPO, max_retries=3, backoff_s=0.05)
