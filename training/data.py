@@ -13,6 +13,9 @@ Public API
                                         # buckets < 9800 -> train, < 9900 -> valid, the rest -> test
     DataError(Exception)                # bad input that stops a run (unreadable file, existing output, ...)
     main(argv=None) -> int              # the CLI; exit 0 ok, 1 on a DataError/SourceError/ShardError
+    Also used by eval.embed (same checks, same report): PrepareRun(writers, policy, max_length, dedup, fractions)
+    .feed(records) -> accepted positions, .report(inputs, extra); rejection_lines(report, report_path);
+    add_policy_arguments(parser), policy_from_args(args) -> ValidationPolicy
 
 report.json holds read, accepted, rejected (list of {file, line, id, reason}), cropped (accepted proteins longer
 than max_length - 2 residues: kept whole in the shards, cropped by the loader), rejected_by_reason, duplicate_ids,
@@ -62,7 +65,7 @@ def _digest(letters: bytes) -> bytes:
     return hashlib.blake2b(letters, digest_size=16).digest()
 
 
-class _Run:
+class PrepareRun:
     """One prepare run: counts, rejections, duplicate ids/sequences and a shard writer per output split."""
 
     def __init__(self, writers: dict, policy: ValidationPolicy, max_length: int, dedup: bool, fractions):
@@ -80,7 +83,8 @@ class _Run:
     def _reject(self, rec: RawRecord, reason: str) -> None:
         self.rejected.append(dict(file=rec.file, line=rec.line, id=rec.id, reason=reason))
 
-    def feed(self, records: list[RawRecord]) -> None:
+    def feed(self, records: list[RawRecord]) -> list[int]:
+        """Validate, check ids, write the accepted records; returns their positions in `records` (input order)."""
         self.read += len(records)
         res = validate_batch([r.seq for r in records if r.seq is not None], self.policy)
         self.uppercased += res.uppercased
@@ -90,7 +94,8 @@ class _Run:
         letters = ID_TO_BYTE[res.tokens] if (self.dedup or self.edges is not None) else None
         dest = np.zeros(len(lengths), dtype=np.int64)  # (validated,) output split index, -1 = rejected late
         j = k = -1  # j: index among validated records, k: among records that reached validation
-        for rec in records:  # in input order, so report.json lists rejections as they occur in the files
+        kept = []  # positions in `records` of the accepted ones
+        for pos, rec in enumerate(records):  # in input order, so report.json lists rejections as they occur
             if rec.seq is None:
                 self._reject(rec, rec.problem)
                 continue
@@ -123,10 +128,12 @@ class _Run:
                 if self.edges is not None:
                     bucket = int.from_bytes(digest[:8], "big") % 10000
                     dest[j] = int(np.searchsorted(self.edges, bucket, side="right"))
+            kept.append(pos)
         for i, name in enumerate(self.names):
             m = dest == i  # (validated,)
             if m.any():
                 self._add(name, res.tokens if m.all() else res.tokens[np.repeat(m, lengths)], lengths[m])
+        return kept
 
     def _add(self, name: str, tokens: np.ndarray, lengths: np.ndarray) -> None:
         self.writers[name].add(tokens, lengths)
@@ -206,7 +213,7 @@ def prepare(
     created = not out.exists()
     stage = out / ".prepare-tmp"
     shutil.rmtree(stage, ignore_errors=True)
-    run = _Run(
+    run = PrepareRun(
         {n: ShardWriter(stage / (n or "all"), shard_tokens) for n in names}, policy, max_length, dedup, split_fractions
     )
     try:
@@ -261,6 +268,12 @@ def summary(report: dict, out: Path, show: int = 10) -> str:
     ]
     for name, c in report["splits"].items():
         lines.append(f"  {name or 'all'}: {c['sequences']} sequences, {c['residues']} residues")
+    return "\n".join(lines + rejection_lines(report, out / "report.json", show))
+
+
+def rejection_lines(report: dict, report_path, show: int = 10) -> list[str]:
+    """Summary lines for a report's rejections, normalizations and duplicate ids (also used by eval.embed)."""
+    lines = []
     for code, n in report["rejected_by_reason"].items():
         lines.append(f"  rejected {code}: {n}")
     n = report["normalized"]
@@ -270,10 +283,33 @@ def summary(report: dict, out: Path, show: int = 10) -> str:
     for r in ordered[:show]:
         lines.append(f"    {r['file']}:{r['line']} {r['id']!r}: {r['reason']}")
     if len(report["rejected"]) > show:
-        lines.append(f"    ... {len(report['rejected']) - show} more in {out / 'report.json'}")
+        lines.append(f"    ... {len(report['rejected']) - show} more in {report_path}")
     if report["duplicate_ids"]:
         lines.append(f"  duplicate ids (kept, reported): {len(report['duplicate_ids'])}")
-    return "\n".join(lines)
+    return lines
+
+
+def add_policy_arguments(p: argparse.ArgumentParser) -> None:
+    """The ValidationPolicy flags (shared by `prepare` and `eval.embed`); read back with `policy_from_args`."""
+    p.add_argument("--lowercase", choices=("upper", "reject"), default="upper")
+    p.add_argument("--keep-terminal-stop", action="store_true", help="reject a terminal '*' instead of stripping it")
+    p.add_argument("--allow-gaps", action="store_true")
+    p.add_argument("--no-ambiguous", action="store_true", help="reject X B U Z O")
+    p.add_argument("--min-length", type=int, default=1)
+    p.add_argument("--reject-longer-than", type=int)
+    p.add_argument("--duplicate-ids", choices=("report", "reject"), default="report")
+
+
+def policy_from_args(args: argparse.Namespace) -> ValidationPolicy:
+    return ValidationPolicy(
+        lowercase=args.lowercase,
+        strip_terminal_stop=not args.keep_terminal_stop,
+        allow_gaps=args.allow_gaps,
+        allow_ambiguous=not args.no_ambiguous,
+        min_length=args.min_length,
+        reject_longer_than=args.reject_longer_than,
+        duplicate_ids=args.duplicate_ids,
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -296,13 +332,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=1024, help="tokens per protein for the `cropped` count")
     p.add_argument("--shard-tokens", type=int, default=256 << 20)
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--lowercase", choices=("upper", "reject"), default="upper")
-    p.add_argument("--keep-terminal-stop", action="store_true", help="reject a terminal '*' instead of stripping it")
-    p.add_argument("--allow-gaps", action="store_true")
-    p.add_argument("--no-ambiguous", action="store_true", help="reject X B U Z O")
-    p.add_argument("--min-length", type=int, default=1)
-    p.add_argument("--reject-longer-than", type=int)
-    p.add_argument("--duplicate-ids", choices=("report", "reject"), default="report")
+    add_policy_arguments(p)
     v = sub.add_parser("verify", help="check a shard directory (magic, version, vocabulary, sha256)")
     v.add_argument("dir")
     return ap
@@ -319,15 +349,7 @@ def main(argv=None) -> int:
                 f"{args.dir}: ok, {len(shards.files)} shards, {shards.num_docs} proteins, {shards.num_tokens} residues"
             )
             return 0
-        policy = ValidationPolicy(
-            lowercase=args.lowercase,
-            strip_terminal_stop=not args.keep_terminal_stop,
-            allow_gaps=args.allow_gaps,
-            allow_ambiguous=not args.no_ambiguous,
-            min_length=args.min_length,
-            reject_longer_than=args.reject_longer_than,
-            duplicate_ids=args.duplicate_ids,
-        )
+        policy = policy_from_args(args)
         if args.builtin:
             prepare_builtin(args.out, policy=policy, max_length=args.max_length, overwrite=args.overwrite)
         else:
