@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -32,16 +33,17 @@ REFERENCE = textwrap.dedent(
     import json, sys
     import numpy as np, torch
     from transformers import AutoModel, AutoTokenizer
-    ckpt, proteins, out = sys.argv[1], json.loads(open(sys.argv[2]).read()), sys.argv[3]
-    tokenizer = AutoTokenizer.from_pretrained(ckpt, trust_remote_code=True)
-    model = AutoModel.from_pretrained(ckpt, trust_remote_code=True).eval()
+    proteins, out = json.loads(open(sys.argv[1]).read()), sys.argv[2]
     arrays = {}
-    with torch.no_grad():
-        for i, seq in enumerate(proteins):
-            output = model(**tokenizer(seq, return_tensors="pt"), output_hidden_states=True)
-            arrays[f"{i}/last"] = output.last_hidden_state[0].numpy()
-            for k, h in enumerate(output.hidden_states):
-                arrays[f"{i}/{k}"] = h[0].numpy()
+    for m, ckpt in enumerate(sys.argv[3:]):
+        tokenizer = AutoTokenizer.from_pretrained(ckpt, trust_remote_code=True)
+        model = AutoModel.from_pretrained(ckpt, trust_remote_code=True).eval()
+        with torch.no_grad():
+            for i, seq in enumerate(proteins):
+                output = model(**tokenizer(seq, return_tensors="pt"), output_hidden_states=True)
+                arrays[f"{m}/{i}/last"] = output.last_hidden_state[0].numpy()
+                for k, h in enumerate(output.hidden_states):
+                    arrays[f"{m}/{i}/{k}"] = h[0].numpy()
     np.savez(out, **arrays)
     """
 )
@@ -75,13 +77,14 @@ def run_embed(*args, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def run_reference(ckpt: Path, seqs: list[str], tmp: Path) -> dict:
+def run_reference(checkpoints: list, seqs: list[str], tmp: Path) -> dict:
+    """{"m/i/last" or "m/i/k": (n + 2, H) hidden states} of protein i under checkpoint m, one protein at a time."""
     script, proteins, out = tmp / "reference.py", tmp / "proteins.json", tmp / "reference.npz"
     script.write_text(REFERENCE)
     proteins.write_text(json.dumps(seqs))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, str(script), str(ckpt), str(proteins), str(out)],
+        [sys.executable, str(script), str(proteins), str(out), *map(str, checkpoints)],
         cwd=tmp,
         env=env,
         capture_output=True,
@@ -139,8 +142,9 @@ def proteins(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(ckpt, proteins, tmp_path_factory):
-    return run_reference(ckpt, proteins[0], tmp_path_factory.mktemp("ref"))
+def reference(ckpt, esm_ckpt, proteins, tmp_path_factory):
+    """One process for both checkpoints: "0/..." speedplm, "1/..." ESM."""
+    return run_reference([ckpt, esm_ckpt], proteins[0], tmp_path_factory.mktemp("ref"))
 
 
 def read_output(path: Path):
@@ -152,57 +156,53 @@ def read_output(path: Path):
 # ---------------------------------------------------------------------------------------------------- equality
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("pool, layer", [("mean", None), ("cls", None), ("none", None), ("mean", 2)])
-def test_packed_output_equals_one_protein_at_a_time(ckpt, proteins, reference, pool, layer, tmp_path):
-    seqs, fasta = proteins
-    out = tmp_path / "emb.parquet"
-    extra = ["--layer", layer] if layer is not None else []
-    # 600 tokens = two rows of 256 per forward, several proteins per row; 16 proteins per chunk: three chunks
-    proc = run_embed(
-        "--model",
-        ckpt,
-        "--input",
-        fasta,
-        "--out",
-        out,
-        "--pool",
-        pool,
-        "--batch-tokens",
-        600,
-        "--chunk-proteins",
-        16,
-        *extra,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    table, meta = read_output(out)
+def check_against_reference(out: Path, reference: dict, model: int, seqs: list, pool: str, layer) -> None:
+    table, _ = read_output(out)
     assert table.column("index").to_pylist() == list(range(len(seqs)))  # every protein once
     assert table.column("id").to_pylist() == [f"p{i}" for i in range(len(seqs))]
     assert table.column("length").to_pylist() == [len(s) for s in seqs]
-    assert meta.num_row_groups == 3  # one per chunk
     key = "last" if layer is None else str(layer)
     worst = 0.0
     for i, got in enumerate(table.column("embedding").to_pylist()):
-        want = pooled(reference[f"{i}/{key}"], pool)
+        want = pooled(reference[f"{model}/{i}/{key}"], pool)
         got = np.asarray(got, dtype=np.float32)
         assert got.shape == want.shape
         worst = max(worst, float(np.abs(got - want).max()))
-    assert worst <= 1e-5, f"max |packed - single| = {worst:.2e}"
+    assert worst <= 1e-5, f"max |batched - single| = {worst:.2e}"
+
+
+# 600 tokens = two packed rows of 256 per forward, several proteins per row; 16 proteins per chunk: three chunks
+BATCHING = ["--batch-tokens", "600", "--chunk-proteins", "16"]
 
 
 @pytest.mark.slow
-def test_esm_checkpoint_padded_rows_equal_one_at_a_time(esm_ckpt, proteins, tmp_path):
+def test_cli_packed_output_equals_one_protein_at_a_time(ckpt, proteins, reference, tmp_path):
+    seqs, fasta = proteins
+    out = tmp_path / "emb.parquet"
+    proc = run_embed("--model", ckpt, "--input", fasta, "--out", out, *BATCHING)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"embedded {out}: read {len(seqs)}  accepted {len(seqs)}  rejected 0" in proc.stdout
+    assert pq.ParquetFile(out).metadata.num_row_groups == 3  # one per chunk
+    check_against_reference(out, reference, 0, seqs, "mean", None)
+
+
+@pytest.mark.slow  # needs the reference subprocess; the CLI's main runs in-process here (no import time)
+@pytest.mark.parametrize("pool, layer", [("cls", None), ("none", None), ("mean", 2), ("cls", -4)])
+def test_pools_and_layers_equal_one_protein_at_a_time(ckpt, proteins, reference, pool, layer, tmp_path, capsys):
+    seqs, fasta = proteins
+    out = tmp_path / "emb.parquet"
+    argv = ["--model", str(ckpt), "--input", str(fasta), "--out", str(out), "--pool", pool, *BATCHING]
+    assert main(argv + (["--layer", str(layer)] if layer is not None else []) + ["--no-progress"]) == 0
+    check_against_reference(out, reference, 0, seqs, pool, None if layer is None else layer % 5)
+
+
+@pytest.mark.slow
+def test_esm_checkpoint_padded_rows_equal_one_at_a_time(esm_ckpt, proteins, reference, tmp_path):
     seqs, fasta = proteins
     out = tmp_path / "esm.parquet"
     proc = run_embed("--model", esm_ckpt, "--input", fasta, "--out", out, "--layer", 2, "--batch-tokens", 1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    reference = run_reference(esm_ckpt, seqs, tmp_path)
-    table, _ = read_output(out)
-    assert table.column("length").to_pylist() == [len(s) for s in seqs]
-    got = np.array(table.column("embedding").to_pylist(), dtype=np.float32)  # (N, 48)
-    want = np.stack([pooled(reference[f"{i}/2"], "mean") for i in range(len(seqs))])
-    assert got.shape == (len(seqs), 48)
-    assert np.abs(got - want).max() <= 1e-5
+    check_against_reference(out, reference, 1, seqs, "mean", 2)
 
 
 # ---------------------------------------------------------------------------------------------------- bad records
@@ -231,6 +231,9 @@ def test_bad_records_reported_like_prepare_and_never_embedded(ckpt, tmp_path):
     rejected = {(r["file"], r["line"]) for r in report["rejected"]}
     rows = list(zip(table.column("file").to_pylist(), table.column("line").to_pylist()))
     assert not rejected & set(rows)
+    # index = the record's position among all records read, across the input files
+    read = [(rec.file, rec.line) for source in inputs for rec in iter_records(source)]
+    assert [read[i] for i in table.column("index").to_pylist()] == rows
     # accepted proteins in input order with their validated lengths: the lowercase FXYD3 upper-cased and embedded
     assert table.column("length").to_pylist() == list(ShardSet(tmp_path / "prepared").lengths)
     assert ("Q14802", 4) in zip(table.column("id").to_pylist(), table.column("line").to_pylist())
@@ -270,7 +273,7 @@ def test_streaming_chunks_reach_disk_before_the_input_ends(ckpt, tmp_path):
     cmd += ["--out", str(out), "--pool", "mean", "--chunk-proteins", "4"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 180
         while True:  # opening a FIFO for writing without a reader fails (ENXIO): wait until the CLI opens it
             try:
                 fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
@@ -353,6 +356,16 @@ def test_errors_exit_nonzero_and_leave_no_output(ckpt, tmp_path, capsys, change,
     assert main(argv) == 1
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # no output, no .partial, no report
+
+
+def test_layer_is_checked_before_the_weights_are_loaded(ckpt, tmp_path, capsys):
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(ckpt, no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
+    args = ["--model", str(no_weights), "--input", str(FIX / "proteins.tsv"), "--out", str(tmp_path / "e.parquet")]
+    assert main([*args, "--layer", "5"]) == 1
+    assert "--layer 5: model" in capsys.readouterr().err
+    assert main([*args, "--layer", "4"]) == 1  # a valid layer: now the missing weights are the problem
+    assert "cannot load weights" in capsys.readouterr().err
 
 
 def test_unknown_pool_and_existing_output(ckpt, tmp_path, capsys):
