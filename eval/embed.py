@@ -344,7 +344,7 @@ def embed_to_parquet(
     partial = out.with_name(out.name + ".partial")
     sink = ParquetSink(partial, emb.hidden_size, pool == "none", int(row_group_mb * 2**20))
     bar = tqdm(desc="embed", unit=" proteins", disable=not progress, dynamic_ncols=True, file=sys.stderr)
-    done, residues = False, 0
+    done, residues, slots = False, 0, 0  # slots: token positions computed, padding included
     try:
         for chunk in read_chunks(inputs, chunk_proteins, chunk_residues, **(source_kw or {})):
             first_index = run.read  # index of chunk[0] among all records read
@@ -364,7 +364,9 @@ def embed_to_parquet(
             ):
                 rows = [order[row] for row in rows]  # positions among the accepted records of the chunk
                 n_rows = max(1, batch_tokens // L) if emb.fixed_shape else None
-                vectors = embed_batch(emb, build_inputs(tokens, rows, L, n_rows), pool, layer)
+                inputs = build_inputs(tokens, rows, L, n_rows)
+                vectors = embed_batch(emb, inputs, pool, layer)
+                slots += inputs["input_ids"].size
                 which = np.concatenate(rows)  # (P,) in row order, as the vectors
                 recs = [chunk[kept[i]] for i in which]
                 sink.add(
@@ -394,6 +396,8 @@ def embed_to_parquet(
         layer=layer,
         output=str(out),
         row_groups=sink.row_groups,
+        residues=residues,
+        padding=round(1 - (residues + 2 * run.accepted) / slots, 4) if slots else 0.0,
         too_long=("crop" if crop else "reject") + f" beyond {limit} residues",
         **(extra or {}),
     )
@@ -409,7 +413,8 @@ def summary(report: dict, out: Path, show: int = 10) -> str:
     layer = "last_hidden_state" if report["layer"] is None else f"hidden_states[{report['layer']}]"
     head = (
         f"embedded {out}: read {report['read']}  accepted {report['accepted']}  rejected {len(report['rejected'])}  "
-        f"cropped {report['cropped']}  ({report['pool']} pooling, {layer}, {report['row_groups']} row groups)"
+        f"cropped {report['cropped']}  ({report['pool']} pooling, {layer}, {report['row_groups']} row groups, "
+        f"{report['padding']:.1%} padding)"
     )
     return "\n".join([head] + rejection_lines(report, out.with_suffix(".report.json"), show))
 
