@@ -35,8 +35,24 @@ negative counts from the end); without --layer, last_hidden_state (the final nor
 hidden_states[-1] in transformers' ESM). Vectors are computed in --dtype (auto: float32 on CPU, bfloat16 on CUDA),
 pooled and stored in float32. Packed and one-protein-at-a-time outputs agree within 1e-5 in float32.
 
+Devices: CUDA if available, else CPU (--device). On CUDA speedplm models run flex_attention (fully masked 128x128
+blocks between packed proteins are skipped) on batches of one fixed shape (batch_tokens // max_length rows of
+max_length tokens), so the compiled kernel is built once; on CPU (SDPA with a block-diagonal mask) a batch is cut to
+its longest row.
+
+Report (OUT.report.json): prepare's fields (read, accepted, rejected [{file, line, id, reason}], cropped,
+rejected_by_reason, duplicate_ids, normalized, policy, ...) plus model, pool, layer, output, row_groups, residues
+(embedded), token_slots (token positions computed, padding included) and padding (their share that was padding).
+
 Errors (missing model or input, bad --layer, existing OUT without --overwrite, unreadable input) print one line
 naming the problem and exit 1 with no OUT file; argparse errors (unknown --pool) exit 2.
+
+Public API
+    load_embedder(name, *, layer=None, device=None, dtype="auto") -> Embedder   # EmbedError on a bad model/layer
+    embed_to_parquet(embedder, inputs, out, *, pool="mean", layer=None, batch_tokens=16384, policy=None,
+                     crop=False, chunk_proteins=16384, ...) -> report dict
+    plan_batches(lengths, *, packed, max_length, batch_tokens, fixed_shape), build_inputs(...), embed_batch(...)
+    main(argv=None) -> int
 """
 
 import argparse
@@ -119,7 +135,7 @@ def load_embedder(name: str, *, layer: int | None, device=None, dtype: str = "au
         kwargs["add_pooling_layer"] = False  # the pooler is never used here (and absent from MLM checkpoints)
     elif device.type == "cuda":
         kwargs["attn_implementation"] = "flex_attention"  # skips the 128x128 blocks between packed proteins
-    verbosity = transformers.logging.get_verbosity()
+    verbosity, bars = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()  # the unused LM head of an MLM checkpoint is expected, not news
     transformers.logging.disable_progress_bar()
     try:
@@ -128,7 +144,8 @@ def load_embedder(name: str, *, layer: int | None, device=None, dtype: str = "au
         raise EmbedError(f"model {name}: cannot load weights: {err}") from err
     finally:
         transformers.logging.set_verbosity(verbosity)
-        transformers.logging.enable_progress_bar()
+        if bars:
+            transformers.logging.enable_progress_bar()
     model = model.to(device).eval()
     packed = "document_ids" in inspect.signature(model.forward).parameters
     fixed = packed and getattr(model.config, "_attn_implementation", None) == "flex_attention"
@@ -397,6 +414,7 @@ def embed_to_parquet(
         output=str(out),
         row_groups=sink.row_groups,
         residues=residues,
+        token_slots=slots,
         padding=round(1 - (residues + 2 * run.accepted) / slots, 4) if slots else 0.0,
         too_long=("crop" if crop else "reject") + f" beyond {limit} residues",
         **(extra or {}),
@@ -411,9 +429,10 @@ def embed_to_parquet(
 def summary(report: dict, out: Path, show: int = 10) -> str:
     """prepare's stdout summary, for an embedding run."""
     layer = "last_hidden_state" if report["layer"] is None else f"hidden_states[{report['layer']}]"
+    groups = f"{report['row_groups']} row group" + ("" if report["row_groups"] == 1 else "s")
     head = (
         f"embedded {out}: read {report['read']}  accepted {report['accepted']}  rejected {len(report['rejected'])}  "
-        f"cropped {report['cropped']}  ({report['pool']} pooling, {layer}, {report['row_groups']} row groups, "
+        f"cropped {report['cropped']}  ({report['pool']} pooling, {layer}, {groups}, "
         f"{report['padding']:.1%} padding)"
     )
     return "\n".join([head] + rejection_lines(report, out.with_suffix(".report.json"), show))

@@ -1,23 +1,27 @@
 """Embedding throughput: `eval.embed` (packed rows) vs transformers' EsmModel of the same shape (padded batches).
 
     python -m eval.embed_benchmark       # esm2-8m-like vs its ESM2 twin, 2,000 proteins; CPU fp32 or CUDA bf16
-    python -m eval.embed_benchmark --proteins 4000 --batch-tokens 16384 --threads 2 --json embed.json
+    python -m eval.embed_benchmark --proteins 4000 --batch-tokens 16384 --threads 2 --slices 4 --json embed.json
 
-Same proteins for every row: a seeded random sample of the built-in aaanalysis proteins (valid, unique, at most 1,022
-residues so no row crops or rejects), written to one FASTA file. Same run, one process, models built from their
-configs (random weights: speed does not depend on them) and saved, then loaded back the way a user loads them:
-    eval.embed, SpeedPLM       the whole command path (read FASTA, validate, length-sort, pack, forward, mean-pool,
-                               write parquet); several proteins per row with document_ids, no padding between them
-    eval.embed, EsmModel       the same command on the ESM2 twin: one protein per row, length-sorted, padded
-    EsmModel loop, sorted      a user's loop: tokenizer(padding=True) -> EsmModel -> mean over residues, batches of
-                               proteins in length order (each at most --batch-tokens padded tokens)
-    EsmModel loop, input order the same loop in file order (what most scripts do)
-tokens/s counts real tokens (<cls> + residues + <eos>); padding = 1 - real / computed token positions. The ratio
-columns divide tokens/s by that of the two EsmModel loops. Each figure is the median of --repeats full passes, after
-one untimed warm-up batch per model. ESM twin: eval.throughput.esm_twin (ESM2-8M: 320 x 6, 20 heads, MLP 1280).
+Same proteins for every row: a seeded random sample of the built-in aaanalysis proteins (valid, unique, short enough
+that nothing is cropped or rejected). Same run, one process; the models are built from their configs (random
+weights: speed does not depend on them), saved, and loaded back the way a user loads them:
+    eval.embed, SpeedPLM, packed      the command's path (read FASTA, validate, length-sort, pack, forward,
+                                      mean-pool, write parquet); several proteins per row, no padding between them
+    eval.embed, SpeedPLM, one a row   the same with packing off (padded rows + attention_mask): packing's share
+    eval.embed, EsmModel              the same command on the ESM2 twin: one protein per row, length-sorted, padded
+    EsmModel loop, sorted             a user's loop: tokenizer(padding=True) -> EsmModel -> mean over residues,
+                                      proteins in length order, each batch at most --batch-tokens padded tokens
+    EsmModel loop, input order        the same loop in file order (what most scripts do)
+The proteins are cut into --slices parts (each sorted on its own by the sorting runs, as eval.embed sorts within a
+chunk); every run embeds part 1, then part 2, ..., in an order rotated per part, so a busy machine slows all runs
+alike. tokens/s counts real tokens (<cls> + residues + <eos>); padding = 1 - real / computed token positions. The
+ratio columns divide by the two EsmModel loops. --repeats > 1 reports the median total. One untimed warm-up call per
+run. ESM twin: eval.throughput.esm_twin (ESM2-8M shape: 320 x 6, 20 heads, MLP 1280; SpeedPLM has 5 heads of 64).
 """
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -80,66 +84,93 @@ def padded_loop(model, tokenizer, seqs: list[str], batch_tokens: int, sort: bool
     return dict(real=real, slots=slots)
 
 
-def timed(fn, repeats: int) -> tuple[float, dict]:
-    times, info = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        info = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), info
-
-
-def measure(preset: str, n: int, batch_tokens: int, repeats: int, seed: int, device: str, log=print) -> list[dict]:
+def measure(
+    preset: str, n: int, batch_tokens: int, repeats: int, seed: int, device: str, slices: int = 4, log=print
+) -> list[dict]:
     import transformers
     from transformers import AutoModel, AutoTokenizer
 
     transformers.logging.set_verbosity_error()  # the ESM twin's unused LM head is expected
     transformers.logging.disable_progress_bar()
     dtype = resolve_dtype("auto", torch.device(device))
-
     config = SpeedPLMConfig.from_preset(preset)
     seqs = sample_proteins(n, seed, min(MAX_RESIDUES, config.max_position_embeddings - 2))
     real = sum(len(s) + 2 for s in seqs)
-    log(f"{len(seqs)} proteins, {real:,} tokens (mean {real / len(seqs) - 2:.0f} residues)")
+    log(f"{len(seqs)} proteins, {real:,} tokens (mean {real / len(seqs) - 2:.0f} residues), {slices} slices")
     torch.manual_seed(seed)
-    rows = []
+    parts = [list(part) for part in np.array_split(np.arange(len(seqs)), slices)]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        fasta = tmp / "proteins.fasta"
-        fasta.write_text("".join(f">p{i}\n{s}\n" for i, s in enumerate(seqs)))
+        files = []
+        for k, part in enumerate([list(range(8))] + parts):  # slice 0: the warm-up
+            files.append(tmp / f"slice{k}.fasta")
+            files[-1].write_text("".join(f">p{i}\n{seqs[i]}\n" for i in part))
         SpeedPLMForMaskedLM(config).save_pretrained(tmp / "speedplm")
-        esm = esm_twin(config)
-        esm.save_pretrained(tmp / "esm")
+        esm_twin(config).save_pretrained(tmp / "esm")
         build_tokenizer().save_pretrained(tmp / "esm")
-        params = {}
-        for label, ckpt in [("SpeedPLM", tmp / "speedplm"), ("EsmModel", tmp / "esm")]:
-            emb = load_embedder(str(ckpt), layer=None, device=device, dtype="auto")
-            params[label] = emb.model.num_parameters()
-            warm = tmp / "warm.fasta"
-            warm.write_text("".join(f">w{i}\n{s}\n" for i, s in enumerate(seqs[:8])))
-            embed_to_parquet(emb, [warm], tmp / "warm.parquet", progress=False)
-
-            def run(emb=emb):
-                report = embed_to_parquet(emb, [fasta], tmp / "emb.parquet", batch_tokens=batch_tokens, progress=False)
-                return dict(real=report["residues"] + 2 * report["accepted"], padding=report["padding"])
-
-            seconds, info = timed(run, repeats)
-            assert info["real"] == real, "eval.embed did not embed every protein"
-            layout = "packed" if emb.packed else "padded, length-sorted"
-            rows.append(dict(run=f"eval.embed, {label}", layout=layout, padding=info["padding"], seconds=seconds))
-            del emb
+        speedplm = load_embedder(str(tmp / "speedplm"), layer=None, device=device, dtype="auto")
+        esm_embedder = load_embedder(str(tmp / "esm"), layer=None, device=device, dtype="auto")
         model = AutoModel.from_pretrained(tmp / "esm", add_pooling_layer=False, dtype=dtype).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(tmp / "esm")
-        padded_loop(model, tokenizer, seqs[:8], batch_tokens, True)  # warm-up
-        for sort, name in [(True, "EsmModel loop, sorted"), (False, "EsmModel loop, input order")]:
-            seconds, info = timed(lambda sort=sort: padded_loop(model, tokenizer, seqs, batch_tokens, sort), repeats)
-            assert info["real"] == real
-            layout = "padded, length-sorted" if sort else "padded, input order"
-            padding = round(1 - info["real"] / info["slots"], 4)
-            rows.append(dict(run=name, layout=layout, padding=padding, seconds=seconds))
-    sorted_base, input_base = rows[2]["seconds"], rows[3]["seconds"]
+
+        def command(emb):
+            def run(k):
+                report = embed_to_parquet(
+                    emb, [files[k]], tmp / "emb.parquet", batch_tokens=batch_tokens, progress=False
+                )
+                return report["residues"] + 2 * report["accepted"], report["token_slots"]
+
+            return run
+
+        def loop(sort):
+            def run(k):
+                part = [list(range(8))] + parts
+                info = padded_loop(model, tokenizer, [seqs[i] for i in part[k]], batch_tokens, sort)
+                return info["real"], info["slots"]
+
+            return run
+
+        # name, layout, parameters, run(slice) -> (real tokens, computed token positions)
+        runs = [
+            ("eval.embed, SpeedPLM, packed", "packed", speedplm.model, command(speedplm)),
+            (
+                "eval.embed, SpeedPLM, one a row",
+                "one protein a row, padded",
+                speedplm.model,
+                command(dataclasses.replace(speedplm, packed=False)),
+            ),
+            ("eval.embed, EsmModel", "one protein a row, padded", model, command(esm_embedder)),
+            ("EsmModel loop, sorted", "one protein a row, padded", model, loop(True)),
+            ("EsmModel loop, input order", "one protein a row, padded", model, loop(False)),
+        ]
+        for *_, run in runs:
+            run(0)  # warm-up
+        totals = []  # per repeat: [seconds per run]
+        counts = [[0, 0] for _ in runs]
+        for _ in range(repeats):
+            seconds = [0.0] * len(runs)
+            for k in range(1, slices + 1):  # interleaved, order rotated per slice: load drift hits every run alike
+                for j in np.roll(np.arange(len(runs)), k):
+                    start = time.perf_counter()
+                    got, slots = runs[j][3](k)
+                    seconds[j] += time.perf_counter() - start
+                    counts[j] = [got, slots] if k == 1 else [counts[j][0] + got, counts[j][1] + slots]
+            totals.append(seconds)
+    rows = []
+    for j, (name, layout, mdl, _) in enumerate(runs):
+        assert counts[j][0] == real, f"{name}: embedded {counts[j][0]} of {real} tokens"
+        secs = statistics.median(t[j] for t in totals)
+        rows.append(
+            dict(
+                run=name,
+                params_m=round(sum(p.numel() for p in mdl.parameters()) / 1e6, 2),
+                layout=layout,
+                padding=round(1 - counts[j][0] / counts[j][1], 4),
+                seconds=secs,
+            )
+        )
+    sorted_base, input_base = rows[3]["seconds"], rows[4]["seconds"]
     for r in rows:
-        r["params_m"] = round(params["SpeedPLM" if "SpeedPLM" in r["run"] else "EsmModel"] / 1e6, 2)
         r["proteins/s"] = round(len(seqs) / r["seconds"], 1)
         r["tokens/s"] = round(real / r["seconds"])
         r["vs ESM loop sorted"] = round(sorted_base / r["seconds"], 2)  # same proteins: time ratio = rate ratio
@@ -172,6 +203,7 @@ def main(argv=None) -> int:
     p.add_argument("--proteins", type=int, default=2000)
     p.add_argument("--batch-tokens", type=int, default=16384, help="computed token positions per forward, for all")
     p.add_argument("--repeats", type=int, default=1, help="full passes per row; the median is reported")
+    p.add_argument("--slices", type=int, default=4, help="the proteins in this many parts, runs interleaved per part")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="bf16 on cuda, else fp32")
@@ -179,7 +211,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = measure(args.preset, args.proteins, args.batch_tokens, args.repeats, args.seed, args.device, log=print)
+    rows = measure(
+        args.preset, args.proteins, args.batch_tokens, args.repeats, args.seed, args.device, args.slices, log=print
+    )
     dtype = resolve_dtype("auto", torch.device(args.device))
     print(
         f"embedding, {args.device} {str(dtype).removeprefix('torch.')}, {args.preset}, {args.batch_tokens} tokens "
