@@ -2,10 +2,16 @@
 
     python -m eval.embed --model CKPT_OR_HUB_ID --input FILE [FILE ...] --out emb.parquet \\
         [--pool mean|cls|none] [--layer N] [--batch-tokens N] [--chunk-proteins N] [--crop] [--dtype D]
+        [--layout auto|packed|padded]
 
-Models: any checkpoint `AutoModel` loads. speedplm checkpoints (their forward takes `document_ids`) get PACKED rows:
-several proteins share a row, attention stays inside each protein, no padding between them. Models without
-`document_ids` (transformers' EsmModel, ESM2 from the Hub) get one protein per row, padded to the longest of the batch.
+Models: any checkpoint `AutoModel` loads: speedplm checkpoints, transformers' EsmModel / ESM2 from the Hub.
+Layouts: `packed` (models whose forward takes `document_ids`, i.e. speedplm): several proteins share a row, attention
+stays inside each protein, positions restart per protein, no padding between them. `padded`: one protein per row,
+padded to the longest row of its batch (proteins are length-sorted, so little padding). `auto` (default): packed when
+the attention skips the masked blocks between packed proteins (speedplm with flex_attention, i.e. on CUDA), padded
+otherwise: with a dense mask (SDPA on CPU) a packed row of max_length tokens pays attention over the whole row, which
+costs more than the padding it saves (measured on CPU: python -m eval.embed_benchmark). Both layouts give the same
+vectors (within 1e-5 in float32).
 
 Inputs: every source `python -m training.data prepare` reads (FASTA[.gz], CSV/TSV[.gz], parquet, arrow, dataset
 folders, Hub datasets), validated by the same code with the same policy flags: a rejected record is never embedded;
@@ -41,8 +47,8 @@ max_length tokens), so the compiled kernel is built once; on CPU (SDPA with a bl
 its longest row.
 
 Report (OUT.report.json): prepare's fields (read, accepted, rejected [{file, line, id, reason}], cropped,
-rejected_by_reason, duplicate_ids, normalized, policy, ...) plus model, pool, layer, output, row_groups, residues
-(embedded), token_slots (token positions computed, padding included) and padding (their share that was padding).
+rejected_by_reason, duplicate_ids, normalized, policy, ...) plus model, pool, layer, layout, output, row_groups,
+residues (embedded), token_slots (token positions computed, padding included) and padding (their padding share).
 
 Errors (missing model or input, bad --layer, existing OUT without --overwrite, unreadable input) print one line
 naming the problem and exit 1 with no OUT file; argparse errors (unknown --pool) exit 2.
@@ -77,6 +83,7 @@ from training.sources import HUB_ID, SourceError, iter_records
 from training.validate import CLS, EOS, PAD, ValidationPolicy
 
 POOLS = ("mean", "cls", "none")
+LAYOUTS = ("auto", "packed", "padded")
 CHUNK_PROTEINS = 16384
 CHUNK_RESIDUES = 64 << 20
 ROW_GROUP_MB = 128
@@ -97,7 +104,7 @@ class Embedder:
     name: str
     model: torch.nn.Module
     vocab: VocabMap  # ESM2 ids -> the model's ids
-    packed: bool
+    packed: bool  # the layout: several proteins per row (document_ids) or one protein per row (attention_mask)
     max_length: int  # tokens per protein, <cls> and <eos> included
     hidden_size: int
     device: torch.device
@@ -119,8 +126,8 @@ def check_layer(layer: int | None, num_layers: int, name: str) -> None:
         )
 
 
-def load_embedder(name: str, *, layer: int | None, device=None, dtype: str = "auto") -> Embedder:
-    """Config, tokenizer and --layer are checked before the weights are loaded."""
+def load_embedder(name: str, *, layer: int | None, device=None, dtype: str = "auto", layout: str = "auto") -> Embedder:
+    """Config, tokenizer and --layer are checked before the weights are loaded. layout: auto | packed | padded."""
     import transformers
     from transformers import AutoModel
 
@@ -133,7 +140,7 @@ def load_embedder(name: str, *, layer: int | None, device=None, dtype: str = "au
     kwargs = dict(trust_remote_code=True, dtype=resolve_dtype(dtype, device))
     if spec.config.model_type == "esm":
         kwargs["add_pooling_layer"] = False  # the pooler is never used here (and absent from MLM checkpoints)
-    elif device.type == "cuda":
+    elif spec.config.model_type == "speedplm" and device.type == "cuda":
         kwargs["attn_implementation"] = "flex_attention"  # skips the 128x128 blocks between packed proteins
     verbosity, bars = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()  # the unused LM head of an MLM checkpoint is expected, not news
@@ -147,8 +154,12 @@ def load_embedder(name: str, *, layer: int | None, device=None, dtype: str = "au
         if bars:
             transformers.logging.enable_progress_bar()
     model = model.to(device).eval()
-    packed = "document_ids" in inspect.signature(model.forward).parameters
-    fixed = packed and getattr(model.config, "_attn_implementation", None) == "flex_attention"
+    takes_documents = "document_ids" in inspect.signature(model.forward).parameters
+    block_sparse = getattr(model.config, "_attn_implementation", None) == "flex_attention"
+    if layout == "packed" and not takes_documents:
+        raise EmbedError(f"--layout packed: model {name} ({type(model).__name__}) takes no document_ids; use padded")
+    packed = layout == "packed" or (layout == "auto" and takes_documents and block_sparse)
+    fixed = packed and block_sparse
     return Embedder(name, model, spec.vocab, packed, spec.max_length, spec.config.hidden_size, device, fixed)
 
 
@@ -411,6 +422,7 @@ def embed_to_parquet(
         model=emb.name,
         pool=pool,
         layer=layer,
+        layout="packed" if emb.packed else "padded",
         output=str(out),
         row_groups=sink.row_groups,
         residues=residues,
@@ -432,7 +444,7 @@ def summary(report: dict, out: Path, show: int = 10) -> str:
     groups = f"{report['row_groups']} row group" + ("" if report["row_groups"] == 1 else "s")
     head = (
         f"embedded {out}: read {report['read']}  accepted {report['accepted']}  rejected {len(report['rejected'])}  "
-        f"cropped {report['cropped']}  ({report['pool']} pooling, {layer}, {groups}, "
+        f"cropped {report['cropped']}  ({report['pool']} pooling, {layer}, {report['layout']} rows, {groups}, "
         f"{report['padding']:.1%} padding)"
     )
     return "\n".join([head] + rejection_lines(report, out.with_suffix(".report.json"), show))
@@ -456,6 +468,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--crop", action="store_true", help="embed the first max_length - 2 residues of longer proteins")
     p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="auto: float32 on CPU, bf16 on CUDA")
     p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--layout", choices=LAYOUTS, default="auto", help="auto: packed on flex_attention, else padded")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--split", help="split of a dataset dir / Hub dataset to read")
@@ -477,7 +490,7 @@ def main(argv=None) -> int:
             raise EmbedError(f"--out {out}: folder {out.parent} does not exist")
         check_inputs(args.input)
         policy = policy_from_args(args)
-        emb = load_embedder(args.model, layer=args.layer, device=args.device, dtype=args.dtype)
+        emb = load_embedder(args.model, layer=args.layer, device=args.device, dtype=args.dtype, layout=args.layout)
         report = embed_to_parquet(
             emb,
             args.input,

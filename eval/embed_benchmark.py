@@ -6,9 +6,9 @@
 Same proteins for every row: a seeded random sample of the built-in aaanalysis proteins (valid, unique, short enough
 that nothing is cropped or rejected). Same run, one process; the models are built from their configs (random
 weights: speed does not depend on them), saved, and loaded back the way a user loads them:
-    eval.embed, SpeedPLM, packed      the command's path (read FASTA, validate, length-sort, pack, forward,
-                                      mean-pool, write parquet); several proteins per row, no padding between them
-    eval.embed, SpeedPLM, one a row   the same with packing off (padded rows + attention_mask): packing's share
+    eval.embed, SpeedPLM, packed      the command's path with --layout packed (read FASTA, validate, length-sort,
+                                      pack, forward, mean-pool, write parquet); several proteins per row, no padding
+    eval.embed, SpeedPLM, one a row   the same with --layout padded (one protein per row; auto's choice on CPU)
     eval.embed, EsmModel              the same command on the ESM2 twin: one protein per row, length-sorted, padded
     EsmModel loop, sorted             a user's loop: tokenizer(padding=True) -> EsmModel -> mean over residues,
                                       proteins in length order, each batch at most --batch-tokens padded tokens
@@ -108,8 +108,9 @@ def measure(
         SpeedPLMForMaskedLM(config).save_pretrained(tmp / "speedplm")
         esm_twin(config).save_pretrained(tmp / "esm")
         build_tokenizer().save_pretrained(tmp / "esm")
-        speedplm = load_embedder(str(tmp / "speedplm"), layer=None, device=device, dtype="auto")
-        esm_embedder = load_embedder(str(tmp / "esm"), layer=None, device=device, dtype="auto")
+        speedplm = load_embedder(str(tmp / "speedplm"), layer=None, device=device, layout="packed")
+        one_a_row = dataclasses.replace(speedplm, packed=False, fixed_shape=False)  # = layout="padded"
+        esm_embedder = load_embedder(str(tmp / "esm"), layer=None, device=device)
         model = AutoModel.from_pretrained(tmp / "esm", add_pooling_layer=False, dtype=dtype).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(tmp / "esm")
 
@@ -137,7 +138,7 @@ def measure(
                 "eval.embed, SpeedPLM, one a row",
                 "one protein a row, padded",
                 speedplm.model,
-                command(dataclasses.replace(speedplm, packed=False)),
+                command(one_a_row),
             ),
             ("eval.embed, EsmModel", "one protein a row, padded", model, command(esm_embedder)),
             ("EsmModel loop, sorted", "one protein a row, padded", model, loop(True)),

@@ -179,7 +179,7 @@ BATCHING = ["--batch-tokens", "600", "--chunk-proteins", "16"]
 def test_cli_packed_output_equals_one_protein_at_a_time(ckpt, proteins, reference, tmp_path):
     seqs, fasta = proteins
     out = tmp_path / "emb.parquet"
-    proc = run_embed("--model", ckpt, "--input", fasta, "--out", out, *BATCHING)
+    proc = run_embed("--model", ckpt, "--input", fasta, "--out", out, "--layout", "packed", *BATCHING)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"embedded {out}: read {len(seqs)}  accepted {len(seqs)}  rejected 0" in proc.stdout
     assert pq.ParquetFile(out).metadata.num_row_groups == 3  # one per chunk
@@ -187,12 +187,27 @@ def test_cli_packed_output_equals_one_protein_at_a_time(ckpt, proteins, referenc
 
 
 @pytest.mark.slow  # needs the reference subprocess; the CLI's main runs in-process here (no import time)
-@pytest.mark.parametrize("pool, layer", [("cls", None), ("none", None), ("mean", 2), ("cls", -4)])
-def test_pools_and_layers_equal_one_protein_at_a_time(ckpt, proteins, reference, pool, layer, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "pool, layer, layout",
+    [
+        ("cls", None, "packed"),
+        ("none", None, "packed"),
+        ("mean", 2, "packed"),
+        ("cls", -4, "packed"),
+        ("mean", None, "padded"),
+        ("none", 1, "auto"),
+    ],
+)
+def test_pools_layers_layouts_equal_one_protein_at_a_time(
+    ckpt, proteins, reference, pool, layer, layout, tmp_path, capsys
+):
     seqs, fasta = proteins
     out = tmp_path / "emb.parquet"
     argv = ["--model", str(ckpt), "--input", str(fasta), "--out", str(out), "--pool", pool, *BATCHING]
-    assert main(argv + (["--layer", str(layer)] if layer is not None else []) + ["--no-progress"]) == 0
+    argv += ["--layout", layout, "--no-progress"] + (["--layer", str(layer)] if layer is not None else [])
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "emb.report.json").read_text())
+    assert report["layout"] == ("packed" if layout == "packed" else "padded")  # auto on CPU (SDPA): padded
     check_against_reference(out, reference, 0, seqs, pool, None if layer is None else layer % 5)
 
 
@@ -366,6 +381,12 @@ def test_layer_is_checked_before_the_weights_are_loaded(ckpt, tmp_path, capsys):
     assert "--layer 5: model" in capsys.readouterr().err
     assert main([*args, "--layer", "4"]) == 1  # a valid layer: now the missing weights are the problem
     assert "cannot load weights" in capsys.readouterr().err
+
+
+def test_packed_layout_needs_a_model_that_takes_document_ids(esm_ckpt, tmp_path, capsys):
+    argv = ["--model", str(esm_ckpt), "--input", str(FIX / "proteins.tsv"), "--out", str(tmp_path / "e.parquet")]
+    assert main([*argv, "--layout", "packed"]) == 1
+    assert "takes no document_ids" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
 
 
 def test_unknown_pool_and_existing_output(ckpt, tmp_path, capsys):
