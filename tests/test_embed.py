@@ -20,7 +20,7 @@ from eval.embed import main
 from training.data import prepare
 from training.shards import ShardSet
 from training.sources import builtin_files, iter_records
-from training.validate import ValidationPolicy, decode, encode
+from training.validate import VOCAB, ValidationPolicy, decode, encode
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = Path(__file__).parent / "fixtures"
@@ -103,19 +103,22 @@ def pooled(hidden: np.ndarray, pool: str) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
+    from modeling_speedplm import build_tokenizer
+
     directory = tmp_path_factory.mktemp("speedplm")
     randomized_tiny_model(seed=4).save_pretrained(directory)
+    build_tokenizer().save_pretrained(directory)  # (save_pretrained may or may not write it too)
     return directory
 
 
 @pytest.fixture(scope="module")
 def esm_ckpt(tmp_path_factory) -> Path:
-    """A transformers EsmForMaskedLM built locally (ESM2-like settings: rotary, token dropout), no download."""
-    from transformers import EsmConfig, EsmForMaskedLM
-
-    from modeling_speedplm import build_tokenizer
+    """A transformers EsmForMaskedLM built locally (ESM2-like settings: rotary, token dropout) with the stock
+    EsmTokenizer over the ESM2 vocabulary, as ESM2 checkpoints ship; no download."""
+    from transformers import EsmConfig, EsmForMaskedLM, EsmTokenizer
 
     directory = tmp_path_factory.mktemp("esm")
+    (directory / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
     torch.manual_seed(5)
     config = EsmConfig(
         vocab_size=33,
@@ -131,7 +134,7 @@ def esm_ckpt(tmp_path_factory) -> Path:
         emb_layer_norm_before=False,
     )
     EsmForMaskedLM(config).save_pretrained(directory)
-    build_tokenizer().save_pretrained(directory)
+    EsmTokenizer(str(directory / "vocab.txt"), model_max_length=1024).save_pretrained(directory)
     return directory
 
 
