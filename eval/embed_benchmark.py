@@ -37,7 +37,7 @@ from eval.embed import embed_to_parquet, load_embedder, resolve_dtype
 from eval.throughput import esm_twin
 from modeling_speedplm import SpeedPLMConfig, SpeedPLMForMaskedLM, build_tokenizer
 from training.sources import builtin_files, iter_records
-from training.validate import decode, encode
+from training.validate import VOCAB, decode, encode
 
 MAX_RESIDUES = 1022
 
@@ -88,7 +88,7 @@ def measure(
     preset: str, n: int, batch_tokens: int, repeats: int, seed: int, device: str, slices: int = 4, log=print
 ) -> list[dict]:
     import transformers
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoTokenizer, EsmTokenizer
 
     transformers.logging.set_verbosity_error()  # the ESM twin's unused LM head is expected
     transformers.logging.disable_progress_bar()
@@ -106,8 +106,10 @@ def measure(
             files.append(tmp / f"slice{k}.fasta")
             files[-1].write_text("".join(f">p{i}\n{seqs[i]}\n" for i in part))
         SpeedPLMForMaskedLM(config).save_pretrained(tmp / "speedplm")
+        build_tokenizer().save_pretrained(tmp / "speedplm")
         esm_twin(config).save_pretrained(tmp / "esm")
-        build_tokenizer().save_pretrained(tmp / "esm")
+        (tmp / "esm" / "vocab.txt").write_text("\n".join(VOCAB) + "\n")  # ESM2's tokenizer, as ESM2 ships it
+        EsmTokenizer(str(tmp / "esm" / "vocab.txt"), model_max_length=1024).save_pretrained(tmp / "esm")
         speedplm = load_embedder(str(tmp / "speedplm"), layer=None, device=device, layout="packed")
         one_a_row = dataclasses.replace(speedplm, packed=False, fixed_shape=False)  # = layout="padded"
         esm_embedder = load_embedder(str(tmp / "esm"), layer=None, device=device)
