@@ -14,6 +14,10 @@ Public API
                                         # buckets < 9800 -> train, < 9900 -> valid, the rest -> test
     DataError(Exception)                # bad input that stops a run (unreadable file, existing output, ...)
     main(argv=None) -> int              # the CLI; exit 0 ok, 1 on a DataError/SourceError/ShardError
+    Also used by eval.embed (same checks, same report): parse_piece(chunk, policy, id_keys, seq_keys) -> Piece;
+    PrepareRun(writers, policy, max_length, dedup, fractions).feed(piece) -> indexes of the accepted records,
+    .report(inputs, extra); rejection_lines(report, report_path); add_policy_arguments(parser),
+    policy_from_args(args) -> ValidationPolicy
 
 report.json holds read, accepted, rejected (list of {file, line, id, reason}), cropped (accepted proteins longer
 than max_length - 2 residues: kept whole in the shards, cropped by the loader), rejected_by_reason, duplicate_ids,
@@ -76,7 +80,7 @@ def _digest(letters: bytes) -> bytes:
     return hashlib.blake2b(letters, digest_size=16).digest()
 
 
-class _Piece(NamedTuple):
+class Piece(NamedTuple):
     """What a worker returns for one Chunk: every record's line and id, the rejections it already knows, and the
     validated records' residues, crc32s and 16-byte digests of their ids and sequences (numpy arrays: cheap to
     send back and to check in bulk)."""
@@ -106,7 +110,7 @@ def _keys(texts) -> np.ndarray:
     return np.frombuffer(blob, dtype="<u8").reshape(-1, 2)
 
 
-def _parse_piece(chunk: Chunk, policy: ValidationPolicy, id_keys: bool, seq_keys: bool) -> _Piece:
+def parse_piece(chunk: Chunk, policy: ValidationPolicy, id_keys: bool, seq_keys: bool) -> Piece:
     """Parse + validate + tokenize one chunk (runs in the worker processes; a pure function of its arguments)."""
     records = list(chunk_records(chunk))
     problems = [(i, r.problem) for i, r in enumerate(records) if r.seq is None]
@@ -121,7 +125,7 @@ def _parse_piece(chunk: Chunk, policy: ValidationPolicy, id_keys: bool, seq_keys
     if seq_keys:
         letters, ends = ID_TO_BYTE[res.tokens].tobytes(), np.cumsum(lengths).tolist()
         sequences = _keys(letters[e - n : e] for e, n in zip(ends, lengths.tolist()))
-    return _Piece(
+    return Piece(
         chunk.file,
         chunk.last,
         np.array([r.line for r in records], dtype=np.int64),
@@ -143,7 +147,7 @@ def _parse_pieces(chunks, policy: ValidationPolicy, id_keys: bool, seq_keys: boo
     """_parse_piece over `chunks` in order: in this process, or in `num_proc` worker processes with at most
     2 x num_proc chunks in flight (the reading here stays ahead; results come back in input order)."""
     if num_proc <= 1:
-        yield from (_parse_piece(c, policy, id_keys, seq_keys) for c in chunks)
+        yield from (parse_piece(c, policy, id_keys, seq_keys) for c in chunks)
         return
     # fork where there is one: a worker starts at once with this module imported (a spawned one re-imports torch,
     # through the vocabulary, for seconds); the pool forks all its workers before it starts its own thread
@@ -152,7 +156,7 @@ def _parse_pieces(chunks, policy: ValidationPolicy, id_keys: bool, seq_keys: boo
         pending: collections.deque = collections.deque()
         try:
             for chunk in chunks:
-                pending.append(pool.submit(_parse_piece, chunk, policy, id_keys, seq_keys))
+                pending.append(pool.submit(parse_piece, chunk, policy, id_keys, seq_keys))
                 if len(pending) >= 2 * num_proc:
                     yield pending.popleft().result()
             while pending:
@@ -162,7 +166,7 @@ def _parse_pieces(chunks, policy: ValidationPolicy, id_keys: bool, seq_keys: boo
             raise
 
 
-class _Run:
+class PrepareRun:
     """One prepare run: counts, rejections, duplicate ids/sequences and a shard writer per output split."""
 
     def __init__(self, writers: dict, policy: ValidationPolicy, max_length: int, dedup: bool, fractions):
@@ -186,7 +190,9 @@ class _Run:
     def _where(self, place: int) -> str:
         return f"{self.files[place >> 40]}:{place & ((1 << 40) - 1)}"
 
-    def feed(self, piece: _Piece) -> None:
+    def feed(self, piece: Piece) -> np.ndarray:
+        """Count, check ids and sequences, write the accepted records of `piece`; returns their indexes in the
+        piece (input order). A file that ends with no record stops the run (SourceError)."""
         if not self.files or self.files[-1] != piece.file:
             self.files.append(piece.file)
         self.read += len(piece.lines)
@@ -223,8 +229,14 @@ class _Run:
             if m.any():
                 tokens = piece.tokens if m.all() else piece.tokens[np.repeat(m, piece.lengths)]
                 self._add(name, tokens, piece.lengths[m], piece.crcs[m])
+        if piece.last and not self.records_in[piece.file]:
+            gz = piece.file.lower().endswith(".gz") and Path(piece.file).stat().st_size == 0
+            raise SourceError(
+                f"{piece.file}: no protein records ({'a 0-byte gzip file is truncated' if gz else 'empty input'})"
+            )
+        return piece.valid[keep]
 
-    def _one_by_one(self, piece: _Piece, places, named, id_first, seq_first, keep) -> list:
+    def _one_by_one(self, piece: Piece, places, named, id_first, seq_first, keep) -> list:
         """Duplicates in or before this piece, record by record in input order: the first one wins."""
         rejected, ids, seqs = [], {}, {}  # this piece's first occurrences: key -> place
         new_ids, new_seqs = np.zeros(len(keep), dtype=bool), np.zeros(len(keep), dtype=bool)
@@ -350,7 +362,7 @@ def prepare(
     created = not out.exists()
     stage = out / ".prepare-tmp"
     shutil.rmtree(stage, ignore_errors=True)
-    run = _Run(
+    run = PrepareRun(
         {n: ShardWriter(stage / (n or "all"), shard_tokens) for n in names}, policy, max_length, dedup, split_fractions
     )
     kw = dict(split=split, sequence_column=sequence_column, id_column=id_column, chunk_bytes=chunk_bytes)
@@ -359,11 +371,6 @@ def prepare(
         pieces = _parse_pieces(chunks, policy, run.ids is not None, run.needs_seq_keys, processes)
         for piece in pieces:
             run.feed(piece)
-            if piece.last and not run.records_in[piece.file]:
-                gz = piece.file.lower().endswith(".gz") and Path(piece.file).stat().st_size == 0
-                raise SourceError(
-                    f"{piece.file}: no protein records ({'a 0-byte gzip file is truncated' if gz else 'empty input'})"
-                )
         for name, writer in run.writers.items():
             writer.close(dict(split=name or None))
             ShardSet(stage / (name or "all"), verify="sha256")  # checksums verified once, when written
@@ -414,6 +421,12 @@ def summary(report: dict, out: Path, show: int = 10) -> str:
     ]
     for name, c in report["splits"].items():
         lines.append(f"  {name or 'all'}: {c['sequences']} sequences, {c['residues']} residues")
+    return "\n".join(lines + rejection_lines(report, out / "report.json", show))
+
+
+def rejection_lines(report: dict, report_path, show: int = 10) -> list[str]:
+    """Summary lines for a report's rejections, normalizations and duplicate ids (also used by eval.embed)."""
+    lines = []
     for code, n in report["rejected_by_reason"].items():
         lines.append(f"  rejected {code}: {n}")
     n = report["normalized"]
@@ -423,10 +436,33 @@ def summary(report: dict, out: Path, show: int = 10) -> str:
     for r in ordered[:show]:
         lines.append(f"    {r['file']}:{r['line']} {r['id']!r}: {r['reason']}")
     if len(report["rejected"]) > show:
-        lines.append(f"    ... {len(report['rejected']) - show} more in {out / 'report.json'}")
+        lines.append(f"    ... {len(report['rejected']) - show} more in {report_path}")
     if report["duplicate_ids"]:
         lines.append(f"  duplicate ids (kept, reported): {len(report['duplicate_ids'])}")
-    return "\n".join(lines)
+    return lines
+
+
+def add_policy_arguments(p: argparse.ArgumentParser) -> None:
+    """The ValidationPolicy flags (shared by `prepare` and `eval.embed`); read back with `policy_from_args`."""
+    p.add_argument("--lowercase", choices=("upper", "reject"), default="upper")
+    p.add_argument("--keep-terminal-stop", action="store_true", help="reject a terminal '*' instead of stripping it")
+    p.add_argument("--allow-gaps", action="store_true")
+    p.add_argument("--no-ambiguous", action="store_true", help="reject X B U Z O")
+    p.add_argument("--min-length", type=int, default=1)
+    p.add_argument("--reject-longer-than", type=int)
+    p.add_argument("--duplicate-ids", choices=("report", "reject", "ignore"), default="report")
+
+
+def policy_from_args(args: argparse.Namespace) -> ValidationPolicy:
+    return ValidationPolicy(
+        lowercase=args.lowercase,
+        strip_terminal_stop=not args.keep_terminal_stop,
+        allow_gaps=args.allow_gaps,
+        allow_ambiguous=not args.no_ambiguous,
+        min_length=args.min_length,
+        reject_longer_than=args.reject_longer_than,
+        duplicate_ids=args.duplicate_ids,
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -452,13 +488,7 @@ def _parser() -> argparse.ArgumentParser:
         "--num-proc", type=int, default=1, help="processes that parse and validate (0: one per core); same output"
     )
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--lowercase", choices=("upper", "reject"), default="upper")
-    p.add_argument("--keep-terminal-stop", action="store_true", help="reject a terminal '*' instead of stripping it")
-    p.add_argument("--allow-gaps", action="store_true")
-    p.add_argument("--no-ambiguous", action="store_true", help="reject X B U Z O")
-    p.add_argument("--min-length", type=int, default=1)
-    p.add_argument("--reject-longer-than", type=int)
-    p.add_argument("--duplicate-ids", choices=("report", "reject", "ignore"), default="report")
+    add_policy_arguments(p)
     v = sub.add_parser("verify", help="check a shard directory: magic, version, vocabulary, sizes, sha256 of all")
     v.add_argument("dir")
     return ap
@@ -473,15 +503,7 @@ def main(argv=None) -> int:
                 f"{args.dir}: ok, {len(shards.files)} shards, {shards.num_docs} proteins, {shards.num_tokens} residues"
             )
             return 0
-        policy = ValidationPolicy(
-            lowercase=args.lowercase,
-            strip_terminal_stop=not args.keep_terminal_stop,
-            allow_gaps=args.allow_gaps,
-            allow_ambiguous=not args.no_ambiguous,
-            min_length=args.min_length,
-            reject_longer_than=args.reject_longer_than,
-            duplicate_ids=args.duplicate_ids,
-        )
+        policy = policy_from_args(args)
         if args.builtin:
             prepare_builtin(args.out, policy=policy, max_length=args.max_length, overwrite=args.overwrite)
         else:
