@@ -71,6 +71,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -315,11 +316,22 @@ class _Collect:
         self.tokens, self.lengths = tokens, lengths
 
 
-def accepted_windows(run: PrepareRun, inputs, chunk_proteins: int, **source_kw) -> Iterator[tuple]:
-    """(piece, indexes, tokens): the accepted records of each input piece (training.sources' pieces of whole
-    records, validated by prepare's own code), in input order, in windows of at most `chunk_proteins`; `indexes`
-    (A,) are the records' positions among all records read, `tokens` their (n,) residue ids."""
+class Window(NamedTuple):
+    """Accepted records, in input order: where they are and their residue ids."""
+
+    index: np.ndarray  # (A,) int64 position of each record among all records read
+    ids: list  # (A,) str
+    files: list  # (A,) str
+    lines: np.ndarray  # (A,) int64
+    tokens: list  # (A,) of (n,) uint8 residue ids
+
+
+def accepted_windows(run: PrepareRun, inputs, chunk_proteins: int, **source_kw) -> Iterator[Window]:
+    """The accepted records of `inputs` (read in training.sources' pieces of whole records and validated by
+    prepare's own code), in input order, in windows of `chunk_proteins` (the last one shorter)."""
     collect = run.writers[""]
+    buffer: list[Window] = []  # windows of one piece each, chunk_proteins records at most in all
+    held = 0
     for source in inputs:
         for chunk in iter_chunks(source, **source_kw):
             first = run.read  # index of the piece's first record among all records read
@@ -327,11 +339,30 @@ def accepted_windows(run: PrepareRun, inputs, chunk_proteins: int, **source_kw) 
             kept = run.feed(piece)  # (A,) indexes in the piece of the accepted records
             if not len(kept):
                 continue
-            ends = np.cumsum(collect.lengths)
-            tokens = [collect.tokens[e - n : e] for e, n in zip(ends.tolist(), collect.lengths.tolist())]
-            for start in range(0, len(kept), chunk_proteins):
-                window = slice(start, start + chunk_proteins)
-                yield piece, kept[window], first + kept[window], tokens[window]
+            ends = np.cumsum(collect.lengths).tolist()
+            tokens = [collect.tokens[e - n : e] for e, n in zip(ends, collect.lengths.tolist())]
+            ids = [piece.id(i) for i in kept.tolist()]
+            whole = Window(first + kept, ids, [piece.file] * len(kept), piece.lines[kept], tokens)
+            start = 0
+            while start < len(kept):
+                take = min(chunk_proteins - held, len(kept) - start)
+                buffer.append(Window(*(field[start : start + take] for field in whole)))
+                held, start = held + take, start + take
+                if held == chunk_proteins:
+                    yield _joined(buffer)
+                    buffer, held = [], 0
+    if buffer:
+        yield _joined(buffer)
+
+
+def _joined(parts: list) -> Window:
+    return Window(
+        np.concatenate([p.index for p in parts]),
+        [x for p in parts for x in p.ids],
+        [x for p in parts for x in p.files],
+        np.concatenate([p.lines for p in parts]),
+        [x for p in parts for x in p.tokens],
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- run
@@ -377,8 +408,8 @@ def embed_to_parquet(
     bar = tqdm(desc="embed", unit=" proteins", disable=not progress, dynamic_ncols=True, file=sys.stderr)
     done, residues, slots = False, 0, 0  # slots: token positions computed, padding included
     try:
-        for piece, kept, indexes, tokens in accepted_windows(run, inputs, chunk_proteins, **(source_kw or {})):
-            tokens = [t[:limit] for t in tokens]  # (n,) each
+        for window in accepted_windows(run, inputs, chunk_proteins, **(source_kw or {})):
+            tokens = [t[:limit] for t in window.tokens]  # (n,) each
             lengths = np.array([len(t) for t in tokens], dtype=np.int64)
             order = np.argsort(-lengths, kind="stable")  # longest first: an out-of-memory shows at once
             for rows, L in plan_batches(
@@ -395,10 +426,10 @@ def embed_to_parquet(
                 slots += inputs["input_ids"].size
                 which = np.concatenate(rows)  # (P,) in row order, as the vectors
                 sink.add(
-                    indexes[which],
-                    [piece.id(i) for i in kept[which].tolist()],
-                    [piece.file] * len(which),
-                    piece.lines[kept[which]],
+                    window.index[which],
+                    [window.ids[i] for i in which.tolist()],
+                    [window.files[i] for i in which.tolist()],
+                    window.lines[which],
                     lengths[which].astype(np.int32),
                     vectors,
                 )

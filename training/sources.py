@@ -34,7 +34,9 @@ import gzip
 import importlib.util
 import io
 import json
+import os
 import re
+import stat
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,8 +116,13 @@ def _cut_chunks(f, chunk_bytes: int, cut) -> Iterator[tuple[bytes, int, bool]]:
     data just read (-1: read on);
     lines are counted by b"\n" so every piece knows the number of its first line."""
     line, pending = 1, b""
+    try:  # a pipe or FIFO hands over what has arrived (a piece does not wait for chunk_bytes more to be written)
+        regular = stat.S_ISREG(os.fstat(f.fileno()).st_mode)
+    except (OSError, AttributeError, io.UnsupportedOperation):
+        regular = True
+    read = f.read if regular else f.read1
     while True:
-        data = f.read(chunk_bytes)
+        data = read(chunk_bytes)
         if not data:
             yield pending, line, True
             return
