@@ -51,6 +51,15 @@ class TrainSection:
     muon_momentum_start: float = 0.85  # momentum warmup (modded-nanogpt): 0.85 -> 0.95
     muon_momentum_end: float = 0.95
     muon_momentum_warmup_steps: int = 300
+    # Recipe-v2 switches, off until `python -m eval.speedrun` keeps one (docs/ablations-cpu.md)
+    muon_ns: str = "jordan"  # Newton-Schulz coefficients: "jordan" (one quintic, torch.optim.Muon's), "polar_express"
+    muon_ns_steps: int = 5
+    normuon: bool = False  # NorMuon: per-neuron second-moment normalisation of Muon's orthogonalised update
+    normuon_beta2: float = 0.95
+    cautious_weight_decay: bool = False  # Muon and Adam: decay only where the update and the weight agree in sign
+    adam_weight_decay: float = 0.0  # decoupled (AdamW) weight decay of the Adam groups
+    batch_warmup_steps: int = 0  # global batch grows linearly over these steps (0 = off; training/batch_warmup.py)
+    batch_warmup_start: float = 0.25  # ... from this fraction of tokens_per_step (whole accumulation micro-steps)
     grad_clip: float = 1.0  # 0 = off
     compile: str = "auto"  # torch.compile of each block; "auto" = on CUDA only
     cpu_threads: int | None = None  # CPU runs: torch threads per rank; None = available cores / ranks on this node
@@ -177,6 +186,12 @@ def _check_values(config: RunConfig) -> None:
         raise ValueError(
             "train.max_steps, train.tokens_per_step must be >= 1 and micro_batch_tokens >= data.max_length"
         )
+    if t.muon_ns not in ("jordan", "polar_express") or not 1 <= t.muon_ns_steps <= 5:
+        raise ValueError(
+            f"train.muon_ns={t.muon_ns!r}, muon_ns_steps={t.muon_ns_steps}: 'jordan' or 'polar_express', 1-5"
+        )
+    if t.adam_weight_decay < 0 or not 0 <= t.normuon_beta2 < 1 or not 0 < t.batch_warmup_start <= 1:
+        raise ValueError("train.adam_weight_decay >= 0, 0 <= normuon_beta2 < 1 and 0 < batch_warmup_start <= 1")
     if config.tracking.wandb not in ("online", "offline", "disabled"):
         raise ValueError(f"tracking.wandb={config.tracking.wandb!r}: choose online, offline or disabled")
     if config.hub.push and not config.hub.model_id:

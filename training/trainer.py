@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor
 
 from modeling_speedplm import SpeedPLMForMaskedLM
 
+from .batch_warmup import accumulation_steps
 from .checkpoint import CheckpointManager, save_pretrained
 from .config import RunConfig
 from .data_setup import build_eval_loader, build_train_loader, resolve_splits
@@ -276,7 +277,10 @@ def _loop(
             model.train()
             set_muon_momentum(optimizers[0], muon_momentum(progress.step, t))
             t0 = time.perf_counter()
-            micro_batches = [to_device(next(batches), accelerator.device) for _ in range(train_loader.grad_accum_steps)]
+            accum = accumulation_steps(
+                progress.step, train_loader.grad_accum_steps, t.batch_warmup_steps, t.batch_warmup_start
+            )
+            micro_batches = [to_device(next(batches), accelerator.device) for _ in range(accum)]
             window["data_wait"] += time.perf_counter() - t0
             if flops is None:
                 first = micro_batches[0]
