@@ -2,14 +2,15 @@
 
     python -m eval.speedrun --out runs/speedrun                          # ESM2 recipe vs SpeedPLM recipe, 5 seeds
     python -m eval.speedrun --out runs/abl --variant normuon train.normuon=true     # one more arm (appended)
-    python -m eval.speedrun --out runs/abl --campaign configs/ablations-cpu.yaml    # every arm of a campaign
+    python -m eval.speedrun --out runs/abl --campaign eval/campaigns/ablations-cpu.yaml    # every arm of a campaign
     python -m eval.speedrun --out runs/abl --report [--probes]           # tables (and probes) from what has run
     python -m eval.speedrun --short --out /tmp/speedrun                  # tiny models, 1 seed, ~1 minute (tests)
 
 Arms. An arm is a recipe plus overrides; `--variant NAME key=value ...` (repeatable) adds one:
     SpeedPLM arms take any run-config override (`train.normuon=true`, `data.mask_rate=0.3`, `model.mlm_head=...`)
         on top of `configs/default.yaml` and the judge's own settings (shape, data, budget, seed: those keys are
-        the judge's, an arm cannot set them); each runs `train_accelerate.py` in a subprocess.
+        the judge's, an arm cannot set them); each runs `train_accelerate.py` in a subprocess. A value
+        `N%steps` (`train.batch_warmup_steps=25%steps`) is N% of the control's calibrated steps.
     ESM2 arms (`recipe=esm2`): transformers' EsmForMaskedLM of the same shape and parameter count
         (eval.throughput.esm_twin, dropout 0 as in the released ESM2 configs) trained by transformers.Trainer on
         padded batches of whole proteins (first max_length - 2 residues), DataCollatorForLanguageModeling at 15%,
@@ -20,7 +21,8 @@ Arms. An arm is a recipe plus overrides; `--variant NAME key=value ...` (repeata
     `seeds=[5,6,7]` gives an arm its own seeds (an A/A arm: the control's overrides on other seeds).
     The report compares every SpeedPLM arm with the control arm (`--control`, default "control") and with the
     tuned baseline: the ESM2 arm of lowest mean final validation loss.
-Budget: the step times of both recipes are measured once per campaign (campaign.json, reused by every later call):
+Budget: the step times of both recipes are measured once per campaign (the fastest of 8 steps each, so a passing
+    load spike does not shrink the budget; campaign.json, reused by every later call):
     the control gets budget / its step time steps, and every SpeedPLM arm the number of steps that gives it the
     same planned tokens (more steps for a batch-size warmup); every ESM2 arm gets budget / ESM2's step time steps.
 Runs: `--lanes N` runs N at a time, each in its own process with `--threads` torch threads; seed-major order,
@@ -202,6 +204,9 @@ def check_arm(arm: Arm, s: Settings) -> None:
         raise SpeedrunError(f"arm {arm.name}: recipe={arm.recipe!r}: choose speedplm or esm2")
     if not arm.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise SpeedrunError(f"arm {arm.name!r}: use letters, digits, '-', '_' and '.' only (it names files)")
+    for text in arm.overrides:
+        if not isinstance(text, str) or "=" not in text:
+            raise SpeedrunError(f"arm {arm.name}: override {text!r} is not key=value")
     if arm.recipe == "esm2":
         for text in arm.overrides:
             key, value = text.split("=", 1)
@@ -220,15 +225,39 @@ def check_arm(arm: Arm, s: Settings) -> None:
         if key in JUDGE_KEYS or key.startswith("model.") and key[6:] in (*SHAPES[s.shape], "max_position_embeddings"):
             raise SpeedrunError(f"arm {arm.name}: {key} is set by the judge (shape, data, budget, seed, logging)")
     try:
-        load_config(str(RECIPE), speedplm_overrides(s, arm, seed=0, steps=10, save_every=10, out=Path("/nonexistent")))
+        load_config(str(RECIPE), speedplm_overrides(s, arm, seed=0, steps=100, save_every=10, out=Path("/x")))
     except ValueError as err:
         raise SpeedrunError(f"arm {arm.name}: {err}") from None
 
 
-def speedplm_overrides(s: Settings, arm: Arm, *, seed: int, steps: int, save_every: int, out: Path) -> list[str]:
-    """The judge's settings, then the arm's overrides (which win where both set a key, e.g. warmup_steps)."""
+def relative_steps(text: str, control_steps: int) -> str:
+    """'train.batch_warmup_steps=25%steps' -> 'train.batch_warmup_steps=N', N = 25% of the control's steps, so a
+    campaign file holds schedule lengths that follow the calibrated budget."""
+    key, value = text.split("=", 1)
+    if value.endswith("%steps"):
+        try:
+            return f"{key}={round(float(value[:-6]) / 100 * control_steps)}"
+        except ValueError:
+            raise SpeedrunError(f"{text!r}: expected a percentage of the steps, e.g. {key}=25%steps") from None
+    return text
+
+
+def speedplm_overrides(
+    s: Settings,
+    arm: Arm,
+    *,
+    seed: int,
+    steps: int,
+    save_every: int,
+    out: Path,
+    data: Path | None = None,
+    control_steps: int | None = None,
+) -> list[str]:
+    """The judge's settings, then the arm's overrides (which win where both set a key, e.g. warmup_steps).
+    data: the prepared directory holding train/ and valid/ (None: a placeholder, for checking a config only);
+    control_steps: what 'N%steps' values are a share of (default: steps)."""
     return [
-        f"data.train={Path(resolve_split(s.data, 'train', s.cache)).parent}",
+        f"data.train={data or 'unprepared'}",
         f"data.max_length={s.max_length}",
         "data.num_workers=0",
         *(f"model.{k}={v}" for k, v in SHAPES[s.shape].items()),
@@ -249,7 +278,7 @@ def speedplm_overrides(s: Settings, arm: Arm, *, seed: int, steps: int, save_eve
         f"eval.max_tokens={s.max_length}",
         "eval.test_at_end=false",
         "tracking.wandb=disabled",
-        *arm.overrides,
+        *(relative_steps(o, control_steps or steps) for o in arm.overrides),
     ]
 
 
@@ -258,7 +287,9 @@ def speedplm_steps(s: Settings, arm: Arm, budget_tokens: int) -> int:
     from training.batch_warmup import accumulation_steps
     from training.config import load_config
 
-    t = load_config(str(RECIPE), speedplm_overrides(s, arm, seed=0, steps=1, save_every=1, out=Path("/x"))).train
+    control_steps = budget_tokens // s.tokens_per_step
+    overrides = speedplm_overrides(s, arm, seed=0, steps=1, save_every=1, out=Path("/x"), control_steps=control_steps)
+    t = load_config(str(RECIPE), overrides).train
     full = t.tokens_per_step // t.micro_batch_tokens
     steps, tokens = 0, 0
     while tokens < budget_tokens:
@@ -334,7 +365,8 @@ def point(step: int, tokens: int, clock: float, result: dict, **extra) -> dict:
 
 
 def calibrate_speedplm(s: Settings, train_dir: Path, config) -> float:
-    """Median seconds per optimizer step of the SpeedPLM recipe (same loader, collator, optimizers as the trainer)."""
+    """Seconds per optimizer step of the SpeedPLM recipe (same loader, collator, optimizers as the trainer): the
+    fastest of the timed steps, since other load on the machine only ever slows a step down."""
     from modeling_speedplm import SpeedPLMForMaskedLM
     from training.collator import MLMCollator
     from training.config import TrainSection
@@ -364,11 +396,11 @@ def calibrate_speedplm(s: Settings, train_dir: Path, config) -> float:
             torch.cuda.synchronize()
         if i >= 2:
             times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def calibrate_esm(s: Settings, dataset: list, batch_size: int, config, out: Path) -> float:
-    """Median seconds per step of the ESM2 recipe, measured inside transformers.Trainer."""
+    """Seconds per step of the ESM2 recipe inside transformers.Trainer (the fastest timed step, as above)."""
     from transformers import TrainerCallback
 
     class StepTimes(TrainerCallback):
@@ -383,7 +415,7 @@ def calibrate_esm(s: Settings, dataset: list, batch_size: int, config, out: Path
     trainer.add_callback(timer)
     trainer.train()
     shutil.rmtree(out / "esm_trainer", ignore_errors=True)
-    return statistics.median(np.diff(timer.stamps[1:]).tolist())
+    return min(np.diff(timer.stamps[1:]).tolist())
 
 
 def campaign_state(s: Settings, out: Path, log=print) -> dict:
@@ -417,6 +449,7 @@ def campaign_state(s: Settings, out: Path, log=print) -> dict:
         steps=steps,
         budget_tokens=steps["speedplm"] * s.tokens_per_step,
         esm_batch_size=batch,
+        eval_proteins=sum(len(b["input_ids"]) for b in eval_batches(s)),
         hardware=hardware(),
     )
     log(
@@ -526,7 +559,11 @@ def run_speedplm(s: Settings, state: dict, arm: Arm, seed: int, batches, run_dir
     steps = speedplm_steps(s, arm, state["budget_tokens"])
     every = max(1, steps // s.evals)
     shutil.rmtree(run_dir, ignore_errors=True)
-    overrides = speedplm_overrides(s, arm, seed=seed, steps=steps, save_every=every, out=run_dir)
+    data = resolve_split(s.data, "train", s.cache).parent
+    control_steps = state["budget_tokens"] // s.tokens_per_step
+    overrides = speedplm_overrides(
+        s, arm, seed=seed, steps=steps, save_every=every, out=run_dir, data=data, control_steps=control_steps
+    )
     cmd = [sys.executable, str(ROOT / "train_accelerate.py"), "--config", str(RECIPE), *overrides]
     env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
     env["PYTHONUNBUFFERED"] = "1"
@@ -647,13 +684,12 @@ def run_campaign(s: Settings, arms: list[Arm], out: Path, log=print) -> bool:
         records = load_records(out)
         phase = [resolve_best(a, records) for a in phase]
         done = {(r["arm"], r["key"], r["seed"]) for r in records}
-        seeds = sorted({x for a in phase for x in (a.seeds or s.seeds)})
-        todo = [
-            (a, seed)
-            for seed in seeds
-            for a in phase
-            if seed in (a.seeds or s.seeds) and (a.name, a.key, seed) not in done
-        ]
+        # seed-major: the i-th seed of every arm, then the (i+1)-th (an A/A arm's seeds 5, 6, ... pair with 0, 1, ...)
+        todo = sorted(
+            ((i, k, a, seed) for k, a in enumerate(phase) for i, seed in enumerate(a.seeds or s.seeds)),
+            key=lambda item: item[:2],
+        )
+        todo = [(a, seed) for _, _, a, seed in todo if (a.name, a.key, seed) not in done]
         if todo:
             log(f"{len(todo)} run(s) to do, {s.lanes} at a time: " + ", ".join(f"{a.name}/{x}" for a, x in todo))
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, s.lanes)) as pool:
@@ -756,7 +792,7 @@ def main(argv=None) -> int:
         for key in mode:
             if getattr(args, key, None) is not None:
                 mode[key] = getattr(args, key)
-        s = Settings(**mode, data=args.data, cache=args.cache, calibration_steps=2 if args.short else 4)
+        s = Settings(**mode, data=args.data, cache=args.cache, calibration_steps=2 if args.short else 8)
         if s.shape not in SHAPES:
             raise SpeedrunError(f"shape {s.shape!r}: choose one of {sorted(SHAPES)}")
         arms += [parse_variant(v) for v in args.variant or []]

@@ -7,6 +7,7 @@ write_report(settings, out, control, target, command, probes=False)   speedrun.m
 
 import json
 import statistics
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,6 @@ from eval.speedrun import (
     SHAPES,
     Settings,
     SpeedrunError,
-    eval_batches,
     load_records,
     speedplm_config,
 )
@@ -242,7 +242,7 @@ def _covers(test: dict) -> bool:
 
 
 def _proteins(state: dict) -> str:
-    return f"{state['eval_proteins']:,}" if "eval_proteins" in state else "all"
+    return f"{state['eval_proteins']:,}"
 
 
 def plot(records: list[dict], report: dict, path: Path) -> None:
@@ -323,8 +323,10 @@ def run_probes(s: Settings, records: list[dict], report: dict, out: Path, log=pr
 
 def write_report(s: Settings, out: Path, control: str, target: float | None, command: str, probes=False, log=print):
     records = load_records(out)
+    if not (out / "campaign.json").exists():
+        raise SpeedrunError(f"{out}: no campaign.json: nothing has run there yet")
     state = json.loads((out / "campaign.json").read_text())
-    state["eval_proteins"] = sum(len(b["input_ids"]) for b in eval_batches(s))
+    s = Settings(**{**asdict(s), **state["settings"]})  # a report describes the runs as they were made
     report = build_report(records, control, target)
     probe_text = run_probes(s, records, report, out, log) if probes else ""
     if not probes and (out / "probes" / "summary.md").exists():

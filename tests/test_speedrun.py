@@ -13,7 +13,16 @@ import pytest
 from test_eval_benchmark import assert_png, prepared  # noqa: F401  (the prepared-shards fixture)
 
 from eval import speedrun_stats as st
-from eval.speedrun import Arm, Settings, SpeedrunError, check_arm, load_campaign, parse_variant, speedplm_steps
+from eval.speedrun import (
+    MODES,
+    Arm,
+    Settings,
+    SpeedrunError,
+    check_arm,
+    load_campaign,
+    parse_variant,
+    speedplm_steps,
+)
 from eval.speedrun_report import build_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,14 +199,26 @@ def test_campaign_file_errors(tmp_path):
     assert settings == {"budget_s": 60} and [a.name for a in arms] == ["control"] and control == "control"
 
 
+def test_the_shipped_campaign_is_valid():
+    settings, arms, control = load_campaign(str(ROOT / "eval" / "campaigns" / "ablations-cpu.yaml"))
+    s = Settings(**{**MODES["full"], **settings})
+    for arm in arms:
+        check_arm(arm, s)
+    names = [a.name for a in arms]
+    assert control in names and len(set(names)) == len(names)
+    assert sum(a.recipe == "esm2" and a.seeds is None for a in arms) >= 4  # 4 learning rates x 5 seeds at least
+
+
 def test_every_arm_gets_the_same_token_budget(prepared):  # noqa: F811
     s = Settings(**{**SMALL.__dict__, "data": str(prepared)})
     budget = 100 * 4096
     assert speedplm_steps(s, Arm("control"), budget) == 100
-    warm = Arm("warm", overrides=["train.micro_batch_tokens=1024", "train.batch_warmup_steps=40"])
+    warm = Arm("warm", overrides=["train.micro_batch_tokens=1024", "train.batch_warmup_steps=40%steps"])
     steps = speedplm_steps(s, warm, budget)
-    # 40 steps averaging ~2.6 of 4 micro-batches: ~14 more steps for the same planned tokens
+    # 40 steps (40% of the control's 100) averaging ~2.6 of 4 micro-batches: ~14 more steps, same planned tokens
     assert 110 < steps < 118
+    with pytest.raises(SpeedrunError, match="a percentage of the steps"):
+        speedplm_steps(s, Arm("bad", overrides=["train.batch_warmup_steps=x%steps"]), budget)
 
 
 # ---------------------------------------------------------------------------------------------------- end to end
