@@ -28,16 +28,20 @@ from eval.speedrun_stats import baseline_arm, current_runs, final
 from eval.throughput import esm_twin
 
 
+class ReportNotReady(SpeedrunError):
+    """The runs a report needs (the control, an ESM2 arm for the target) have not finished yet."""
+
+
 def build_report(records: list[dict], control: str, target: float | None = None) -> dict:
     """Every number of the report, from the run records."""
     runs = current_runs(records)
     if control not in runs or runs[control][0]["recipe"] != "speedplm":
-        raise SpeedrunError(f"--control {control}: no finished SpeedPLM runs of that arm (arms: {sorted(runs)})")
+        raise ReportNotReady(f"--control {control}: no finished SpeedPLM runs of that arm (arms: {sorted(runs)})")
     base = baseline_arm(records)
     source = "given (--target)"
     if target is None:
         if base is None:
-            raise SpeedrunError("no finished ESM2 arm to take the target from: add one (recipe=esm2) or give --target")
+            raise ReportNotReady("no finished ESM2 arm to take the target from: add one (recipe=esm2) or give --target")
         target, source = statistics.mean(final(runs[base["arm"]])), f"mean final loss of {base['arm']} (tuned ESM2)"
     baseline_rows = []
     for name, rs in runs.items():
@@ -142,7 +146,7 @@ def report_markdown(report: dict, state: dict, settings: Settings, command: str,
             "reached": f"{a['tokens_reached']}/{a['runs']}",
             "final loss": fmt(a["final_loss"], 4),
             "tokens to target (M)": f"{fmt(a['tokens_mean'] and a['tokens_mean'] / 1e6, 3)} ± "
-            f"{fmt(a['tokens_std'] and a['tokens_std'] / 1e6, 3)}",
+            f"{fmt(a['tokens_std'] and a['tokens_std'] / 1e6, 3)}" + ("*" if _unresolved(a) else ""),
             "time to target (s)": f"{fmt(a['time_mean'], 1)} ± {fmt(a['time_std'], 1)}",
             "speedup vs ESM2, tokens [95% CI]": ci(a["speedup_tokens"]),
             "speedup vs ESM2, time [95% CI]": ci(a["speedup_time"]),
@@ -204,6 +208,15 @@ def report_markdown(report: dict, state: dict, settings: Settings, command: str,
         "",
         markdown_table(arm_rows, list(arm_rows[0])),
         "",
+        *(
+            [
+                "\\* Some runs were below the target at their first evaluation: their crossing lies before it and is "
+                "not resolved (reported at that evaluation); use more --evals or a lower --target.",
+                "",
+            ]
+            if any(_unresolved(a) for a in arms.values())
+            else []
+        ),
         "## Switches vs the control",
         "",
         markdown_table(switch_rows, list(switch_rows[0])) if switch_rows else "(no arm besides the control)",
@@ -235,6 +248,10 @@ def report_markdown(report: dict, state: dict, settings: Settings, command: str,
         "",
     ]
     return "\n".join(text)
+
+
+def _unresolved(arm: dict) -> bool:
+    return any(c["at_first_point"] for c in arm["crossings"])
 
 
 def _covers(test: dict) -> bool:

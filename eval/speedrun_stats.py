@@ -132,6 +132,8 @@ def crossing(record: dict, target: float) -> dict:
     for key in ("tokens", "time"):
         out[key] = reach(pts, target, key)
         out[f"slope_{key}"] = slope_at(pts, target, key)
+    # already below target at its first evaluation: the crossing is somewhere before it, unresolved
+    out["at_first_point"] = pts[0]["loss"] <= target
     return out
 
 
@@ -139,7 +141,7 @@ def compare(arm_runs: list[dict], control_runs: list[dict], target: float) -> di
     """One arm against the control: tokens / time to target (Welch on each), the final loss at equal tokens and the
     loss at equal time (each with a CI), and the eval-noise resolution of the crossings."""
     mine, theirs = [crossing(r, target) for r in arm_runs], [crossing(r, target) for r in control_runs]
-    out = dict(n=len(mine), n_control=len(theirs))
+    out = dict(n=len(mine), n_control=len(theirs), unresolved=sum(c["at_first_point"] for c in mine + theirs))
     for key in ("tokens", "time"):
         a, b = [c[key] for c in mine], [c[key] for c in theirs]
         out[f"{key}_reached"] = sum(v is not None for v in a)
@@ -167,6 +169,8 @@ def decide(comparison: dict) -> str:
     n = comparison["n"]
     if comparison["tokens_reached"] < n or comparison["time_reached"] < n:
         return f"stays off (target not reached in {n - comparison['tokens_reached']} of {n} runs)"
+    if comparison.get("unresolved"):
+        return "undecided (target crossed before the first evaluation: more --evals, or a lower target)"
     if tok["p"] is None or tim["p"] is None:
         return "undecided (needs 2+ runs per arm)"
     better_tokens = tok["diff"] < 0 and tok["p"] < ALPHA_DEFAULT

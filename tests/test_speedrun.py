@@ -86,6 +86,7 @@ def comparison(tokens_diff, tokens_p, time_diff, time_p, reached=5):
         (comparison(-10, 0.02, -5, 0.01), "stays off (no significant"),
         (comparison(+10, 0.001, +5, 0.01), "stays off (tokens-to-target worse"),
         (comparison(-10, 0.001, -1, 0.2, reached=4), "stays off (target not reached in 1 of 5"),
+        (comparison(-10, 0.001, -1, 0.2) | {"unresolved": 2}, "undecided (target crossed before the first"),
     ],
 )
 def test_decision_rule(case, verdict):
@@ -146,6 +147,9 @@ def test_report_on_synthetic_campaign():
     gap = arms["faster"]["vs_control"]["loss_at_equal_tokens"]
     assert gap["diff"] < 0 and gap["high"] < 0
     assert report["eval_noise"]["final_loss"] > 0 and report["eval_noise"]["difference"] > 0
+    # a target the first evaluation is already below: crossings unresolved, no decision
+    early = build_report(records, "control", target=3.2)
+    assert early["arms"]["faster"]["decision"].startswith("undecided")
 
 
 def test_report_needs_a_control_and_a_target():
