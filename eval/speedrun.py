@@ -1,37 +1,55 @@
-"""Time to loss on this machine: the SpeedPLM recipe vs the ESM2 recipe at the same parameter count, side by side.
+"""The judge of training recipes: time and tokens to a target loss, many seeds per arm, Welch tests, a decision.
 
-    python -m eval.speedrun --out runs/speedrun                         # 3 seeds x 300 s per recipe, 'small' shape
-    python -m eval.speedrun --seeds 0 1 2 --budget-s 90 --threads 1 --out runs/speedrun
-    python -m eval.speedrun --short --out /tmp/speedrun                 # tiny models, 1 seed, ~30 s (tests)
+    python -m eval.speedrun --out runs/speedrun                          # ESM2 recipe vs SpeedPLM recipe, 5 seeds
+    python -m eval.speedrun --out runs/abl --variant normuon train.normuon=true     # one more arm (appended)
+    python -m eval.speedrun --out runs/abl --campaign eval/campaigns/ablations-cpu.yaml    # every arm of a campaign
+    python -m eval.speedrun --out runs/abl --report [--probes]           # tables (and probes) from what has run
+    python -m eval.speedrun --short --out /tmp/speedrun                  # tiny models, 1 seed, ~1 minute (tests)
 
-Recipes (same built-in train split, same wall-clock budget, same validation batches)
-    SpeedPLM  `train_accelerate.py --config configs/default.yaml` in a subprocess with the shape overridden: packed
-              rows, 20% masking, Muon for hidden matrices + Adam for the rest, warmup-stable-decay schedule.
-    ESM2      transformers' EsmForMaskedLM of the same shape and parameter count (eval.throughput.esm_twin, with
-              dropout 0 as in the released ESM2 configs) trained by transformers.Trainer: padded batches of whole
-              proteins (first max_length - 2 residues) from DataCollatorForLanguageModeling at 15% masking, about the
-              same real tokens per step as SpeedPLM; AdamW lr 4e-4, betas (0.9, 0.98), eps 1e-8, weight decay 0.01
-              (the ESM2 paper's), linear warmup then linear decay to 0, grad clip 1.0.
-    Both warm up over 5% of their steps (ESM2: 2,000 of 500k steps, scaled up for runs of a few hundred steps).
-Budget: the step time of each recipe is measured first (a few untimed + timed steps in this process), and each run
-    gets max_steps = budget / step time, so its schedule (WSD decay, linear decay) completes within about the budget.
-Validation: the valid split, padded batches built once by eval.benchmark.build_batches (mask rate 0.15, seed 0),
-    scored with eval.benchmark.score_model (MaskedLMAccumulator) for both recipes at step 0 and ~`--evals` times
-    per run. SpeedPLM is scored afterwards from the checkpoints its run saved at those steps; ESM2 inside a Trainer
-    callback while its clock is paused.
-Clocks (evaluation and checkpoint writing excluded)
-    ESM2      perf_counter from Trainer's on_train_begin, minus the paused evaluation time.
-    SpeedPLM  the trainer's `train_seconds` (data + train steps only; log_every=1). The wall clock of the logged
-              windows (which also holds checkpoint saves) is kept in the JSON as raw_time.
-    Tokens: real (non-padding) input tokens, the trainer's `tokens` and Trainer's num_input_tokens_seen (non_padding).
-Speedup (per seed): T_esm = time at which the ESM2 curve first reaches its final validation loss, T_speedplm = time
-    at which the SpeedPLM curve first reaches that loss (linear interpolation between evaluations); speedup =
-    T_esm / T_speedplm; the same with tokens. Not reached within the budget -> no number (reported as such). Mean,
-    std, min and max over seeds.
-Outputs: speedrun.json (settings, curves, speedups), speedrun.md (table), speedrun.png (loss vs time, vs tokens).
+Arms. An arm is a recipe plus overrides; `--variant NAME key=value ...` (repeatable) adds one:
+    SpeedPLM arms take any run-config override (`train.normuon=true`, `data.mask_rate=0.3`, `model.mlm_head=...`)
+        on top of `configs/default.yaml` and the judge's own settings (shape, data, budget, seed: those keys are
+        the judge's, an arm cannot set them); each runs `train_accelerate.py` in a subprocess. A value
+        `N%steps` (`train.batch_warmup_steps=25%steps`) is N% of the control's calibrated steps.
+    ESM2 arms (`recipe=esm2`): transformers' EsmForMaskedLM of the same shape and parameter count
+        (eval.throughput.esm_twin, dropout 0 as in the released ESM2 configs) trained by transformers.Trainer on
+        padded batches of whole proteins (first max_length - 2 residues), DataCollatorForLanguageModeling at 15%,
+        about the same real tokens per step as SpeedPLM; AdamW betas (0.9, 0.98), eps 1e-8, linear warmup then
+        linear decay to 0, grad clip 1.0 (the ESM2 paper's), with `esm.lr=` (4e-4), `esm.warmup_fraction=` (0.05:
+        ESM2's 2,000 of 500k steps, scaled up for runs of a few hundred steps), `esm.weight_decay=` (0.01);
+        `esm.lr=best` takes the learning rate of the best ESM2 arm without it (run after those finish).
+    `seeds=[5,6,7]` gives an arm its own seeds (an A/A arm: the control's overrides on other seeds).
+    The report compares every SpeedPLM arm with the control arm (`--control`, default "control") and with the
+    tuned baseline: the ESM2 arm of lowest mean final validation loss.
+Budget: the step times of both recipes are measured once per campaign (the fastest of 8 steps each, so a passing
+    load spike does not shrink the budget; campaign.json, reused by every later call):
+    the control gets budget / its step time steps, and every SpeedPLM arm the number of steps that gives it the
+    same planned tokens (more steps for a batch-size warmup); every ESM2 arm gets budget / ESM2's step time steps.
+Runs: `--lanes N` runs N at a time, each in its own process with `--threads` torch threads; seed-major order,
+    so slow drift of the machine spreads over all arms. Each finished run appends one line to results.jsonl (a
+    crash loses at most the runs in flight); a run whose (arm, definition, seed) is there is not run again.
+Validation: the whole valid split (or --eval-max-tokens of it), padded batches built by eval.benchmark.build_batches
+    (mask rate 0.15, seed 0), identical for every run; scored ~--evals times per run, evenly in steps. SpeedPLM is
+    scored afterwards from the checkpoints its run saved; ESM2 inside a Trainer callback with its clock paused.
+    Every run's final point keeps its per-protein loss sums, from which the report bootstraps the eval noise.
+Clocks: training time only (evaluation and checkpoints excluded): the trainer's `train_seconds` for SpeedPLM, a
+    perf_counter from Trainer's on_train_begin minus paused evaluation time for ESM2. Tokens: real (non-padding)
+    input tokens. Timings are only comparable between runs made on the same machine with the same --lanes/--threads.
+Target: the tuned ESM2 arm's mean final validation loss (`--target LOSS` to fix one). Its runs reach it at about the
+    end of their budget, where the loss still falls (linear decay to 0); a SpeedPLM run's tokens / time to target
+    is the first crossing of its piecewise-linear validation curve. Speedup = the baseline's mean final time (or
+    tokens) / the arm's mean time (or tokens) to target, with a 95% CI from Welch's test on the logs.
+Statistics (eval/speedrun_stats.py): per arm vs control, tokens- and time-to-target (mean, std, Welch p, CI), the
+    loss gap at equal tokens and at equal time (CI), and the decision: a switch becomes a default only where
+    tokens-to-target improves with p < 0.01 and time-to-target does not get worse (not higher with p < 0.05).
+Outputs: results.jsonl (runs), speedrun.json (settings, comparisons), speedrun.md (tables), speedrun.png (curves),
+    probes/ (with --probes: eval.probes on the control's and the baseline's first-seed models vs random-init twins).
 """
 
 import argparse
+import concurrent.futures
+import fcntl
+import hashlib
 import json
 import os
 import shlex
@@ -40,18 +58,43 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from eval.benchmark import BenchmarkError, VocabMap, build_batches, hardware, markdown_table, resolve_split, score_model
+from eval.benchmark import BenchmarkError, build_batches, hardware, resolve_split
+from eval.speedrun_stats import baseline_arm
 from eval.throughput import esm_twin  # ESM2's shape and recipe (no dropout)
 
 ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "configs" / "default.yaml"
+RESULTS = "results.jsonl"
 EVAL_MASK_RATE, EVAL_SEED = 0.15, 0
 WARMUP_FRACTION = 0.05
+ESM_DEFAULTS = {"esm.lr": 4e-4, "esm.warmup_fraction": WARMUP_FRACTION, "esm.weight_decay": 0.01}
+# Run-config keys the judge sets for every SpeedPLM run (data, shape, budget, seed, logging); arms may not.
+JUDGE_KEYS = {
+    "data.train",
+    "data.valid",
+    "data.test",
+    "data.max_length",
+    "data.num_workers",
+    "train.output_dir",
+    "train.run_name",
+    "train.seed",
+    "train.max_steps",
+    "train.save_every",
+    "train.keep_checkpoints",
+    "train.log_every",
+    "train.resume",
+    "train.cpu_threads",
+    "eval.every",
+    "eval.max_tokens",
+    "eval.test_at_end",
+    "tracking.wandb",
+}
 # Every field the SpeedPLM recipe's model section sets, so nothing leaks from configs/default.yaml.
 SHAPES = {
     "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2.0, value_embeddings=1),
@@ -67,14 +110,25 @@ MODES = {  # what --short and a full run default to; every value can be overridd
         max_length=256,
         tokens_per_step=4096,
         budget_s=300.0,
-        seeds=[0, 1, 2],
+        seeds=[0, 1, 2, 3, 4],
         evals=16,
-        eval_max_tokens=30000,
+        eval_max_tokens=None,
+        lanes=2,
+        threads=1,
     ),
     "short": dict(
-        shape="tiny", max_length=128, tokens_per_step=1024, budget_s=5.0, seeds=[0], evals=4, eval_max_tokens=3000
+        shape="tiny",
+        max_length=128,
+        tokens_per_step=1024,
+        budget_s=5.0,
+        seeds=[0],
+        evals=4,
+        eval_max_tokens=3000,
+        lanes=1,
+        threads=1,
     ),
 }
+IDENTITY = ("shape", "max_length", "tokens_per_step", "budget_s", "evals", "eval_max_tokens", "data", "threads")
 
 
 class SpeedrunError(Exception):
@@ -89,21 +143,168 @@ class Settings:
     budget_s: float
     seeds: list
     evals: int
-    eval_max_tokens: int
+    eval_max_tokens: int | None
+    lanes: int = 1
+    threads: int | None = None
     data: str = "builtin"
     cache: str = "data"
-    threads: int | None = None
-    esm_lr: float = 4e-4
     calibration_steps: int = 4
 
 
-# ---------------------------------------------------------------------------------------------------- models, data
+@dataclass
+class Arm:
+    name: str
+    recipe: str = "speedplm"  # or "esm2"
+    overrides: list = field(default_factory=list)  # "section.key=value" (SpeedPLM) or "esm.key=value" (ESM2)
+    seeds: list | None = None  # None: the campaign's seeds
+    template: list | None = None  # the overrides as written, where "esm.lr=best" was resolved into `overrides`
+
+    @property
+    def key(self) -> str:
+        """Identity of the arm's definition: a run is reused only under the same name and key."""
+        return hashlib.sha256(json.dumps([self.recipe, self.overrides]).encode()).hexdigest()[:12]
+
+    def esm(self) -> dict:
+        values = dict(ESM_DEFAULTS)
+        for text in self.overrides:
+            k, v = text.split("=", 1)
+            values[k] = v if v == "best" else float(v)
+        return values
 
 
-def speedplm_config(s: Settings):
+# ---------------------------------------------------------------------------------------------------- arms
+
+
+def parse_variant(tokens: list[str]) -> Arm:
+    """['normuon', 'train.normuon=true'] -> Arm; reserved keys: recipe=speedplm|esm2, seeds=[...]."""
+    import yaml
+
+    if not tokens or "=" in tokens[0]:
+        raise SpeedrunError(f"--variant {' '.join(tokens)}: the first word is the arm's name, then key=value pairs")
+    arm = Arm(tokens[0])
+    for text in tokens[1:]:
+        if "=" not in text:
+            raise SpeedrunError(f"--variant {arm.name}: {text!r} is not key=value")
+        key, value = text.split("=", 1)
+        if key == "recipe":
+            arm.recipe = value
+        elif key == "seeds":
+            seeds = yaml.safe_load(value)
+            if not isinstance(seeds, list) or not all(isinstance(x, int) for x in seeds):
+                raise SpeedrunError(f"--variant {arm.name}: seeds={value!r}: a list of integers, e.g. seeds=[5,6,7]")
+            arm.seeds = seeds
+        else:
+            arm.overrides.append(text)
+    return arm
+
+
+def check_arm(arm: Arm, s: Settings) -> None:
+    """Every problem with an arm's definition, before anything runs or is written."""
+    if arm.recipe not in ("speedplm", "esm2"):
+        raise SpeedrunError(f"arm {arm.name}: recipe={arm.recipe!r}: choose speedplm or esm2")
+    if not arm.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise SpeedrunError(f"arm {arm.name!r}: use letters, digits, '-', '_' and '.' only (it names files)")
+    for text in arm.overrides:
+        if not isinstance(text, str) or "=" not in text:
+            raise SpeedrunError(f"arm {arm.name}: override {text!r} is not key=value")
+    if arm.recipe == "esm2":
+        for text in arm.overrides:
+            key, value = text.split("=", 1)
+            if key not in ESM_DEFAULTS:
+                raise SpeedrunError(f"arm {arm.name}: {key!r}: ESM2 arms take {sorted(ESM_DEFAULTS)}")
+            if value != "best" or key != "esm.lr":
+                try:
+                    float(value)
+                except ValueError:
+                    raise SpeedrunError(f"arm {arm.name}: {text!r}: not a number") from None
+        return
+    from training.config import load_config
+
+    for text in arm.overrides:
+        key = text.split("=", 1)[0]
+        if key in JUDGE_KEYS or key.startswith("model.") and key[6:] in (*SHAPES[s.shape], "max_position_embeddings"):
+            raise SpeedrunError(f"arm {arm.name}: {key} is set by the judge (shape, data, budget, seed, logging)")
+    try:
+        load_config(str(RECIPE), speedplm_overrides(s, arm, seed=0, steps=100, save_every=10, out=Path("/x")))
+    except ValueError as err:
+        raise SpeedrunError(f"arm {arm.name}: {err}") from None
+
+
+def relative_steps(text: str, control_steps: int) -> str:
+    """'train.batch_warmup_steps=25%steps' -> 'train.batch_warmup_steps=N', N = 25% of the control's steps, so a
+    campaign file holds schedule lengths that follow the calibrated budget."""
+    key, value = text.split("=", 1)
+    if value.endswith("%steps"):
+        try:
+            return f"{key}={round(float(value[:-6]) / 100 * control_steps)}"
+        except ValueError:
+            raise SpeedrunError(f"{text!r}: expected a percentage of the steps, e.g. {key}=25%steps") from None
+    return text
+
+
+def speedplm_overrides(
+    s: Settings,
+    arm: Arm,
+    *,
+    seed: int,
+    steps: int,
+    save_every: int,
+    out: Path,
+    data: Path | None = None,
+    control_steps: int | None = None,
+) -> list[str]:
+    """The judge's settings, then the arm's overrides (which win where both set a key, e.g. warmup_steps).
+    data: the prepared directory holding train/ and valid/ (None: a placeholder, for checking a config only);
+    control_steps: what 'N%steps' values are a share of (default: steps)."""
+    return [
+        f"data.train={data or 'unprepared'}",
+        f"data.max_length={s.max_length}",
+        "data.num_workers=0",
+        *(f"model.{k}={v}" for k, v in SHAPES[s.shape].items()),
+        f"model.max_position_embeddings={s.max_length}",
+        f"train.output_dir={out.parent}",
+        f"train.run_name={out.name}",
+        f"train.seed={seed}",
+        f"train.max_steps={steps}",
+        f"train.tokens_per_step={s.tokens_per_step}",
+        f"train.micro_batch_tokens={s.tokens_per_step}",
+        f"train.warmup_steps={max(1, round(WARMUP_FRACTION * steps))}",
+        f"train.save_every={save_every}",
+        "train.keep_checkpoints=1000000",
+        "train.log_every=1",
+        "train.resume=none",
+        *([f"train.cpu_threads={s.threads}"] if s.threads else []),
+        "eval.every=0",
+        f"eval.max_tokens={s.max_length}",
+        "eval.test_at_end=false",
+        "tracking.wandb=disabled",
+        *(relative_steps(o, control_steps or steps) for o in arm.overrides),
+    ]
+
+
+def speedplm_steps(s: Settings, arm: Arm, budget_tokens: int) -> int:
+    """Optimizer steps that give this arm the campaign's planned tokens (its own batch schedule, e.g. a warmup)."""
+    from training.batch_warmup import accumulation_steps
+    from training.config import load_config
+
+    control_steps = budget_tokens // s.tokens_per_step
+    overrides = speedplm_overrides(s, arm, seed=0, steps=1, save_every=1, out=Path("/x"), control_steps=control_steps)
+    t = load_config(str(RECIPE), overrides).train
+    full = t.tokens_per_step // t.micro_batch_tokens
+    steps, tokens = 0, 0
+    while tokens < budget_tokens:
+        tokens += accumulation_steps(steps, full, t.batch_warmup_steps, t.batch_warmup_start) * t.micro_batch_tokens
+        steps += 1
+    return steps
+
+
+# ---------------------------------------------------------------------------------------------------- data, scoring
+
+
+def speedplm_config(s: Settings, **model_overrides):
     from modeling_speedplm import SpeedPLMConfig
 
-    return SpeedPLMConfig(**SHAPES[s.shape], max_position_embeddings=s.max_length)
+    return SpeedPLMConfig(**SHAPES[s.shape], max_position_embeddings=s.max_length, **model_overrides)
 
 
 def esm_dataset(train_dir: Path, max_length: int) -> list[dict]:
@@ -114,11 +315,58 @@ def esm_dataset(train_dir: Path, max_length: int) -> list[dict]:
     return [{"input_ids": [0, *shards.doc(i)[: max_length - 2].tolist(), 2]} for i in range(shards.num_docs)]
 
 
+def esm_batch_size(s: Settings, dataset: list) -> int:
+    mean_tokens = statistics.mean(len(d["input_ids"]) for d in dataset)
+    return max(1, round(s.tokens_per_step / mean_tokens))  # whole proteins, about the same real tokens per step
+
+
+def eval_batches(s: Settings) -> list[dict]:
+    return build_batches(
+        resolve_split(s.data, "valid", s.cache),
+        mask_rate=EVAL_MASK_RATE,
+        seed=EVAL_SEED,
+        max_length=s.max_length,
+        batch_tokens=16 * s.max_length,
+        max_tokens=s.eval_max_tokens,
+    )
+
+
+@torch.no_grad()
+def score(model, batches: list[dict], per_protein: bool = False) -> dict:
+    """Token-weighted cross-entropy and accuracy over the scored positions; optionally per-protein sums (one protein
+    per row, rows in batch order) for the eval-noise bootstrap."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    sums, counts, correct = [], [], 0
+    for batch in batches:
+        logits = model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        ).logits.float()  # (B, L, V)
+        labels = batch["labels"].to(device)
+        scored = labels != -100
+        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp_min(0), reduction="none")
+        sums += (loss * scored).double().sum(1).tolist()
+        counts += scored.sum(1).tolist()
+        correct += int(((logits.argmax(-1) == labels) & scored).sum())
+    model.train(was_training)
+    n = max(1, sum(counts))
+    out = dict(loss=sum(sums) / n, accuracy=correct / n)
+    if per_protein:
+        out["per_protein"] = dict(loss_sum=[round(x, 6) for x in sums], count=counts)
+    return out
+
+
+def point(step: int, tokens: int, clock: float, result: dict, **extra) -> dict:
+    return dict(step=step, tokens=tokens, time=clock, loss=result["loss"], accuracy=result["accuracy"], **extra)
+
+
 # ---------------------------------------------------------------------------------------------------- calibration
 
 
 def calibrate_speedplm(s: Settings, train_dir: Path, config) -> float:
-    """Median seconds per optimizer step of the SpeedPLM recipe (same loader, collator, optimizers as the trainer)."""
+    """Seconds per optimizer step of the SpeedPLM recipe (same loader, collator, optimizers as the trainer): the
+    fastest of the timed steps, since other load on the machine only ever slows a step down."""
     from transformers import AutoModelForMaskedLM  # knows SpeedPLMConfig: modeling_speedplm registers it
 
     from training.collator import MLMCollator
@@ -148,11 +396,11 @@ def calibrate_speedplm(s: Settings, train_dir: Path, config) -> float:
             torch.cuda.synchronize()
         if i >= 2:
             times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def calibrate_esm(s: Settings, dataset: list, batch_size: int, config, out: Path) -> float:
-    """Median seconds per step of the ESM2 recipe, measured inside transformers.Trainer."""
+    """Seconds per step of the ESM2 recipe inside transformers.Trainer (the fastest timed step, as above)."""
     from transformers import TrainerCallback
 
     class StepTimes(TrainerCallback):
@@ -163,15 +411,59 @@ def calibrate_esm(s: Settings, dataset: list, batch_size: int, config, out: Path
             self.stamps.append(time.perf_counter())
 
     timer = StepTimes()
-    trainer = esm_trainer(s, esm_twin(config), dataset, batch_size, 2 + s.calibration_steps, 0, out, [timer])
+    trainer = esm_trainer(s, esm_twin(config), dataset, batch_size, 2 + s.calibration_steps, 0, ESM_DEFAULTS, out)
+    trainer.add_callback(timer)
     trainer.train()
-    return statistics.median(np.diff(timer.stamps[1:]).tolist())
+    shutil.rmtree(out / "esm_trainer", ignore_errors=True)
+    return min(np.diff(timer.stamps[1:]).tolist())
 
 
-# ---------------------------------------------------------------------------------------------------- the two runs
+def campaign_state(s: Settings, out: Path, log=print) -> dict:
+    """campaign.json: the settings that define the runs and the step budgets, measured once and then reused."""
+    path = out / "campaign.json"
+    identity = {k: getattr(s, k) for k in IDENTITY}
+    if path.exists():
+        state = json.loads(path.read_text())
+        differ = {k: (state["settings"].get(k), v) for k, v in identity.items() if state["settings"].get(k) != v}
+        if differ:
+            raise SpeedrunError(
+                f"{path}: this campaign was run with other settings {differ} (stored, given); use the stored "
+                f"values or another --out"
+            )
+        return state
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    train_dir = resolve_split(s.data, "train", s.cache)
+    config = speedplm_config(s)
+    dataset = esm_dataset(train_dir, s.max_length)
+    batch = esm_batch_size(s, dataset)
+    log(f"calibrating step times ({s.shape}, {s.tokens_per_step} tokens/step, ESM2 batch {batch} proteins)")
+    calibration = dict(
+        speedplm_step_s=calibrate_speedplm(s, train_dir, config),
+        esm_step_s=calibrate_esm(s, dataset, batch, config, out),
+    )
+    steps = {k: max(10, int(s.budget_s / calibration[f"{k}_step_s"])) for k in ("speedplm", "esm")}
+    state = dict(
+        settings=identity,
+        calibration=calibration,
+        steps=steps,
+        budget_tokens=steps["speedplm"] * s.tokens_per_step,
+        esm_batch_size=batch,
+        eval_proteins=sum(len(b["input_ids"]) for b in eval_batches(s)),
+        hardware=hardware(),
+    )
+    log(
+        f"step time SpeedPLM {calibration['speedplm_step_s']:.3f} s, ESM2 {calibration['esm_step_s']:.3f} s -> "
+        f"{steps['speedplm']} and {steps['esm']} steps in {s.budget_s} s"
+    )
+    path.write_text(json.dumps(state, indent=1))
+    return state
 
 
-def esm_trainer(s: Settings, model, dataset, batch_size: int, steps: int, seed: int, out: Path, callbacks):
+# ---------------------------------------------------------------------------------------------------- one run
+
+
+def esm_trainer(s: Settings, model, dataset, batch_size: int, steps: int, seed: int, hyper: dict, out: Path):
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -181,10 +473,10 @@ def esm_trainer(s: Settings, model, dataset, batch_size: int, steps: int, seed: 
         output_dir=str(out / "esm_trainer"),
         max_steps=steps,
         per_device_train_batch_size=batch_size,
-        learning_rate=s.esm_lr,
-        warmup_steps=max(1, round(WARMUP_FRACTION * steps)),
+        learning_rate=float(hyper["esm.lr"]),
+        warmup_steps=max(1, round(float(hyper["esm.warmup_fraction"]) * steps)),
         lr_scheduler_type="linear",
-        weight_decay=0.01,
+        weight_decay=float(hyper["esm.weight_decay"]),
         adam_beta1=0.9,
         adam_beta2=0.98,
         adam_epsilon=1e-8,
@@ -200,380 +492,256 @@ def esm_trainer(s: Settings, model, dataset, batch_size: int, steps: int, seed: 
         use_cpu=not torch.cuda.is_available(),
     )
     collator = DataCollatorForLanguageModeling(build_tokenizer(s.max_length), mlm_probability=0.15)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=callbacks)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
     for quiet in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(quiet)
     return trainer
 
 
-def run_esm(s: Settings, config, dataset, batch_size: int, steps: int, seed: int, eval_batches, out: Path) -> dict:
+def run_esm(s: Settings, state: dict, arm: Arm, seed: int, batches, run_dir: Path) -> dict:
     from transformers import TrainerCallback, set_seed
 
+    from modeling_speedplm import build_tokenizer
+
+    steps = state["steps"]["esm"]
     every = max(1, steps // s.evals)
+    dataset = esm_dataset(resolve_split(s.data, "train", s.cache), s.max_length)
 
     class EvalClock(TrainerCallback):
-        """Scores the shared validation batches every `every` steps with the training clock paused."""
+        """Scores the validation batches every `every` steps with the training clock paused."""
 
         def __init__(self):
-            self.points, self.paused, self.start = [], 0.0, None
+            self.points, self.paused, self.start, self.final = [], 0.0, None, None
 
         def on_train_begin(self, args, state, control, **kw):
             self.start = time.perf_counter()
 
         def on_step_end(self, args, state, control, model=None, **kw):
-            if state.global_step % every and state.global_step < state.max_steps:
+            last = state.global_step >= state.max_steps
+            if state.global_step % every and not last:
                 return
             now = time.perf_counter()
             clock = now - self.start - self.paused
-            result = score_model(model, VocabMap.identity(), eval_batches)
+            result = score(model, batches, per_protein=last)
+            self.final = result.get("per_protein", self.final)
             self.points.append(point(state.global_step, int(state.num_input_tokens_seen), clock, result))
             self.paused += time.perf_counter() - now
-            if clock > 2 * s.budget_s + 30:  # the machine got much slower than calibrated: stop, keep the curve
+            if clock > 3 * s.budget_s + 60:  # the machine got much slower than calibrated: stop, keep the curve
                 control.should_training_stop = True
 
     set_seed(seed)
-    model = esm_twin(config)
+    model = esm_twin(speedplm_config(s))
     clock = EvalClock()
-    first = point(0, 0, 0.0, score_model(model, VocabMap.identity(), eval_batches))
-    esm_trainer(s, model, dataset, batch_size, steps, seed, out, [clock]).train()
-    shutil.rmtree(out / "esm_trainer", ignore_errors=True)
-    points = [first, *clock.points]
+    trainer = esm_trainer(s, model, dataset, state["esm_batch_size"], steps, seed, arm.esm(), run_dir)
+    trainer.add_callback(clock)
+    trainer.train()
+    shutil.rmtree(run_dir / "esm_trainer", ignore_errors=True)
+    if clock.final is None:  # stopped early: score the last state
+        clock.final = score(model, batches, per_protein=True)["per_protein"]
+    model.save_pretrained(run_dir / "final")  # for eval.probes
+    build_tokenizer(s.max_length).save_pretrained(run_dir / "final")
     return dict(
-        recipe="ESM2",
-        seed=seed,
-        steps=points[-1]["step"],
+        steps=clock.points[-1]["step"],
         planned_steps=steps,
-        eval_every=every,
         parameters=model.num_parameters(),
-        batch=f"{batch_size} proteins, padded",
-        points=points,
+        batch=f"{state['esm_batch_size']} proteins, padded",
+        points=clock.points,
+        final_per_protein=clock.final,
     )
 
 
-def run_speedplm(s: Settings, config, data_root: Path, steps: int, seed: int, eval_batches, out: Path) -> dict:
-    from accelerate.utils import set_seed
+def run_speedplm(s: Settings, state: dict, arm: Arm, seed: int, batches, run_dir: Path) -> dict:
     from safetensors.torch import load_file
-    from transformers import AutoModelForMaskedLM  # knows SpeedPLMConfig: modeling_speedplm registers it
+    from transformers import AutoModelForMaskedLM
 
+    from training.config import load_config
+
+    steps = speedplm_steps(s, arm, state["budget_tokens"])
     every = max(1, steps // s.evals)
-    run_dir = out / f"speedplm_seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    overrides = [
-        f"data.train={data_root}",
-        f"data.max_length={s.max_length}",
-        "data.num_workers=0",
-        *(f"model.{k}={v}" for k, v in SHAPES[s.shape].items()),
-        f"model.max_position_embeddings={s.max_length}",
-        f"train.output_dir={out}",
-        f"train.run_name={run_dir.name}",
-        f"train.seed={seed}",
-        f"train.max_steps={steps}",
-        f"train.tokens_per_step={s.tokens_per_step}",
-        f"train.micro_batch_tokens={s.tokens_per_step}",
-        f"train.warmup_steps={max(1, round(WARMUP_FRACTION * steps))}",
-        f"train.save_every={every}",
-        "train.keep_checkpoints=1000000",
-        "train.log_every=1",
-        "train.resume=none",
-        "eval.every=0",
-        f"eval.max_tokens={s.max_length}",
-        "eval.test_at_end=false",
-        "tracking.wandb=disabled",
-        # the trainer sets its own torch threads (cores / ranks) unless told: --threads must reach it too
-        *([f"train.cpu_threads={s.threads}"] if s.threads else []),
-    ]
-    recipe = ROOT / "configs" / "default.yaml"
-    cmd = [sys.executable, str(ROOT / "train_accelerate.py"), "--config", str(recipe), *overrides]
+    data = resolve_split(s.data, "train", s.cache).parent
+    control_steps = state["budget_tokens"] // s.tokens_per_step
+    overrides = speedplm_overrides(
+        s, arm, seed=seed, steps=steps, save_every=every, out=run_dir, data=data, control_steps=control_steps
+    )
+    cmd = [sys.executable, str(ROOT / "train_accelerate.py"), "--config", str(RECIPE), *overrides]
     env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
     env["PYTHONUNBUFFERED"] = "1"
     if s.threads:
         env["OMP_NUM_THREADS"] = str(s.threads)
-    out.mkdir(parents=True, exist_ok=True)
-    log_path = out / f"speedplm_seed{seed}.log"
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir.parent / f"{run_dir.name}.train.log"
     with open(log_path, "w") as log:
         try:
             proc = subprocess.run(
-                cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=3 * s.budget_s + 180
+                cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=4 * s.budget_s + 300
             )
         except subprocess.TimeoutExpired as err:
-            raise SpeedrunError(f"SpeedPLM run (seed {seed}) exceeded {err.timeout:.0f} s; log: {log_path}") from err
+            raise SpeedrunError(f"{arm.name} seed {seed}: exceeded {err.timeout:.0f} s; log: {log_path}") from err
     if proc.returncode != 0:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
-        raise SpeedrunError(f"SpeedPLM run (seed {seed}) exited {proc.returncode}; log {log_path}:\n{tail}")
+        raise SpeedrunError(f"{arm.name} seed {seed}: exited {proc.returncode}; log {log_path}:\n{tail}")
 
-    times, raw = speedplm_clock(run_dir / "metrics.jsonl")
-    set_seed(seed)  # the trainer's init: set_seed(train.seed), then the model
+    times = speedplm_clock(run_dir / "metrics.jsonl")
+    config = load_config(str(RECIPE), overrides).model_config()
     model = AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")  # as the trainer builds it
     model.to("cuda" if torch.cuda.is_available() else "cpu")
-    points = [point(0, 0, 0.0, score_model(model, VocabMap.identity(), eval_batches))]
-    for ckpt in sorted((run_dir / "checkpoints").glob("step-*")):
+    points, final = [], None
+    checkpoints = sorted((run_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    for ckpt in checkpoints:
         step = int(ckpt.name.split("-")[1])
-        state = load_file(ckpt / "model.safetensors")
-        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state.items()})  # torch.compile on GPU
-        result = score_model(model, VocabMap.identity(), eval_batches)
-        points.append(point(step, times[step]["tokens"], times[step]["time"], result, raw_time=raw[step]))
+        weights = load_file(ckpt / "model.safetensors")
+        model.load_state_dict(weights)  # the checkpoint holds the model's own names (compiled or not)
+        result = score(model, batches, per_protein=ckpt == checkpoints[-1])
+        final = result.get("per_protein", final)
+        points.append(point(step, times[step]["tokens"], times[step]["time"], result))
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # optimizer states: large and no longer needed
     return dict(
-        recipe="SpeedPLM",
-        seed=seed,
         steps=points[-1]["step"],
         planned_steps=steps,
-        eval_every=every,
         parameters=model.num_parameters(),
         batch=f"{s.tokens_per_step} tokens, packed",
         points=points,
+        final_per_protein=final,
     )
 
 
-def speedplm_clock(metrics_path: Path) -> tuple[dict, dict]:
-    """{step: {time, tokens}} on the trainer's own clock (`train_seconds`: data + steps, no eval or checkpoint
-    time), and {step: wall time of the logged windows} kept for reference as raw_time."""
+def speedplm_clock(metrics_path: Path) -> dict:
+    """{step: {time, tokens}} on the trainer's own clock (`train_seconds`: data + steps, no eval or checkpoint)."""
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     rows = sorted((r for r in rows if "split" not in r), key=lambda r: r["step"])
     steps = [r["step"] for r in rows]
     if steps != list(range(1, len(rows) + 1)) or not all("train_seconds" in r for r in rows):
         raise SpeedrunError(f"{metrics_path}: expected one row per step with train_seconds, got steps {steps[:5]}...")
-    wall = np.cumsum(np.diff([0] + [r["tokens"] for r in rows]) / np.array([r["tokens_per_s"] for r in rows]))
-    times = {r["step"]: {"time": float(r["train_seconds"]), "tokens": r["tokens"]} for r in rows}
-    return times, {st: float(t) for st, t in zip(steps, wall)}
+    return {r["step"]: {"time": float(r["train_seconds"]), "tokens": r["tokens"]} for r in rows}
 
 
-def point(step: int, tokens: int, clock: float, result: dict, **extra) -> dict:
-    return dict(step=step, tokens=tokens, time=clock, loss=result["loss"], accuracy=result["accuracy"], **extra)
+def append_record(path: Path, record: dict) -> None:
+    """One line per finished run; an exclusive lock keeps lines from concurrent lanes whole."""
+    line = json.dumps(record) + "\n"
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+        fcntl.flock(f, fcntl.LOCK_UN)
 
 
-# ---------------------------------------------------------------------------------------------------- speedup
+def run_one(s: Settings, out: Path, arm: Arm, seed: int) -> dict:
+    """Train and score one (arm, seed); append its record to results.jsonl."""
+    state = json.loads((out / "campaign.json").read_text())
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    batches = eval_batches(s)
+    run_dir = out / "runs" / f"{arm.name}-seed{seed}"
+    started = time.time()
+    runner = run_esm if arm.recipe == "esm2" else run_speedplm
+    record = dict(arm=arm.name, key=arm.key, recipe=arm.recipe, overrides=arm.overrides, seed=seed)
+    record["template"] = arm.template or arm.overrides
+    record.update(runner(s, state, arm, seed, batches, run_dir))
+    record.update(wall_s=time.time() - started, lanes=s.lanes, threads=s.threads, model_dir=str(run_dir / "final"))
+    append_record(out / RESULTS, record)
+    return record
 
 
-def reach(points: list[dict], target: float, key: str) -> float | None:
-    """First `key` (time or tokens) at which the piecewise-linear loss curve is <= target; None if never."""
-    for prev, cur in zip([None] + points[:-1], points):
-        if cur["loss"] <= target:
-            if prev is None:
-                return float(cur[key])
-            frac = (prev["loss"] - target) / (prev["loss"] - cur["loss"])
-            return float(prev[key] + frac * (cur[key] - prev[key]))
+# ---------------------------------------------------------------------------------------------------- a campaign
+
+
+def load_records(out: Path) -> list[dict]:
+    path = out / RESULTS
+    if not path.exists():
+        return []
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise SpeedrunError(f"{path}:{n}: not a JSON record ({err}); remove that line") from None
+    return records
+
+
+def resolve_best(arm: Arm, records: list[dict]) -> Arm:
+    """esm.lr=best -> the learning rate of the ESM2 arm (without 'best') of lowest mean final loss."""
+    if not any(o == "esm.lr=best" for o in arm.overrides):
+        return arm
+    best = baseline_arm(records, exclude_best=True)
+    if best is None:
+        raise SpeedrunError(f"arm {arm.name}: esm.lr=best needs finished ESM2 arms with a fixed esm.lr")
+    lr = Arm(best["arm"], "esm2", best["overrides"]).esm()["esm.lr"]
+    resolved = [f"esm.lr={lr:g}" if o == "esm.lr=best" else o for o in arm.overrides]
+    return Arm(arm.name, arm.recipe, resolved, arm.seeds, template=arm.overrides)
+
+
+def run_campaign(s: Settings, arms: list[Arm], out: Path, log=print) -> bool:
+    """Run every (arm, seed) not yet in results.jsonl, `lanes` at a time; False if any run failed."""
+    out.mkdir(parents=True, exist_ok=True)
+    campaign_state(s, out, log)
+    ok = True
+    phases = [[a for a in arms if "esm.lr=best" not in a.overrides], [a for a in arms if "esm.lr=best" in a.overrides]]
+    for phase in phases:
+        records = load_records(out)
+        phase = [resolve_best(a, records) for a in phase]
+        done = {(r["arm"], r["key"], r["seed"]) for r in records}
+        # seed-major: the i-th seed of every arm, then the (i+1)-th (an A/A arm's seeds 5, 6, ... pair with 0, 1, ...)
+        todo = sorted(
+            ((i, k, a, seed) for k, a in enumerate(phase) for i, seed in enumerate(a.seeds or s.seeds)),
+            key=lambda item: item[:2],
+        )
+        todo = [(a, seed) for _, _, a, seed in todo if (a.name, a.key, seed) not in done]
+        if todo:
+            log(f"{len(todo)} run(s) to do, {s.lanes} at a time: " + ", ".join(f"{a.name}/{x}" for a, x in todo))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, s.lanes)) as pool:
+            futures = {pool.submit(launch, s, out, a, seed): (a, seed) for a, seed in todo}
+            for future in concurrent.futures.as_completed(futures):
+                a, seed = futures[future]
+                message = future.result()
+                ok &= message is None
+                log(f"{a.name} seed {seed}: " + (message or "done"))
+    return ok
+
+
+def launch(s: Settings, out: Path, arm: Arm, seed: int) -> str | None:
+    """One run in its own process (its own torch threads and memory); None on success, else the problem."""
+    cmd = [sys.executable, "-m", "eval.speedrun", "--worker", json.dumps(asdict(arm)), "--seed", str(seed)]
+    cmd += ["--out", str(out), "--settings", json.dumps(asdict(s))]
+    env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
+    if s.threads:
+        env["OMP_NUM_THREADS"] = str(s.threads)
+    log_path = out / "runs" / f"{arm.name}-seed{seed}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-8:])
+        return f"FAILED (exit {proc.returncode}); log {log_path}:\n{tail}"
     return None
-
-
-def speedups(esm: dict, speedplm: dict) -> dict:
-    target = esm["points"][-1]["loss"]
-    out = dict(seed=esm["seed"], esm_final_loss=target, speedplm_final_loss=speedplm["points"][-1]["loss"])
-    # Reached by the first evaluation after step 0: the crossing is interpolated from step 0, so the evaluation
-    # spacing limits the number (on a convex curve the true crossing is earlier: the speedup is then conservative).
-    out["resolution_limited"] = len(speedplm["points"]) > 1 and speedplm["points"][1]["loss"] <= target
-    for key in ("time", "tokens"):
-        base, ours = reach(esm["points"], target, key), reach(speedplm["points"], target, key)
-        out[f"esm_{key}"], out[f"speedplm_{key}"] = base, ours
-        out[f"speedup_{key}"] = base / ours if ours else None
-    return out
-
-
-def summarize(values: list) -> dict:
-    got = [v for v in values if v is not None]
-    if not got:
-        return dict(mean=None, std=None, min=None, max=None, reached=0, runs=len(values))
-    return dict(
-        mean=statistics.mean(got),
-        std=statistics.stdev(got) if len(got) > 1 else 0.0,
-        min=min(got),
-        max=max(got),
-        reached=len(got),
-        runs=len(values),
-    )
-
-
-# ---------------------------------------------------------------------------------------------------- outputs
-
-
-def plot(runs: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    colors = {"SpeedPLM": "C0", "ESM2": "C3"}
-    for run in runs:
-        pts = run["points"]
-        label = f"{run['recipe']} seed {run['seed']}"
-        for ax, key, scale in [(axes[0], "time", 1.0), (axes[1], "tokens", 1e-6)]:
-            ax.plot(
-                [p[key] * scale for p in pts],
-                [p["loss"] for p in pts],
-                marker="o",
-                ms=2.5,
-                lw=1.2,
-                color=colors[run["recipe"]],
-                alpha=0.35 + 0.65 / (1 + run["seed"]),
-                label=label,
-            )
-    axes[0].set_xlabel("training wall time (s, evaluation excluded)")
-    axes[1].set_xlabel("tokens seen (millions, non-padding)")
-    axes[0].set_ylabel("validation loss (15% masked, same positions)")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def fmt(v, digits=2):
-    return "not reached" if v is None else f"{v:.{digits}f}"
-
-
-def write_outputs(report: dict, out: Path) -> str:
-    s, rows = report["settings"], []
-    for sp in report["speedups"]:
-        rows.append(
-            {
-                "seed": sp["seed"],
-                "ESM2 final loss": fmt(sp["esm_final_loss"], 4),
-                "SpeedPLM final loss": fmt(sp["speedplm_final_loss"], 4),
-                "ESM2 time (s)": fmt(sp["esm_time"], 1),
-                "SpeedPLM time (s)": fmt(sp["speedplm_time"], 1),
-                "speedup (time)": fmt(sp["speedup_time"]) + ("*" if sp.get("resolution_limited") else ""),
-                "ESM2 tokens": fmt(sp["esm_tokens"], 0),
-                "SpeedPLM tokens": fmt(sp["speedplm_tokens"], 0),
-                "speedup (tokens)": fmt(sp["speedup_tokens"]) + ("*" if sp.get("resolution_limited") else ""),
-            }
-        )
-    if any(sp.get("resolution_limited") for sp in report["speedups"]):
-        lines_note = [
-            "",
-            "\\* SpeedPLM was already below the ESM2 final loss at its first evaluation after step 0: "
-            "its crossing is interpolated between step 0 and that evaluation, so the evaluation spacing "
-            "limits this number (conservative on a convex curve); rerun with more --evals to resolve it.",
-        ]
-    else:
-        lines_note = []
-    summary = report["summary"]
-    lines_summary = []
-    for key in ("speedup_time", "speedup_tokens"):
-        m = summary[key]
-        lines_summary.append(
-            f"- **{key.replace('_', ' ')}**: mean {fmt(m['mean'])}, std {fmt(m['std'])}, min "
-            f"{fmt(m['min'])}, max {fmt(m['max'])} ({m['reached']} of {m['runs']} seeds reached "
-            f"the ESM2 final loss)"
-        )
-    runs = [
-        {
-            "recipe": r["recipe"],
-            "seed": r["seed"],
-            "parameters": r["parameters"],
-            "batch": r["batch"],
-            "steps": r["steps"],
-            "train time (s)": fmt(r["points"][-1]["time"], 1),
-            "tokens": r["points"][-1]["tokens"],
-            "final loss": fmt(r["points"][-1]["loss"], 4),
-            "final accuracy": fmt(r["points"][-1]["accuracy"], 4),
-        }
-        for r in report["runs"]
-    ]
-    text = "\n".join(
-        [
-            "# Speedrun: SpeedPLM recipe vs ESM2 recipe (time to the ESM2 run's final validation loss)",
-            "",
-            markdown_table(rows, list(rows[0])),
-            *lines_note,
-            "",
-            *lines_summary,
-            "",
-            "## Runs",
-            "",
-            markdown_table(runs, list(runs[0])),
-            "",
-            f"Settings: shape `{s['shape']}` ({SHAPES[s['shape']]}), max length {s['max_length']}, "
-            f"{s['tokens_per_step']} tokens per step, budget {s['budget_s']} s per run, seeds {s['seeds']}, "
-            f"validation: {report['eval_tokens']:,} real tokens of the valid split, "
-            f"mask rate {EVAL_MASK_RATE}, seed {EVAL_SEED}, "
-            f"identical batches for both. Step times measured before the runs: SpeedPLM "
-            f"{report['calibration']['speedplm_step_s']:.3f} s, ESM2 {report['calibration']['esm_step_s']:.3f} s. "
-            "Speedup = time (tokens) the ESM2 run needed to first reach its "
-            "final validation loss / time (tokens) the SpeedPLM run needed to reach that loss (linear interpolation "
-            "between evaluations); evaluation and checkpoint time are excluded from both clocks "
-            "(see eval/speedrun.py).",
-            "",
-            f"Command: `{report['command']}`",
-            "",
-            f"Hardware: {report['hardware']}",
-            "",
-        ]
-    )
-    (out / "speedrun.md").write_text(text)
-    (out / "speedrun.json").write_text(json.dumps(report, indent=1))
-    plot(report["runs"], out / "speedrun.png")
-    return text
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
-def run(s: Settings, out: Path, command: str, log=print) -> dict:
-    if s.threads:
-        torch.set_num_threads(s.threads)
-    if s.shape not in SHAPES:
-        raise SpeedrunError(f"--shape {s.shape!r}: choose one of {sorted(SHAPES)}")
-    out.mkdir(parents=True, exist_ok=True)
-    train_dir, valid_dir = resolve_split(s.data, "train", s.cache), resolve_split(s.data, "valid", s.cache)
-    if train_dir.parent != valid_dir.parent:
-        raise SpeedrunError(f"--data {s.data}: needs train/ and valid/ prepared side by side")
-    eval_batches = list(
-        enumerate(
-            build_batches(
-                valid_dir,
-                mask_rate=EVAL_MASK_RATE,
-                seed=EVAL_SEED,
-                max_length=s.max_length,
-                batch_tokens=16 * s.max_length,
-                max_tokens=s.eval_max_tokens,
-            )
+def load_campaign(path: str) -> tuple[dict, list[Arm], str | None]:
+    """A campaign file: {settings: {...}, control: NAME, arms: [{name, recipe?, overrides?: [...], seeds?}]}."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise SpeedrunError(f"--campaign {path}: {err}") from None
+    unknown = set(raw) - {"settings", "control", "arms"}
+    if unknown or not isinstance(raw.get("arms"), list):
+        raise SpeedrunError(
+            f"--campaign {path}: needs 'arms' (a list), optional 'settings', 'control'; got {sorted(raw)}"
         )
-    )
-    config = speedplm_config(s)
-    dataset = esm_dataset(train_dir, s.max_length)
-    mean_tokens = statistics.mean(len(d["input_ids"]) for d in dataset)
-    batch_size = max(1, round(s.tokens_per_step / mean_tokens))  # ESM2: whole proteins, same real tokens per step
-    log(f"calibrating step times ({s.shape}, {s.tokens_per_step} tokens/step, ESM2 batch {batch_size} proteins)")
-    calibration = dict(
-        speedplm_step_s=calibrate_speedplm(s, train_dir, config),
-        esm_step_s=calibrate_esm(s, dataset, batch_size, config, out),
-    )
-    steps = {k: max(10, int(s.budget_s / calibration[f"{k}_step_s"])) for k in ("speedplm", "esm")}
-    log(
-        f"step time SpeedPLM {calibration['speedplm_step_s']:.3f} s, ESM2 {calibration['esm_step_s']:.3f} s -> "
-        f"{steps['speedplm']} and {steps['esm']} steps in {s.budget_s} s"
-    )
-    runs, results = [], []
-    for seed in s.seeds:
-        esm = run_esm(s, config, dataset, batch_size, steps["esm"], seed, eval_batches, out)
-        log(
-            f"seed {seed} ESM2: {esm['steps']} steps, {esm['points'][-1]['time']:.1f} s, "
-            f"loss {esm['points'][-1]['loss']:.4f}"
+    arms = []
+    for i, item in enumerate(raw["arms"]):
+        if not isinstance(item, dict) or "name" not in item or set(item) - {"name", "recipe", "overrides", "seeds"}:
+            raise SpeedrunError(f"--campaign {path}: arms[{i}]: keys name, recipe, overrides, seeds; got {item!r}")
+        arms.append(
+            Arm(str(item["name"]), item.get("recipe", "speedplm"), list(item.get("overrides") or []), item.get("seeds"))
         )
-        ours = run_speedplm(s, config, train_dir.parent, steps["speedplm"], seed, eval_batches, out)
-        log(
-            f"seed {seed} SpeedPLM: {ours['steps']} steps, {ours['points'][-1]['time']:.1f} s, "
-            f"loss {ours['points'][-1]['loss']:.4f}"
-        )
-        runs += [esm, ours]
-        results.append(speedups(esm, ours))
-    eval_tokens = sum(int(b["attention_mask"].sum()) for _, b in eval_batches)
-    summary = {k: summarize([r[k] for r in results]) for k in ("speedup_time", "speedup_tokens")}
-    report = dict(
-        settings=asdict(s),
-        command=command,
-        hardware=hardware(),
-        calibration=calibration,
-        planned_steps=steps,
-        eval_tokens=eval_tokens,
-        runs=runs,
-        speedups=results,
-        summary=summary,
-    )
-    log(write_outputs(report, out))
-    return report
+    return raw.get("settings") or {}, arms, raw.get("control")
 
 
 def main(argv=None) -> int:
@@ -584,38 +752,73 @@ def main(argv=None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
     )
+    p.add_argument("--out", required=True, metavar="DIR", help="campaign directory (results.jsonl, reports)")
+    p.add_argument("--variant", nargs="+", action="append", metavar="NAME key=value", help="add an arm (repeatable)")
+    p.add_argument("--campaign", metavar="FILE", help="YAML with settings, control and arms")
+    p.add_argument("--control", help="the SpeedPLM arm the switches are compared with (default: control)")
+    p.add_argument("--target", type=float, help="target validation loss (default: the tuned ESM2 mean final loss)")
+    p.add_argument("--report", action="store_true", help="only rebuild the report from results.jsonl")
+    p.add_argument("--probes", action="store_true", help="also probe the control's and the baseline's models")
     p.add_argument("--short", action="store_true", help="tiny models, 1 seed, a few seconds per run (tests)")
-    p.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (--short: 0)")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds of every arm without its own (default 0 1 2 3 4)")
     p.add_argument("--budget-s", type=float, help="training seconds per run (default 300; --short 5)")
-    p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--shape", choices=sorted(SHAPES), help="model shape (default small; --short tiny)")
     p.add_argument("--max-length", type=int, help="tokens per row / protein (default 256; --short 128)")
     p.add_argument("--tokens-per-step", type=int, help="SpeedPLM batch in tokens; ESM2 gets as many real tokens")
-    p.add_argument("--evals", type=int, help="validation points per run besides step 0 (default 16; --short 4)")
-    p.add_argument("--eval-max-tokens", type=int, help="real tokens of the valid split scored (default 30000)")
-    p.add_argument("--esm-lr", type=float, default=4e-4)
-    p.add_argument("--threads", type=int, help="torch threads for both recipes (default: torch's choice)")
+    p.add_argument("--evals", type=int, help="validation points per run (default 16; --short 4)")
+    p.add_argument("--eval-max-tokens", type=int, help="real tokens of the valid split scored (default: all)")
+    p.add_argument("--lanes", type=int, help="runs at a time, each its own process (default 2; --short 1)")
+    p.add_argument("--threads", type=int, help="torch threads per run (default 1)")
     p.add_argument("--data", default="builtin", help="'builtin' or a directory with prepared train/ and valid/")
     p.add_argument("--cache", default="data", help="where --data builtin is prepared once")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one run, arm as JSON
+    p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--settings", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    mode = dict(MODES["short" if args.short else "full"])
-    for key in mode:
-        if getattr(args, key) is not None:
-            mode[key] = getattr(args, key)
-    settings = Settings(
-        **mode,
-        data=args.data,
-        cache=args.cache,
-        threads=args.threads,
-        esm_lr=args.esm_lr,
-        calibration_steps=2 if args.short else 4,
-    )
+    out = Path(args.out)
     try:
-        run(settings, Path(args.out), "python -m eval.speedrun " + shlex.join(argv))
+        if args.worker:
+            run_one(Settings(**json.loads(args.settings)), out, Arm(**json.loads(args.worker)), args.seed)
+            return 0
+        mode = dict(MODES["short" if args.short else "full"])
+        file_settings, arms, file_control = load_campaign(args.campaign) if args.campaign else ({}, [], None)
+        unknown = set(file_settings) - set(mode)
+        if unknown:
+            raise SpeedrunError(
+                f"--campaign {args.campaign}: unknown settings {sorted(unknown)}; valid: {sorted(mode)}"
+            )
+        mode.update(file_settings)
+        for key in mode:
+            if getattr(args, key, None) is not None:
+                mode[key] = getattr(args, key)
+        s = Settings(**mode, data=args.data, cache=args.cache, calibration_steps=2 if args.short else 8)
+        if s.shape not in SHAPES:
+            raise SpeedrunError(f"shape {s.shape!r}: choose one of {sorted(SHAPES)}")
+        arms += [parse_variant(v) for v in args.variant or []]
+        if not arms and not args.report:
+            arms = [Arm("esm2", "esm2"), Arm("control")]
+        names = [a.name for a in arms]
+        if len(set(names)) != len(names):
+            raise SpeedrunError(f"arm names must be unique, got {names}")
+        for arm in arms:
+            check_arm(arm, s)
+        control = args.control or file_control or "control"
+        command = "python -m eval.speedrun " + shlex.join(argv)
+        ok = True
+        if arms and not args.report:
+            ok = run_campaign(s, arms, out)
+        from eval.speedrun_report import ReportNotReady, write_report  # the report imports this module
+
+        try:
+            write_report(s, out, control, args.target, command, probes=args.probes)
+        except ReportNotReady as why:
+            if args.report:
+                raise
+            print(f"eval.speedrun: no report yet: {why}")
+        return 0 if ok else 1
     except (SpeedrunError, BenchmarkError, ValueError) as err:
         print(f"eval.speedrun: error: {err}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

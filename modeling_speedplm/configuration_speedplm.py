@@ -75,6 +75,8 @@ class SpeedPLMConfig(PretrainedConfig):
         qk_norm: RMSNorm of queries and keys per head before rotary.
         x0_mixing: each block mixes the normalized embedding x0 back into its input with learned weights.
         soft_logit_cap: logits = cap * tanh(logits / cap); 0 turns it off.
+        mlm_head: "linear" (one matrix, no bias) or "transform" (dense -> GELU -> RMSNorm -> decoder with a bias: the
+            BERT / RoBERTa / ESM2 masked-LM head, and SpeedrunningPLMs' LMHead); the soft cap applies to both.
         tie_word_embeddings: LM head shares the input embedding matrix.
         token_dropout: ESM2's rescaling of embeddings by the observed mask rate. Not supported (must be False): the
             RMSNorm applied to the embedding right after cancels any per-sequence rescale, so it would be a no-op.
@@ -103,6 +105,7 @@ class SpeedPLMConfig(PretrainedConfig):
         qk_norm: bool = True,
         x0_mixing: bool = True,
         soft_logit_cap: float = 30.0,
+        mlm_head: str = "linear",
         tie_word_embeddings: bool = False,
         token_dropout: bool = False,
         sliding_window: int | None = None,
@@ -128,6 +131,7 @@ class SpeedPLMConfig(PretrainedConfig):
         self.qk_norm = qk_norm
         self.x0_mixing = x0_mixing
         self.soft_logit_cap = soft_logit_cap
+        self.mlm_head = mlm_head
         self.tie_word_embeddings = tie_word_embeddings
         self.token_dropout = token_dropout
         self.sliding_window = sliding_window
@@ -187,6 +191,8 @@ class SpeedPLMConfig(PretrainedConfig):
             fail("value_embeddings", f"needs 2 blocks per table, only {self.num_hidden_layers} blocks")
         if self.soft_logit_cap is None or self.soft_logit_cap < 0:
             fail("soft_logit_cap", "must be >= 0 (0 = off)")
+        if self.mlm_head not in ("linear", "transform"):
+            fail("mlm_head", "choose 'linear' or 'transform'")
         if self.token_dropout:
             fail("token_dropout", "not supported: the RMSNorm after the embedding cancels ESM2's rescale")
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):

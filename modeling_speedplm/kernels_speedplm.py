@@ -5,6 +5,7 @@
     xxt(X, alpha, beta, C)                   alpha * X @ X.T + beta * C, only the upper triangle of tiles computed;
                                              X (M, K) or a stack (B, M, K)
     newton_schulz(G, steps, coefficients)    Muon's quintic orthogonalization built on xxt, one matrix or a stack
+                                             (coefficients: one (a, b, c) for every step, or one per step)
 
 `select_kernels("auto" | "triton" | "torch" | "linear_relu2+...")` resolves a choice once (the model keeps the result);
 `triton_auto(device)` is the one "auto" rule.
@@ -597,6 +598,16 @@ def xxt_reference(x: torch.Tensor, alpha: float = 1.0, beta: float = 0.0, c: tor
 NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)
 
 
+def ns_schedule(coefficients, steps: int) -> list[tuple[float, float, float]]:
+    """(a, b, c) of each of `steps` iterations: one triple used every time, or one triple per iteration (the first
+    `steps` of a list, e.g. Polar Express's, Amsel et al. 2025)."""
+    if len(coefficients) == 3 and not isinstance(coefficients[0], (tuple, list)):
+        return [tuple(coefficients)] * steps
+    if steps > len(coefficients):
+        raise ValueError(f"newton_schulz: {steps} steps but only {len(coefficients)} per-iteration coefficient triples")
+    return [tuple(c) for c in coefficients[:steps]]
+
+
 def newton_schulz(
     G: torch.Tensor,
     steps: int = 5,
@@ -612,14 +623,14 @@ def newton_schulz(
         use_triton = triton_auto(G.device)
     if not use_triton:
         return newton_schulz_reference(G, steps, coefficients, eps, dtype)
-    a, b, c = coefficients
+    schedule = ns_schedule(coefficients, steps)
     X = G.to(dtype)
     tall = G.size(-2) > G.size(-1)
     if tall:  # work on the wide orientation: the Gram matrix is then the smaller one
         X = X.mT
     # Frobenius norm >= spectral norm, so singular values end up <= 1
     X = X / (X.norm() if X.dim() == 2 else X.norm(dim=(-2, -1), keepdim=True)).clamp(min=eps)
-    for _ in range(steps):
+    for a, b, c in schedule:
         A = xxt(X)
         B = xxt(A, alpha=c, beta=b, c=A)
         X = torch.addmm(X, B, X, beta=a) if X.dim() == 2 else torch.baddbmm(X, B, X, beta=a)
@@ -636,13 +647,13 @@ def newton_schulz_reference(
     """Torch twin: for one matrix, the same operations as torch.optim.Muon's `_zeropower_via_newtonschulz`
     (bit-identical in bf16; CPUs run bf16 matmuls ~19x slower than fp32, so the CPU path may ask for fp32); a stack
     (B, M, N) runs the same steps as batched products."""
-    a, b, c = coefficients
+    schedule = ns_schedule(coefficients, steps)
     X = G.to(dtype)
     if X.dim() == 3:
         tall = X.size(-2) > X.size(-1)
         X = X.mT if tall else X
         X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
-        for _ in range(steps):
+        for a, b, c in schedule:
             A = X @ X.mT
             B = torch.baddbmm(A, A, A, beta=b, alpha=c)
             X = torch.baddbmm(X, B, X, beta=a)
@@ -651,7 +662,7 @@ def newton_schulz_reference(
     if tall:
         X = X.T
     X = X.div(X.norm().clamp(min=eps))
-    for _ in range(steps):
+    for a, b, c in schedule:
         A = X @ X.T
         B = torch.addmm(A, A, A, beta=b, alpha=c)
         X = torch.addmm(X, B, X, beta=a)

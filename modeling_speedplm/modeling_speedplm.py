@@ -281,7 +281,12 @@ class SpeedPLMForMaskedLM(SpeedPLMPreTrainedModel):
     def __init__(self, config: SpeedPLMConfig):
         super().__init__(config)
         self.model = SpeedPLMModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        transform = config.mlm_head == "transform"
+        # "transform" head (BERT, RoBERTa, ESM2; SpeedrunningPLMs' LMHead): a hidden-size dense + GELU + norm before
+        # the decoder, which then has a bias; it gives the MLM objective its own layer instead of bending the last
+        # block's output towards the vocabulary.
+        self.lm_head_dense = nn.Linear(config.hidden_size, config.hidden_size, bias=False) if transform else None
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=transform)
         self.post_init()
 
     def get_output_embeddings(self):
@@ -291,6 +296,8 @@ class SpeedPLMForMaskedLM(SpeedPLMPreTrainedModel):
         self.lm_head = value
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head_dense is not None:
+            hidden = rms_norm(F.gelu(self.lm_head_dense(hidden)), self.config.rms_norm_eps)
         logits = self.lm_head(hidden).float()
         cap = self.config.soft_logit_cap
         # tanh soft-cap (Gemma 2 / modded-nanogpt): bounded logits keep early training from over-confident spikes.

@@ -1,7 +1,7 @@
-"""eval.benchmark (identical masked positions across models, vocab mapping, ranks), eval.probes, eval.speedrun."""
+"""eval.benchmark (identical masked positions across models, vocab mapping, ranks) and eval.probes (eval.speedrun:
+tests/test_speedrun.py)."""
 
 import csv
-import json
 import os
 import subprocess
 import sys
@@ -291,63 +291,3 @@ def test_probe_features_do_not_depend_on_batching_or_padding(checkpoints):
     together = probes.embed(model, spec, task.tokens, 64, batch_tokens=4096, device="cpu")  # padded batches
     assert alone.shape == (5, 12, 64)
     np.testing.assert_allclose(alone, together, atol=2e-5)
-
-
-# ---------------------------------------------------------------------------------------------------- speedrun
-
-
-def test_speedup_interpolates_the_curves():
-    from eval.speedrun import reach, speedups
-
-    esm = {
-        "seed": 0,
-        "points": [
-            dict(time=0, tokens=0, loss=3.5),
-            dict(time=10, tokens=100, loss=3.0),
-            dict(time=20, tokens=200, loss=2.8),
-        ],
-    }
-    ours = {
-        "points": [
-            dict(time=0, tokens=0, loss=3.5),
-            dict(time=4, tokens=80, loss=3.0),
-            dict(time=8, tokens=160, loss=2.6),
-        ]
-    }
-    assert reach(ours["points"], 2.8, "time") == pytest.approx(6.0)
-    assert reach(ours["points"], 2.0, "time") is None
-    result = speedups(esm, ours)
-    assert result["speedup_time"] == pytest.approx(20 / 6) and result["speedup_tokens"] == pytest.approx(200 / 120)
-
-
-def test_speedplm_clock_uses_the_trainers_train_seconds(tmp_path):
-    from eval.speedrun import SpeedrunError, speedplm_clock
-
-    rows = [{"step": s, "tokens": 1000 * s, "tokens_per_s": 100.0, "train_seconds": 0.5 * s} for s in range(1, 5)]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    times, raw = speedplm_clock(tmp_path / "metrics.jsonl")
-    assert times[4]["time"] == pytest.approx(2.0) and raw[4] == pytest.approx(40.0)
-    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "tokens": 10, "tokens_per_s": 1.0}) + "\n")
-    with pytest.raises(SpeedrunError, match="train_seconds"):
-        speedplm_clock(tmp_path / "metrics.jsonl")
-
-
-@pytest.mark.slow
-def test_speedrun_short_end_to_end(prepared, tmp_path):
-    code, out = run_cli(
-        "-m", "eval.speedrun", "--short", "--threads", "1", "--data", prepared, "--out", tmp_path, timeout=400
-    )
-    assert code == 0, out
-    report = json.loads((tmp_path / "speedrun.json").read_text())
-    assert {r["recipe"] for r in report["runs"]} == {"SpeedPLM", "ESM2"}
-    for run in report["runs"]:
-        times = [p["time"] for p in run["points"]]
-        assert times[0] == 0 and times == sorted(times) and len(times) >= 4
-        assert run["points"][-1]["loss"] < run["points"][0]["loss"]  # both recipes learn
-    params = [r["parameters"] for r in report["runs"]]
-    assert max(params) / min(params) < 1.05  # the same parameter count
-    speedup = report["summary"]["speedup_time"]["mean"]
-    assert isinstance(speedup, float) and speedup > 0
-    md = (tmp_path / "speedrun.md").read_text()
-    assert "speedup (time)" in md and f"{report['speedups'][0]['speedup_time']:.2f}" in md
-    assert_png(tmp_path / "speedrun.png")

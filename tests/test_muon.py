@@ -6,8 +6,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import free_port
 
+from modeling_speedplm.kernels_speedplm import NS_COEFFICIENTS, newton_schulz, newton_schulz_reference
 from training import muon
-from training.muon import DistributedMuon
+from training.muon import POLAR_EXPRESS_COEFFICIENTS, DistributedMuon, adjusted_lr
 
 # Tall, wide and square matrices; 5 of them, so no world size > 1 used here divides the count.
 SHAPES = [(48, 16), (16, 40), (32, 32), (24, 8), (8, 24)]
@@ -91,22 +92,37 @@ def test_rejects_non_matrices():
         DistributedMuon([torch.nn.Parameter(torch.zeros(3))])
 
 
-def _rank(rank, world, port, out_path, shapes=SHAPES, stack=None):
+# Every recipe-v2 switch on at once (Polar Express, NorMuon, cautious weight decay).
+SWITCHES = dict(ns_coefficients=POLAR_EXPRESS_COEFFICIENTS, normuon=True, cautious_weight_decay=True)
+
+
+def _rank(rank, world, port, out_path, shapes=SHAPES, stack=None, switches=None):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         params = make_params(shapes)
-        result = run(params, DistributedMuon(params, lr=0.02, weight_decay=0.1, kernels="torch", stack=stack))
+        options = dict(lr=0.02, weight_decay=0.1, kernels="torch", stack=stack, **(switches or {}))
+        optimizer = DistributedMuon(params, **options)
+        result = run(params, optimizer)
+        if switches:  # NorMuon's per-neuron buffers must be the same on every rank (any rank's state resumes)
+            result += [optimizer.state[p]["normuon_buffer"] for p in params]
         torch.save(result, f"{out_path}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world, shapes, stack", [(2, SHAPES, None), (3, SHAPES, None), (2, REPEATED, True)])
-def test_ranks_split_gives_one_rank_result(world, shapes, stack, tmp_path):
+@pytest.mark.parametrize(
+    "world, shapes, stack, switches",
+    [(2, SHAPES, None, None), (3, SHAPES, None, None), (2, REPEATED, True, None), (2, SHAPES, None, SWITCHES)],
+)
+def test_ranks_split_gives_one_rank_result(world, shapes, stack, switches, tmp_path):
     params = make_params(shapes)
-    expected = run(params, DistributedMuon(params, lr=0.02, weight_decay=0.1, kernels="torch", stack=stack))
-    mp.spawn(_rank, args=(world, free_port(), str(tmp_path / "params"), shapes, stack), nprocs=world, join=True)
+    optimizer = DistributedMuon(params, lr=0.02, weight_decay=0.1, kernels="torch", stack=stack, **(switches or {}))
+    expected = run(params, optimizer)
+    if switches:
+        expected += [optimizer.state[p]["normuon_buffer"] for p in params]
+    args = (world, free_port(), str(tmp_path / "params"), shapes, stack, switches)
+    mp.spawn(_rank, args=args, nprocs=world, join=True)
     for rank in range(world):
         got = torch.load(tmp_path / f"params.{rank}")
         for a, b in zip(got, expected):
@@ -114,3 +130,121 @@ def test_ranks_split_gives_one_rank_result(world, shapes, stack, tmp_path):
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
             else:
                 assert torch.equal(a, b), f"rank {rank} of {world} differs from the single-rank run"
+
+
+# ---------------------------------------------------------------------------------------------------- recipe v2
+
+
+def singular_error(x: torch.Tensor) -> float:
+    """max |sigma_i - 1|: how far from orthogonal (all singular values 1)."""
+    return (torch.linalg.svdvals(x.double()) - 1).abs().max().item()
+
+
+def gradient_like(shape, seed=0):
+    """A matrix with a decaying spectrum (1 .. 1e-3), as momentum-averaged gradients have."""
+    gen = torch.Generator().manual_seed(seed)
+    u, _, v = torch.linalg.svd(torch.randn(shape, generator=gen), full_matrices=False)
+    return u @ torch.diag(torch.logspace(0, -3, min(shape))) @ v
+
+
+def test_per_iteration_coefficients():
+    g = torch.randn(48, 16)
+    same = [NS_COEFFICIENTS] * 5
+    assert torch.equal(newton_schulz_reference(g, 5, same), newton_schulz_reference(g, 5, NS_COEFFICIENTS))
+    assert not torch.equal(newton_schulz_reference(g, 5, POLAR_EXPRESS_COEFFICIENTS), newton_schulz_reference(g))
+    with pytest.raises(ValueError, match="only 5 per-iteration"):
+        newton_schulz_reference(g, 6, POLAR_EXPRESS_COEFFICIENTS)
+    with pytest.raises(ValueError, match="ns_steps=6"):
+        DistributedMuon([torch.nn.Parameter(torch.zeros(2, 2))], ns_coefficients=POLAR_EXPRESS_COEFFICIENTS, ns_steps=6)
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40), (32, 32)])
+def test_polar_express_is_the_published_iteration(shape):
+    """Our Polar Express (1.02 folded into the first triple, newton_schulz's Frobenius normalisation) is modded-
+    nanogpt's iteration: X / (1.02 ||X||_F), then the 5 published quintics; fp64, so only the eps differs."""
+    g = torch.randn(shape, dtype=torch.float64)
+    x = g.T if shape[0] > shape[1] else g
+    x = x / (x.norm() * 1.02)
+    for a, b, c in muon._POLAR_EXPRESS_PUBLISHED:
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    want = x.T if shape[0] > shape[1] else x
+    got = newton_schulz_reference(g, 5, POLAR_EXPRESS_COEFFICIENTS, dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (128, 32), (32, 96)])
+@pytest.mark.parametrize("kind", ["gaussian", "gradient-like"])
+def test_polar_express_orthogonalizes_better_at_equal_steps(shape, kind):
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(1)) if kind == "gaussian" else gradient_like(shape)
+    jordan = singular_error(newton_schulz_reference(g, 5, NS_COEFFICIENTS, dtype=torch.float32))
+    polar = singular_error(newton_schulz_reference(g, 5, POLAR_EXPRESS_COEFFICIENTS, dtype=torch.float32))
+    assert polar < jordan - 0.03, (polar, jordan)
+
+
+def test_polar_express_triton_matches_reference():
+    pytest.importorskip("triton")
+    g = torch.randn(48, 80)
+    got = newton_schulz(g, 5, POLAR_EXPRESS_COEFFICIENTS, use_triton=True)
+    want = newton_schulz_reference(g, 5, POLAR_EXPRESS_COEFFICIENTS)
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0.05 * want.abs().max().item())
+
+
+def one_step(shapes, seed=7, **options):
+    """Parameters before and after one DistributedMuon step on fixed gradients, and their gradients."""
+    params = make_params(shapes)
+    before = [p.detach().clone() for p in params]
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    DistributedMuon(params, kernels="torch", **options).step()
+    return before, [p.detach().clone() for p in params]
+
+
+@pytest.mark.parametrize("shape", [(48, 16), (16, 40)])
+def test_normuon_equalizes_per_neuron_rms_and_keeps_the_norm(shape):
+    lr = 0.02
+    before, plain = one_step([shape], lr=lr, weight_decay=0.0)
+    _, normed = one_step([shape], lr=lr, weight_decay=0.0, normuon=True)
+    step_lr = adjusted_lr(lr, None, shape)
+    u_plain, u_norm = (before[0] - plain[0]) / step_lr, (before[0] - normed[0]) / step_lr
+    axis = -1 if shape[0] >= shape[1] else -2  # the longer axis holds the neurons NorMuon normalises
+    rms_plain, rms_norm = (u.square().mean(dim=axis).sqrt() for u in (u_plain, u_norm))
+    assert rms_plain.std() / rms_plain.mean() > 0.02  # plain Muon's per-neuron RMS varies ...
+    assert rms_norm.std() / rms_norm.mean() < 1e-4  # ... NorMuon's first step makes it equal
+    torch.testing.assert_close(u_norm.norm(), u_plain.norm(), rtol=1e-4, atol=0)  # the update's norm is kept
+
+
+def test_normuon_second_step_uses_the_ema():
+    """Two steps against a direct transcription of NorMuon (second moment EMA with beta2, rescale to the norm)."""
+    shape, lr, mu, beta2 = (40, 24), 0.02, 0.95, 0.9
+    params = make_params([shape])
+    p = params[0]
+    ref = p.detach().clone()
+    opt = DistributedMuon(
+        params, lr=lr, momentum=mu, weight_decay=0.0, kernels="torch", normuon=True, normuon_beta2=beta2
+    )
+    buf, v = torch.zeros(shape), torch.zeros(shape[0], 1)
+    for step in range(2):
+        grad = torch.randn(shape, generator=torch.Generator().manual_seed(step))
+        p.grad = grad.clone()
+        opt.step()
+        buf = buf.lerp(grad, 1 - mu)
+        o = newton_schulz_reference(grad.lerp(buf, mu), 5, NS_COEFFICIENTS, dtype=torch.float32)
+        v = beta2 * v + (1 - beta2) * o.square().mean(dim=1, keepdim=True)
+        scaled = o / v.sqrt()
+        ref -= adjusted_lr(lr, None, shape) * scaled * (o.norm() / scaled.norm())
+    torch.testing.assert_close(p.detach(), ref, rtol=0, atol=1e-6)
+
+
+def test_cautious_weight_decay_skips_opposite_signs():
+    lr, wd = 0.05, 0.5
+    before, plain = one_step(SHAPES, lr=lr, weight_decay=0.0)
+    _, cautious = one_step(SHAPES, lr=lr, weight_decay=wd, cautious_weight_decay=True)
+    for p0, p_plain, p_cautious in zip(before, plain, cautious):
+        update = p0 - p_plain  # lr_adj * orthogonalised update (the step taken without decay)
+        agree = update * p0 >= 0
+        assert 0 < agree.sum() < agree.numel()  # both kinds of coordinates occur
+        decay = p_cautious - p_plain
+        assert torch.equal(decay[~agree], torch.zeros_like(decay[~agree]))  # opposite signs: not decayed
+        torch.testing.assert_close(decay[agree], -lr * wd * p0[agree], rtol=1e-5, atol=1e-7)  # same sign: decayed

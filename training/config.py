@@ -26,6 +26,8 @@ import yaml
 from modeling_speedplm import PRESETS, SpeedPLMConfig
 from modeling_speedplm.configuration_speedplm import ATTN_IMPLEMENTATIONS
 
+from .batch_warmup import BatchSchedule
+
 # SpeedPLMConfig's own keyword arguments, with their annotated types: the model section is typed by them.
 MODEL_FIELDS = {name: hint for name, hint in typing.get_type_hints(SpeedPLMConfig.__init__).items() if name != "return"}
 
@@ -214,6 +216,17 @@ class TrainSection(Section):
     muon_momentum_start: float = setting(0.85, ge=0, lt=1)  # momentum warmup (modded-nanogpt): 0.85 -> 0.95
     muon_momentum_end: float = setting(0.95, ge=0, lt=1)
     muon_momentum_warmup_steps: int = setting(300, ge=0)
+    # Recipe-v2 switches, off until `python -m eval.speedrun` keeps one (docs/ablations-cpu.md)
+    muon_ns: Literal["jordan", "polar_express"] = "jordan"  # Newton-Schulz coefficients (jordan: torch.optim.Muon's)
+    muon_ns_steps: int = setting(5, ge=1, le=5)
+    normuon: bool = False  # NorMuon: per-neuron second-moment normalisation of Muon's orthogonalised update
+    normuon_beta2: float = setting(0.95, ge=0, lt=1)
+    cautious_weight_decay: bool = False  # Muon and Adam: decay only where the update and the weight agree in sign
+    adam_weight_decay: float = setting(0.0, ge=0)  # decoupled (AdamW) weight decay of the Adam groups
+    batch_warmup_steps: int = setting(
+        0, ge=0
+    )  # global batch grows linearly over these steps (training/batch_warmup.py)
+    batch_warmup_start: float = setting(0.25, gt=0, le=1)  # ... from this fraction of tokens_per_step
     grad_clip: float = setting(1.0, ge=0)  # 0 = off
     compile: bool | Literal["auto"] = "auto"  # torch.compile of each block; "auto" = on CUDA only
     cpu_threads: int | None = setting(None, ge=1)  # CPU: torch threads per rank; None = cores / ranks on this node
@@ -305,9 +318,10 @@ class BatchPlan:
     """How one optimizer step's tokens are laid out: world_size ranks x accumulation micro-steps x micro-batch."""
 
     world_size: int
-    accumulation: int
+    accumulation: int  # micro-steps of a full step
     rows_per_micro_batch: int
     max_length: int
+    schedule: BatchSchedule  # micro-steps of each step (fewer during a batch warmup)
 
     @property
     def micro_batch_tokens(self) -> int:
@@ -321,6 +335,7 @@ class BatchPlan:
         return (
             f"{self.world_size} rank(s) x {self.accumulation} accumulation step(s) x {self.micro_batch_tokens} "
             f"tokens = {self.tokens_per_step} tokens per step"
+            + (f" (from step {self.schedule.warmup_steps} on)" if self.schedule.warmup_steps else "")
         )
 
 
@@ -343,7 +358,11 @@ def resolve_batch(train: TrainSection, max_length: int, world_size: int) -> Batc
     accumulation = next(
         a for a in range(1, rows_per_rank + 1) if rows_per_rank % a == 0 and rows_per_rank // a <= max_rows
     )
-    return BatchPlan(world_size, accumulation, rows_per_rank // accumulation, max_length)
+    try:
+        schedule = BatchSchedule(accumulation, train.batch_warmup_steps, train.batch_warmup_start)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return BatchPlan(world_size, accumulation, rows_per_rank // accumulation, max_length, schedule)
 
 
 def parse_override(text: str) -> tuple[str, str, object]:

@@ -60,6 +60,7 @@ def build_train_loader(config: RunConfig, plan: BatchPlan, shard_dir: Path, rank
         seed=config.train.seed,
         num_workers=config.data.num_workers,
         global_batch_tokens=config.train.tokens_per_step,
+        batch_warmup=(plan.schedule.warmup_steps, plan.schedule.start),
     )
     assert loader.grad_accum_steps == plan.accumulation, (loader.grad_accum_steps, plan)
     return loader

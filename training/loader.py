@@ -5,7 +5,8 @@ Public API
     LoaderSpec: the epoch layout and batch shape (frozen dataclass; `loader.spec`)
     PackedLoader(shards, *, max_length, tokens_per_micro_batch, collator, rank=0, world_size=1, seed=0,
                  global_batch_tokens=None, num_workers=0, prefetch_factor=4, pin_memory=None, shuffle=True,
-                 packing=True, num_epochs=None, crop=None, fixed_mask_step=None, block_docs=4096, window_blocks=16)
+                 packing=True, num_epochs=None, crop=None, fixed_mask_step=None, block_docs=4096, window_blocks=16,
+                 batch_warmup=(0, 1.0))   # (train.batch_warmup_steps, train.batch_warmup_start)
         iter(loader) -> batch dicts (see training.collator); state_dict() / load_state_dict(state) / restart()
         set_optimizer_step(step): the optimizer step the next micro-batch belongs to (the mask-rate clock)
         last_mask_rate: the mask rate the last batch handed out was built with
@@ -35,11 +36,13 @@ proteins. Residues are read (os.pread) per protein when its batch is built, and 
 crc32 (training.shards), so a start reads no residues and a corrupt protein is named with its file when read.
 Workers: worker w of n builds the rank's batches j with j % n == w (counted from where iteration starts); the
 DataLoader's round-robin returns them in order. Every worker packs every window (to number the rows).
-Masks: the collator is called with step = the optimizer step of the micro-batch (step_offset + micro_step //
-grad_accum_steps; set_optimizer_step moves the offset, so the schedule follows the trainer's step even when the data
-position is not restored) and micro = (micro_step % grad_accum_steps) x world_size + rank, rank = 0 (eval: step =
-fixed_mask_step, micro = global batch index): the same rows get the same masks for any number of ranks or workers.
-State: {epoch, batch (next batch index within the epoch), micro_step, step_offset, window and its first row (where
+Masks: the collator is called with step = the optimizer step of the micro-batch and micro = its index within that
+step x world_size + rank, rank = 0 (eval: step = fixed_mask_step, micro = global batch index): the same rows get the
+same masks for any number of ranks or workers. The step comes from the batch schedule (spec.accumulation, a
+BatchSchedule: micro-batches per step, constant or growing during a batch warmup) applied to micro_step +
+micro_offset; set_optimizer_step(step) sets the offset, so the clock is the trainer's optimizer step even when the
+data position is not restored (train.resume_data_state=false).
+State: {epoch, batch (next batch index within the epoch), micro_step, micro_offset, window and its first row (where
 the rows of the last batch begin: a resume packs from there, not from the epoch's start), ...}; restoring it
 resumes exactly.
 """
@@ -55,10 +58,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from training.batch_warmup import BatchSchedule
 from training.collator import mix64
 from training.shards import ShardSet
 
-STATE_VERSION = 2
+STATE_VERSION = 3
 
 
 def pack_best_fit(lengths, capacity: int, max_open: int = 1024) -> tuple[np.ndarray, np.ndarray]:
@@ -110,7 +114,7 @@ class LoaderSpec:
     drop_last: bool  # drop the last incomplete round of world_size micro-batches of an epoch
     crop: str  # "random" | "first"
     fixed_mask_step: int | None  # eval: masks keyed by (this step, batch index)
-    grad_accum_steps: int
+    accumulation: BatchSchedule  # micro-batches per optimizer step (training/batch_warmup.py)
     block_docs: int
     window_blocks: int
 
@@ -225,8 +229,9 @@ class _BatchStream(IterableDataset):
     """Yields (epoch, batch, micro_step, window, window_row, mask_rate, batch dict) for one rank from a start
     position; see the module docstring."""
 
-    def __init__(self, blocks: _Blocks, spec: LoaderSpec, collator, start: tuple, step_offset: int):
-        self.blocks, self.spec, self.collator, self.start, self.step_offset = blocks, spec, collator, start, step_offset
+    def __init__(self, blocks: _Blocks, spec: LoaderSpec, collator, start: tuple, micro_offset: int):
+        self.blocks, self.spec, self.collator, self.start = blocks, spec, collator, start
+        self.micro_offset = micro_offset
 
     def batch_exists(self, plan: _EpochPlan, b: int) -> bool:
         per_round = self.spec.rows_per_round
@@ -243,8 +248,7 @@ class _BatchStream(IterableDataset):
         if s.fixed_mask_step is not None:
             step, micro = s.fixed_mask_step, b
         else:
-            step, micro = divmod(micro_step, s.grad_accum_steps)
-            step += self.step_offset
+            step, micro = s.accumulation.locate(micro_step + self.micro_offset)
         # Masks are keyed by the micro-batch's global slot (micro x world + rank, with rank 0 in the key): the same
         # rows get the same masks whatever the split into ranks and accumulation steps, so N ranks reproduce 1.
         slot = micro * s.world_size + s.rank
@@ -311,6 +315,7 @@ class PackedLoader:
         fixed_mask_step: int | None = None,
         block_docs: int = 4096,
         window_blocks: int = 16,
+        batch_warmup: tuple[int, float] = (0, 1.0),
     ):
         rows = tokens_per_micro_batch // max_length
         if rows < 1 or not 0 <= rank < world_size:
@@ -347,13 +352,13 @@ class PackedLoader:
             drop_last=num_epochs is None,
             crop=crop or ("random" if shuffle else "first"),
             fixed_mask_step=fixed_mask_step,
-            grad_accum_steps=self.grad_accum_steps,
+            accumulation=BatchSchedule(self.grad_accum_steps, *batch_warmup),
             block_docs=block_docs,
             window_blocks=window_blocks,
         )
         self.blocks = _Blocks(shards, block_docs)
         self._rows_in_epoch: dict[int, int] = {}
-        self.step_offset = 0
+        self.micro_offset = 0  # micro-batches of the optimizer-step clock before this loader's micro-step 0
         self.last_mask_rate: float | None = None
         self.restart()
 
@@ -364,13 +369,11 @@ class PackedLoader:
     def set_optimizer_step(self, step: int) -> None:
         """The next micro-batch belongs to optimizer step `step` (call it after a resume, whether or not the data
         position was restored): the mask-rate schedule then follows the trainer's step, not this loader's count."""
-        if self.micro_step % self.grad_accum_steps:
-            raise ValueError(f"micro-step {self.micro_step} is not at an optimizer-step boundary")
-        self.step_offset = step - self.micro_step // self.grad_accum_steps
+        self.micro_offset = self.spec.accumulation.first_micro(step) - self.micro_step
 
     def __iter__(self):
         start = (self.epoch, self.batch, self.micro_step, self.window, self.window_row)
-        stream = _BatchStream(self.blocks, self.spec, self.collator, start, self.step_offset)
+        stream = _BatchStream(self.blocks, self.spec, self.collator, start, self.micro_offset)
         if self.num_workers == 0 and not self.pin_memory:
             items = iter(stream)
         else:
@@ -397,7 +400,7 @@ class PackedLoader:
             epoch=self.epoch,
             batch=self.batch,
             micro_step=self.micro_step,
-            step_offset=self.step_offset,
+            micro_offset=self.micro_offset,
             window=self.window,
             window_row=self.window_row,
             seed=s.seed,
@@ -418,7 +421,7 @@ class PackedLoader:
         diff = {k: (state.get(k), mine[k]) for k in _MATCH_KEYS if state.get(k) != mine[k]}
         if diff:
             raise ValueError(f"loader state does not match this loader (saved, current): {diff}")
-        for key in ("epoch", "batch", "micro_step", "step_offset", "window", "window_row"):
+        for key in ("epoch", "batch", "micro_step", "micro_offset", "window", "window_row"):
             setattr(self, key, int(state[key]))
 
     def _epoch_windows(self, epoch: int):

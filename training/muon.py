@@ -14,6 +14,13 @@ With one rank, kernels="torch" and ns_dtype=bf16 it is bit-identical to torch.op
 
 Momentum buffers are kept on every rank (elementwise, cheap), so any rank's state_dict resumes the run exactly.
 
+Recipe-v2 switches (all off by default; off, the update is exactly the one above):
+    ns_coefficients=POLAR_EXPRESS_COEFFICIENTS   one quintic per Newton-Schulz iteration (Polar Express), ns_steps <= 5
+    normuon=True                                 NorMuon: the orthogonalised update divided by an EMA of its per-neuron
+                                                 RMS, then rescaled to its former Frobenius norm (normuon_beta2)
+    cautious_weight_decay=True                   decay only coordinates where the update and the parameter agree in sign
+Both act after the broadcast, on every rank, so their state (NorMuon's per-neuron buffer) is the same everywhere too.
+
 FSDP2 (DTensor parameters, e.g. Shard(0) rows per rank): Newton-Schulz needs the whole matrix, so each rank updates
 its momentum shard locally, the nesterov update is all-gathered (`full_tensor()`, a collective every rank calls in
 the same parameter order), only the owner keeps it and orthogonalises it, the result is broadcast over the
@@ -28,7 +35,45 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from modeling_speedplm.kernels_speedplm import NS_COEFFICIENTS, Kernels, newton_schulz, select_kernels
+from modeling_speedplm.kernels_speedplm import NS_COEFFICIENTS, Kernels, newton_schulz, ns_schedule, select_kernels
+
+# Polar Express (Amsel, Persson, Musco & Gower 2025, arXiv:2505.16932): a different odd quintic per iteration, each
+# minimax-optimal for the interval of singular values the previous ones leave, so singular values approach 1 in
+# fewer steps than with one fixed quintic. The triples for 5 iterations (safety factor 2e-2, cushion 2) are the ones
+# modded-nanogpt and nanochat use with X / (1.02 ||X||_F); that 1.02 is folded into the first triple here (X = Y / 1.02
+# turns a X + b X^3 + c X^5 into (a/1.02) Y + (b/1.02^3) Y^3 + (c/1.02^5) Y^5), so newton_schulz normalises as usual.
+_POLAR_EXPRESS_PUBLISHED = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+_a, _b, _c = _POLAR_EXPRESS_PUBLISHED[0]
+POLAR_EXPRESS_COEFFICIENTS = ((_a / 1.02, _b / 1.02**3, _c / 1.02**5), *_POLAR_EXPRESS_PUBLISHED[1:])
+NS_VARIANTS = {"jordan": NS_COEFFICIENTS, "polar_express": POLAR_EXPRESS_COEFFICIENTS}  # train.muon_ns
+
+
+def _frozen(coefficients) -> tuple:
+    """Hashable form (a job key): (a, b, c) or ((a, b, c), ...)."""
+    if len(coefficients) == 3 and not isinstance(coefficients[0], (tuple, list)):
+        return tuple(float(x) for x in coefficients)
+    return tuple(tuple(float(x) for x in triple) for triple in coefficients)
+
+
+def normuon_(update: torch.Tensor, buffer: torch.Tensor, beta2: float) -> torch.Tensor:
+    """NorMuon (Li et al. 2025, arXiv:2510.05491, in modded-nanogpt's / nanochat's form): EMA `buffer` of the
+    orthogonalised update's per-neuron mean square, the update divided by its root, then rescaled to its former
+    Frobenius norm so that the learning rate keeps its meaning. The neuron axis is the longer one: an orthogonalised
+    tall matrix has unit-norm columns and a wide one unit-norm rows, so normalising those would do nothing
+    (modded-nanogpt record 2025-12-11). update (m, n); buffer (m, 1) if m >= n else (1, n), fp32, updated in place."""
+    o = update.float()
+    v_mean = o.square().mean(dim=-1 if o.size(-2) >= o.size(-1) else -2, keepdim=True)  # (m, 1) or (1, n)
+    buffer.lerp_(v_mean, 1 - beta2)
+    scale = buffer.clamp_min(1e-10).rsqrt()
+    # ||o||^2 and ||o * scale||^2 from the per-neuron sums, without forming the scaled matrix twice
+    before, after = v_mean.sum().sqrt(), (v_mean * scale.square()).sum().sqrt()
+    return o * (scale * (before / after.clamp_min(1e-10)))
 
 
 def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape) -> float:
@@ -64,6 +109,9 @@ class DistributedMuon(torch.optim.Optimizer):
         process_group=None,
         ns_dtype: torch.dtype | None = None,
         stack: bool | None = None,
+        normuon: bool = False,
+        normuon_beta2: float = 0.95,
+        cautious_weight_decay: bool = False,
     ):
         if lr < 0 or momentum < 0 or weight_decay < 0:
             raise ValueError(f"DistributedMuon: lr={lr}, momentum={momentum}, weight_decay={weight_decay} must be >= 0")
@@ -78,16 +126,28 @@ class DistributedMuon(torch.optim.Optimizer):
             weight_decay=weight_decay,
             momentum=momentum,
             nesterov=nesterov,
-            ns_coefficients=tuple(ns_coefficients),
+            ns_coefficients=_frozen(ns_coefficients),
             eps=eps,
             ns_steps=ns_steps,
             adjust_lr_fn=adjust_lr_fn,
+            normuon=normuon,
+            normuon_beta2=normuon_beta2,
+            cautious_weight_decay=cautious_weight_decay,
         )
         super().__init__(params, defaults)
         for group in self.param_groups:
+            group["ns_coefficients"] = _frozen(group["ns_coefficients"])
+            try:
+                ns_schedule(group["ns_coefficients"], group["ns_steps"])
+            except ValueError as err:
+                raise ValueError(f"DistributedMuon: ns_steps={group['ns_steps']}: {err}") from None
+            if not 0 <= group["normuon_beta2"] < 1:
+                raise ValueError(f"DistributedMuon: normuon_beta2={group['normuon_beta2']} must be in [0, 1)")
             for p in group["params"]:
                 if p.ndim != 2:
                     raise ValueError(f"DistributedMuon: only 2-D parameters, got one of shape {tuple(p.shape)}")
+                if group["normuon"] and isinstance(p, DTensor):
+                    raise ValueError("DistributedMuon: normuon is not supported with FSDP2-sharded parameters yet")
         self.use_triton = resolved.newton_schulz  # None: triton_auto decides per tensor
         self.process_group = process_group
         # Newton-Schulz precision: bf16 on GPUs (tensor cores; torch.optim.Muon's choice), fp32 on CPUs, where bf16
@@ -166,9 +226,7 @@ class DistributedMuon(torch.optim.Optimizer):
         for p, update, handle, group in pending:
             if handle is not None:
                 handle.wait()
-            lr = float(group["lr"])
-            p.mul_(1 - lr * group["weight_decay"])
-            p.add_(update, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], p.shape))
+            self._apply(p, update, group)
         if sharded:
             self._step_sharded(sharded)
         return loss
@@ -206,6 +264,22 @@ class DistributedMuon(torch.optim.Optimizer):
                 dist.broadcast(update, group_src=owner, group=mesh_group)
             # this rank's slice of the full update, placed like the parameter (no communication)
             local = distribute_tensor(update, p.device_mesh, p.placements, src_data_rank=None)
-            lr = float(group["lr"])
-            p.mul_(1 - lr * group["weight_decay"])
-            p.add_(local, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], p.shape))
+            self._apply(p, local, group)
+
+    def _apply(self, p, update, group):
+        """p <- p - lr * wd * p [where update * p >= 0, if cautious] - lr_adj * update [NorMuon-scaled]."""
+        lr, wd = float(group["lr"]), group["weight_decay"]
+        if group["normuon"]:
+            state = self.state[p]
+            if "normuon_buffer" not in state:
+                axis_shape = (p.shape[0], 1) if p.shape[0] >= p.shape[1] else (1, p.shape[1])
+                state["normuon_buffer"] = torch.zeros(axis_shape, dtype=torch.float32, device=p.device)
+            update = normuon_(update, state["normuon_buffer"], group["normuon_beta2"]).to(p.dtype)
+        if group["cautious_weight_decay"]:
+            # Cautious weight decay (Chen et al. 2025, arXiv:2510.12402; modded-nanogpt): decay only where the step
+            # already moves the weight towards zero, so decay never fights the gradient's direction.
+            if wd:
+                p.sub_(p * (update * p >= 0) * (lr * wd))
+        else:
+            p.mul_(1 - lr * wd)
+        p.add_(update, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], p.shape))

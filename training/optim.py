@@ -7,8 +7,9 @@ scalar mixing weights are not matrices acting on a hidden state, so they keep Ad
 import torch
 from transformers.optimization import get_cosine_schedule_with_warmup, get_wsd_schedule
 
+from .cautious import CautiousAdamW
 from .config import TrainSection
-from .muon import DistributedMuon
+from .muon import NS_VARIANTS, DistributedMuon
 
 
 def parameter_groups(model: torch.nn.Module) -> dict[str, list[torch.nn.Parameter]]:
@@ -17,7 +18,7 @@ def parameter_groups(model: torch.nn.Module) -> dict[str, list[torch.nn.Paramete
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim == 2 and ".layers." in f".{name}":
+        if param.ndim == 2 and (".layers." in f".{name}" or name.endswith("lm_head_dense.weight")):
             groups["muon"].append(param)
         elif "embed" in name:
             groups["embed"].append(param)
@@ -37,6 +38,11 @@ def build_optimizers(model: torch.nn.Module, cfg: TrainSection) -> list[torch.op
         momentum=cfg.muon_momentum_start,
         weight_decay=cfg.weight_decay,
         kernels=model.base_model.kernels,  # the model's kernel set, resolved once when it was built
+        ns_coefficients=NS_VARIANTS[cfg.muon_ns],
+        ns_steps=cfg.muon_ns_steps,
+        normuon=cfg.normuon,
+        normuon_beta2=cfg.normuon_beta2,
+        cautious_weight_decay=cfg.cautious_weight_decay,
     )
     adam_groups = [
         {"params": groups["embed"], "lr": cfg.embed_lr},
@@ -44,7 +50,13 @@ def build_optimizers(model: torch.nn.Module, cfg: TrainSection) -> list[torch.op
         {"params": groups["scalar"], "lr": cfg.scalar_lr},
     ]
     # betas (0.8, 0.95) and eps 1e-10 as in modded-nanogpt's Adam groups: faster to react than (0.9, 0.999).
-    adam = torch.optim.Adam([g for g in adam_groups if g["params"]], betas=(0.8, 0.95), eps=1e-10)
+    adam_groups = [g for g in adam_groups if g["params"]]
+    if cfg.cautious_weight_decay:
+        adam = CautiousAdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=cfg.adam_weight_decay)
+    elif cfg.adam_weight_decay:
+        adam = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=cfg.adam_weight_decay)
+    else:
+        adam = torch.optim.Adam(adam_groups, betas=(0.8, 0.95), eps=1e-10)
     return [muon, adam]
 
 

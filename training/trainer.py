@@ -280,7 +280,8 @@ class Trainer:
         loader counts from the step it was given at resume: set_optimizer_step)."""
         t0 = time.perf_counter()
         device = self.accelerator.device
-        micro_batches = [to_device(next(batches), device) for _ in range(self.batch.accumulation)]
+        count = self.batch.schedule.at(self.progress.step)  # fewer during a batch warmup (training/batch_warmup.py)
+        micro_batches = [to_device(next(batches), device) for _ in range(count)]
         self.window["data_wait"] += time.perf_counter() - t0
         self._step_started = t0
         return micro_batches

@@ -1,0 +1,358 @@
+"""The judge's report: tables, plot and probes from the run records of `python -m eval.speedrun` (results.jsonl).
+
+build_report(records, control, target=None) -> dict      every number (eval/speedrun_stats.py does the statistics)
+report_markdown(report, state, settings, command) -> str
+write_report(settings, out, control, target, command, probes=False)   speedrun.md / .json / .png (+ probes/)
+"""
+
+import json
+import statistics
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from eval import speedrun_stats as st
+from eval.benchmark import markdown_table
+from eval.speedrun import (
+    EVAL_MASK_RATE,
+    EVAL_SEED,
+    SHAPES,
+    Settings,
+    SpeedrunError,
+    load_records,
+    speedplm_config,
+)
+from eval.speedrun_stats import baseline_arm, current_runs, final
+from eval.throughput import esm_twin
+
+
+class ReportNotReady(SpeedrunError):
+    """The runs a report needs (the control, an ESM2 arm for the target) have not finished yet."""
+
+
+def build_report(records: list[dict], control: str, target: float | None = None) -> dict:
+    """Every number of the report, from the run records."""
+    runs = current_runs(records)
+    if control not in runs or runs[control][0]["recipe"] != "speedplm":
+        raise ReportNotReady(f"--control {control}: no finished SpeedPLM runs of that arm (arms: {sorted(runs)})")
+    base = baseline_arm(records)
+    source = "given (--target)"
+    if target is None:
+        if base is None:
+            raise ReportNotReady("no finished ESM2 arm to take the target from: add one (recipe=esm2) or give --target")
+        target, source = statistics.mean(final(runs[base["arm"]])), f"mean final loss of {base['arm']} (tuned ESM2)"
+    baseline_rows = []
+    for name, rs in runs.items():
+        if rs[0]["recipe"] == "esm2":
+            losses = final(rs)
+            baseline_rows.append(
+                dict(
+                    arm=name,
+                    overrides=" ".join(rs[0]["overrides"]) or "(ESM2 paper: lr 4e-4, warmup 5%)",
+                    runs=len(rs),
+                    loss=st.mean_ci(losses),
+                    tokens=statistics.mean(final(rs, "tokens")),
+                    time=statistics.mean(final(rs, "time")),
+                    chosen=base is not None and name == base["arm"],
+                )
+            )
+    arms = {}
+    for name, rs in runs.items():
+        if rs[0]["recipe"] != "speedplm":
+            continue
+        crossings = [st.crossing(r, target) for r in rs]
+        entry = dict(overrides=rs[0]["overrides"], runs=len(rs), seeds=[r["seed"] for r in rs], crossings=crossings)
+        for key in ("tokens", "time"):
+            got = [c[key] for c in crossings if c[key] is not None]
+            entry[f"{key}_reached"] = len(got)
+            entry[f"{key}_mean"] = statistics.mean(got) if got else None
+            entry[f"{key}_std"] = statistics.stdev(got) if len(got) > 1 else None
+            entry[f"speedup_{key}"] = None
+            if base is not None and len(got) > 1 and len(runs[base["arm"]]) > 1:
+                entry[f"speedup_{key}"] = st.log_ratio(final(runs[base["arm"]], key), got)
+        entry["final_loss"] = statistics.mean(final(rs))
+        if name != control:
+            entry["vs_control"] = st.compare(rs, runs[control], target)
+            entry["vs_control"].pop("crossings")
+            entry["decision"] = st.decide(entry["vs_control"])
+            entry["aa"] = rs[0]["overrides"] == runs[control][0]["overrides"]  # A/A: the control on other seeds
+        arms[name] = entry
+    everyone = [r for rs in runs.values() for r in rs]
+    pairs = [st.eval_noise(a, b) for a, b in zip(runs[control][:-1], runs[control][1:])]
+    slope = (
+        statistics.mean(abs(c["slope_tokens"]) for c in arms[control]["crossings"] if c["slope_tokens"])
+        if any(c["slope_tokens"] for c in arms[control]["crossings"])
+        else None
+    )
+    noise = dict(
+        final_loss=statistics.median(st.eval_noise(r) for r in everyone),
+        difference=statistics.median(pairs) if pairs else None,
+        control_seed_std=statistics.stdev(final(runs[control])) if len(runs[control]) > 1 else None,
+        control_slope_per_mtoken=slope * 1e6 if slope else None,
+    )
+    if noise["difference"] and slope and arms[control]["tokens_mean"]:
+        # how far eval noise alone moves a crossing: noise of a loss difference / |d loss / d tokens| there
+        noise["crossing_tokens_pct"] = 100 * noise["difference"] / slope / arms[control]["tokens_mean"]
+    return dict(
+        target=target,
+        target_source=source,
+        baseline=base["arm"] if base else None,
+        baseline_rows=baseline_rows,
+        control=control,
+        eval_noise=noise,
+        arms=arms,
+    )
+
+
+def fmt(v, digits=2, pct=False):
+    if v is None:
+        return "n/a"
+    return f"{100 * (v - 1):+.{digits}f}%" if pct else f"{v:,.{digits}f}"
+
+
+def ci(d: dict | None, digits=2, pct=False, key="ratio") -> str:
+    if not d or d.get(key) is None:
+        return "n/a"
+    if d.get("low") is None:
+        return fmt(d[key], digits, pct)
+    return f"{fmt(d[key], digits, pct)} [{fmt(d['low'], digits, pct)}, {fmt(d['high'], digits, pct)}]"
+
+
+def pval(d: dict | None) -> str:
+    return "n/a" if not d or d.get("p") is None else f"{d['p']:.2g}"
+
+
+def report_markdown(report: dict, state: dict, settings: Settings, command: str, probes: str = "") -> str:
+    s, noise, arms = settings, report["eval_noise"], report["arms"]
+    base_rows = [
+        {
+            "ESM2 arm": r["arm"] + (" **(chosen)**" if r["chosen"] else ""),
+            "settings": r["overrides"],
+            "runs": r["runs"],
+            "final loss [95% CI]": ci(r["loss"], 4, key="mean"),
+            "std": fmt(r["loss"]["std"], 4),
+            "tokens (M)": fmt(r["tokens"] / 1e6, 2),
+            "time (s)": fmt(r["time"], 1),
+        }
+        for r in report["baseline_rows"]
+    ]
+    arm_rows = [
+        {
+            "arm": name + (" (control)" if name == report["control"] and name != "control" else ""),
+            "overrides": " ".join(a["overrides"]) or "(recipe defaults)",
+            "runs": a["runs"],
+            "reached": f"{a['tokens_reached']}/{a['runs']}",
+            "final loss": fmt(a["final_loss"], 4),
+            "tokens to target (M)": f"{fmt(a['tokens_mean'] and a['tokens_mean'] / 1e6, 3)} ± "
+            f"{fmt(a['tokens_std'] and a['tokens_std'] / 1e6, 3)}" + ("*" if _unresolved(a) else ""),
+            "time to target (s)": f"{fmt(a['time_mean'], 1)} ± {fmt(a['time_std'], 1)}",
+            "speedup vs ESM2, tokens [95% CI]": ci(a["speedup_tokens"]),
+            "speedup vs ESM2, time [95% CI]": ci(a["speedup_time"]),
+        }
+        for name, a in arms.items()
+    ]
+    switch_rows = []
+    for name, a in arms.items():
+        if name == report["control"]:
+            continue
+        v = a["vs_control"]
+        switch_rows.append(
+            {
+                "arm": name + (" (A/A)" if a["aa"] else ""),
+                "tokens to target vs control [95% CI]": ci(v["tokens_ratio"], 1, pct=True),
+                "p (tokens)": pval(v["tokens_test"]),
+                "time to target vs control [95% CI]": ci(v["time_ratio"], 1, pct=True),
+                "p (time)": pval(v["time_test"]),
+                "Δ loss at equal tokens [95% CI]": ci(v["loss_at_equal_tokens"], 4, key="diff"),
+                "Δ loss at equal time [95% CI]": ci(v["loss_at_equal_time"], 4, key="diff"),
+                "decision": "A/A check: " + ("agrees (CI covers 0)" if _covers(v["tokens_test"]) else "DISAGREES")
+                if a["aa"]
+                else a["decision"],
+            }
+        )
+    run_rows = [
+        {
+            "arm": name,
+            "seed": c["seed"],
+            "final loss": fmt(c["final_loss"], 4),
+            "tokens to target": fmt(c["tokens"], 0),
+            "time to target (s)": fmt(c["time"], 1),
+            "tokens": f"{c['final_tokens']:,}",
+            "train time (s)": fmt(c["final_time"], 1),
+        }
+        for name, a in arms.items()
+        for c in a["crossings"]
+    ]
+    conditioning = [
+        f"- Eval noise (bootstrap over the {_proteins(state)} validation proteins): std of one run's final loss "
+        f"{fmt(noise['final_loss'], 4)}; std of the difference of two runs' final losses on the same proteins "
+        f"{fmt(noise['difference'], 4)}; seed-to-seed std of the control's final loss "
+        f"{fmt(noise['control_seed_std'], 4)}.",
+        f"- Where the control crosses the target its loss falls {fmt(noise['control_slope_per_mtoken'], 4)} per "
+        f"million tokens, so eval noise alone moves a crossing by about "
+        f"{fmt(noise.get('crossing_tokens_pct'), 2)}% of tokens-to-target.",
+    ]
+    cal = state["calibration"]
+    text = [
+        "# Speedrun judge: time and tokens to the tuned ESM2 recipe's final validation loss",
+        "",
+        f"Target loss **{report['target']:.4f}** ({report['target_source']}).",
+        "",
+        "## Baseline tuning (ESM2 recipe: EsmForMaskedLM + transformers.Trainer)",
+        "",
+        markdown_table(base_rows, list(base_rows[0])) if base_rows else "(no ESM2 arm run)",
+        "",
+        "## Arms",
+        "",
+        markdown_table(arm_rows, list(arm_rows[0])),
+        "",
+        *(
+            [
+                "\\* Some runs were below the target at their first evaluation: their crossing lies before it and is "
+                "not resolved (reported at that evaluation); use more --evals or a lower --target.",
+                "",
+            ]
+            if any(_unresolved(a) for a in arms.values())
+            else []
+        ),
+        "## Switches vs the control",
+        "",
+        markdown_table(switch_rows, list(switch_rows[0])) if switch_rows else "(no arm besides the control)",
+        "",
+        "Decision rule: a switch becomes a default only where tokens-to-target improves with Welch p < 0.01 and "
+        "time-to-target does not get worse (higher with p < 0.05). An A/A arm repeats the control on other seeds: "
+        "its interval must cover 0. Ratios are geometric-mean ratios with Welch 95% intervals on the logs; Δ loss "
+        "at equal tokens / time is arm minus control at the largest horizon every run of both covers.",
+        "",
+        "## How well-conditioned the judge is",
+        "",
+        *conditioning,
+        "",
+        *([probes, ""] if probes else []),
+        "## Runs",
+        "",
+        markdown_table(run_rows, list(run_rows[0])),
+        "",
+        f"Settings: shape `{s.shape}` ({SHAPES[s.shape]}), max length {s.max_length}, {s.tokens_per_step} tokens per "
+        f"step, budget {s.budget_s:g} s ({state['steps']['speedplm']} SpeedPLM / {state['steps']['esm']} ESM2 "
+        f"steps; step times measured once: SpeedPLM {cal['speedplm_step_s']:.3f} s, ESM2 {cal['esm_step_s']:.3f} "
+        f"s), ~{s.evals} evaluations per run, {s.lanes} run(s) at a time with {s.threads or 'default'} torch "
+        f"thread(s) each. Validation: {_proteins(state)} proteins of the valid split, mask rate {EVAL_MASK_RATE}, "
+        f"seed {EVAL_SEED}, identical for every run.",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Hardware: {state['hardware']}",
+        "",
+    ]
+    return "\n".join(text)
+
+
+def _unresolved(arm: dict) -> bool:
+    return any(c["at_first_point"] for c in arm["crossings"])
+
+
+def _covers(test: dict) -> bool:
+    return test.get("low") is not None and test["low"] <= 0 <= test["high"]
+
+
+def _proteins(state: dict) -> str:
+    return f"{state['eval_proteins']:,}"
+
+
+def plot(records: list[dict], report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    runs = current_runs(records)
+    for i, (name, rs) in enumerate(runs.items()):
+        for j, r in enumerate(rs):
+            for ax, key, scale in [(axes[0], "time", 1.0), (axes[1], "tokens", 1e-6)]:
+                ax.plot(
+                    [p[key] * scale for p in r["points"]],
+                    [p["loss"] for p in r["points"]],
+                    lw=1.0,
+                    color=f"C{i % 10}",
+                    ls="--" if r["recipe"] == "esm2" else "-",
+                    alpha=0.6,
+                    label=name if j == 0 else None,
+                )
+    for ax in axes:
+        ax.axhline(report["target"], color="k", lw=0.8, ls=":")
+        ax.grid(alpha=0.3)
+    axes[0].set_xlabel("training time (s, evaluation excluded)")
+    axes[1].set_xlabel("tokens seen (millions, non-padding)")
+    axes[0].set_ylabel("validation loss (15% masked, same positions)")
+    axes[1].legend(fontsize=7, ncol=2)
+    low = report["target"] - 0.15
+    high = max(max(p["loss"] for p in r["points"][1:] or r["points"]) for rs in runs.values() for r in rs)
+    axes[0].set_ylim(low, min(high, report["target"] + 0.6))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_probes(s: Settings, records: list[dict], report: dict, out: Path, log=print) -> str:
+    """eval.probes on the control's and the baseline's first-seed final models and on random-init twins; returns
+    the markdown summary (best-layer accuracy per task; the models must beat their random-init twin)."""
+    from eval import probes
+    from modeling_speedplm import SpeedPLMForMaskedLM, build_tokenizer
+
+    runs = current_runs(records)
+    models = {f"{report['control']} (SpeedPLM, seed {runs[report['control']][0]['seed']})": runs[report["control"]][0]}
+    if report["baseline"]:
+        models[f"{report['baseline']} (ESM2, seed {runs[report['baseline']][0]['seed']})"] = runs[report["baseline"]][0]
+    paths = {name: r["model_dir"] for name, r in models.items()}
+    torch.manual_seed(0)
+    twin = out / "random-init"
+    SpeedPLMForMaskedLM(speedplm_config(s)).save_pretrained(twin / "speedplm")
+    esm_twin(speedplm_config(s)).save_pretrained(twin / "esm2")
+    build_tokenizer(s.max_length).save_pretrained(twin / "esm2")
+    paths["random-init SpeedPLM"], paths["random-init ESM2"] = str(twin / "speedplm"), str(twin / "esm2")
+    rows, tasks = probes.run(list(paths.values()), list(probes.TASKS), max_per_task=2000, log=log)
+    names = {v: k for k, v in paths.items()}
+    for row in rows:
+        row["model"] = names[row["model"]]
+    probes.write_outputs(rows, tasks, out / "probes", "eval.speedrun --probes")
+    table = []
+    for name in paths:
+        best = {t.name: max(r["accuracy"] for r in rows if r["model"] == name and r["task"] == t.name) for t in tasks}
+        table.append(
+            {"model": name, **{k: f"{v:.3f}" for k, v in best.items()}, "mean": f"{np.mean(list(best.values())):.3f}"}
+        )
+    n_test = ", ".join(f"{t.name} {len(t.test)}" for t in tasks)
+    return "\n".join(
+        [
+            "## Embedding probes (best-layer held-out accuracy; eval.probes: logistic regression, mean-pooled states)",
+            "",
+            markdown_table(table, list(table[0])),
+            "",
+            f"Held-out proteins per task: {n_test} (binomial std of an accuracy near 0.75 on 400: ~0.022). "
+            f"Full tables: probes/probes.md.",
+        ]
+    )
+
+
+def write_report(s: Settings, out: Path, control: str, target: float | None, command: str, probes=False, log=print):
+    records = load_records(out)
+    if not (out / "campaign.json").exists():
+        raise SpeedrunError(f"{out}: no campaign.json: nothing has run there yet")
+    state = json.loads((out / "campaign.json").read_text())
+    s = Settings(**{**asdict(s), **state["settings"]})  # a report describes the runs as they were made
+    report = build_report(records, control, target)
+    probe_text = run_probes(s, records, report, out, log) if probes else ""
+    if not probes and (out / "probes" / "summary.md").exists():
+        probe_text = (out / "probes" / "summary.md").read_text()
+    if probes:
+        (out / "probes" / "summary.md").write_text(probe_text)
+    text = report_markdown(report, state, s, command, probe_text)
+    (out / "speedrun.md").write_text(text)
+    (out / "speedrun.json").write_text(json.dumps(dict(report=report, campaign=state, command=command), indent=1))
+    plot(records, report, out / "speedrun.png")
+    log(text)
+    return report

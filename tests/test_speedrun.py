@@ -1,0 +1,256 @@
+"""eval.speedrun, the judge: crossings, Welch statistics, the decision rule, the report on synthetic runs, arm
+parsing, token budgets, and a short campaign end to end (resumable)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_eval_benchmark import assert_png, prepared  # noqa: F401  (the prepared-shards fixture)
+
+from eval import speedrun_stats as st
+from eval.speedrun import (
+    MODES,
+    Arm,
+    Settings,
+    SpeedrunError,
+    check_arm,
+    load_campaign,
+    parse_variant,
+    speedplm_steps,
+)
+from eval.speedrun_report import build_report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------------- statistics
+
+
+def test_crossings_interpolate_the_curve():
+    pts = [dict(time=0, tokens=0, loss=3.5), dict(time=4, tokens=80, loss=3.0), dict(time=8, tokens=160, loss=2.6)]
+    assert st.reach(pts, 2.8, "time") == pytest.approx(6.0) and st.reach(pts, 2.8, "tokens") == pytest.approx(120)
+    assert st.reach(pts, 2.0, "time") is None
+    assert st.loss_at(pts, 6, "time") == pytest.approx(2.8) and st.loss_at(pts, 9, "time") is None
+    assert st.slope_at(pts, 2.8, "tokens") == pytest.approx(-0.4 / 80)
+
+
+def test_welch_against_hand_computed_values():
+    w = st.welch([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])  # var 1 each, se sqrt(2/3), t = -3.674, df = 4
+    assert w["diff"] == pytest.approx(-3.0) and w["df"] == pytest.approx(4.0)
+    assert w["p"] == pytest.approx(0.02131, abs=2e-5)
+    assert (w["low"], w["high"]) == pytest.approx(
+        (-3 - 2.7764 * math.sqrt(2 / 3), -3 + 2.7764 * math.sqrt(2 / 3)), abs=1e-3
+    )
+    unequal = st.welch([1.0, 1.1, 0.9, 1.05], [2.0, 4.0, 3.0])  # Welch's df, not the pooled n_a + n_b - 2
+    assert unequal["df"] < 3 and st.welch([1.0], [2.0, 3.0])["p"] is None
+    r = st.log_ratio([200.0, 220.0, 180.0], [100.0, 110.0, 90.0])
+    assert r["ratio"] == pytest.approx(2.0, rel=1e-3) and r["low"] < 2.0 < r["high"] and r["p"] < 0.01
+    m = st.mean_ci([1.0, 2.0, 3.0])
+    assert (m["mean"], m["low"], m["high"]) == pytest.approx(
+        (2.0, 2 - 4.3027 / math.sqrt(3), 2 + 4.3027 / math.sqrt(3)), abs=1e-3
+    )
+
+
+def test_eval_noise_bootstrap():
+    rng = np.random.default_rng(0)
+    counts = rng.integers(20, 60, 400)
+    per_token = [rng.normal(2.6, 1.0, n) for n in counts]
+    record = {"final_per_protein": {"loss_sum": [x.sum() for x in per_token], "count": counts.tolist()}}
+    noise = st.eval_noise(record)
+    analytic = np.std([x.mean() for x in per_token]) * np.sqrt(np.mean(counts**2)) / np.mean(counts) / np.sqrt(400)
+    assert 0.8 * analytic < noise < 1.2 * analytic
+    assert st.eval_noise(record, record) == 0.0  # a run against itself on the same proteins: no noise
+
+
+def comparison(tokens_diff, tokens_p, time_diff, time_p, reached=5):
+    return dict(
+        n=5,
+        tokens_reached=reached,
+        time_reached=reached,
+        tokens_test=dict(diff=tokens_diff, p=tokens_p),
+        time_test=dict(diff=time_diff, p=time_p),
+    )
+
+
+@pytest.mark.parametrize(
+    "case, verdict",
+    [
+        (comparison(-10, 0.001, -1, 0.2), "default"),
+        (comparison(-10, 0.001, +1, 0.3), "default"),  # time a little higher, not significantly: not "worse"
+        (comparison(-10, 0.001, +5, 0.01), "stays off (fewer tokens but time worse"),
+        (comparison(-10, 0.02, -5, 0.01), "stays off (no significant"),
+        (comparison(+10, 0.001, +5, 0.01), "stays off (tokens-to-target worse"),
+        (comparison(-10, 0.001, -1, 0.2, reached=4), "stays off (target not reached in 1 of 5"),
+        (comparison(-10, 0.001, -1, 0.2) | {"unresolved": 2}, "undecided (target crossed before the first"),
+    ],
+)
+def test_decision_rule(case, verdict):
+    assert st.decide(case).startswith(verdict)
+
+
+# ---------------------------------------------------------------------------------------------------- the report
+
+
+def synthetic_run(arm, seed, recipe="speedplm", speed=1.0, overrides=(), tokens_per_s=10_000.0):
+    """A falling loss curve: loss = 2.55 + 0.8 exp(-tokens / (speed * 0.6 M)), seed jitter of 2% on `speed`."""
+    rng = np.random.default_rng(seed + 1000 * len(arm))
+    scale = speed * 0.6e6 * (1 + 0.02 * rng.standard_normal())
+    points = []
+    for i in range(1, 17):
+        tokens = i * 150_000
+        loss = 2.55 + 0.8 * math.exp(-tokens / scale)
+        points.append(dict(step=i * 10, tokens=tokens, time=tokens / tokens_per_s, loss=loss, accuracy=0.2))
+    counts = rng.integers(20, 60, 50)
+    sums = [c * (points[-1]["loss"] + 0.3 * rng.standard_normal()) for c in counts]
+    return dict(
+        arm=arm,
+        key=arm,
+        recipe=recipe,
+        overrides=list(overrides),
+        template=list(overrides),
+        seed=seed,
+        points=points,
+        final_per_protein=dict(loss_sum=sums, count=counts.tolist()),
+    )
+
+
+def test_report_on_synthetic_campaign():
+    records = []
+    for seed in range(5):
+        records += [
+            synthetic_run("esm2-lr4e-4", seed, "esm2", speed=3.0, overrides=["esm.lr=4e-4"], tokens_per_s=7000),
+            synthetic_run("esm2-lr8e-4", seed, "esm2", speed=2.5, overrides=["esm.lr=8e-4"], tokens_per_s=7000),
+            synthetic_run("control", seed),
+            synthetic_run("faster", seed, speed=0.8, overrides=["train.normuon=true"]),
+            synthetic_run("slower", seed, speed=1.25, overrides=["train.muon_ns=polar_express"]),
+            synthetic_run("control-aa", seed + 5),
+        ]
+    report = build_report(records, "control")
+    assert report["baseline"] == "esm2-lr8e-4"  # the tuned baseline: lowest mean final loss
+    esm_final = [r["points"][-1]["loss"] for r in records if r["arm"] == "esm2-lr8e-4"]
+    assert report["target"] == pytest.approx(np.mean(esm_final))
+    arms = report["arms"]
+    assert arms["faster"]["decision"].startswith("default")
+    assert arms["faster"]["vs_control"]["tokens_ratio"]["ratio"] == pytest.approx(0.8, rel=0.05)
+    assert arms["slower"]["decision"].startswith("stays off (tokens-to-target worse")
+    assert arms["control-aa"]["aa"] and arms["control-aa"]["vs_control"]["tokens_test"]["p"] > 0.01
+    low, high = (arms["control-aa"]["vs_control"]["tokens_test"][k] for k in ("low", "high"))
+    assert low < 0 < high  # two groups of runs of the same arm agree within the reported interval
+    speedup = arms["control"]["speedup_tokens"]
+    assert speedup["low"] < speedup["ratio"] < speedup["high"] and speedup["ratio"] > 1.5
+    # equal-token gap of the faster arm: lower loss, CI excluding 0
+    gap = arms["faster"]["vs_control"]["loss_at_equal_tokens"]
+    assert gap["diff"] < 0 and gap["high"] < 0
+    assert report["eval_noise"]["final_loss"] > 0 and report["eval_noise"]["difference"] > 0
+    # a target the first evaluation is already below: crossings unresolved, no decision
+    early = build_report(records, "control", target=3.2)
+    assert early["arms"]["faster"]["decision"].startswith("undecided")
+
+
+def test_report_needs_a_control_and_a_target():
+    records = [synthetic_run("control", 0)]
+    with pytest.raises(SpeedrunError, match="no finished ESM2 arm"):
+        build_report(records, "control")
+    assert build_report(records, "control", target=2.9)["target"] == 2.9
+    with pytest.raises(SpeedrunError, match="--control ctrl"):
+        build_report(records, "ctrl", target=2.9)
+
+
+# ---------------------------------------------------------------------------------------------------- arms, budget
+
+
+SMALL = Settings(shape="tiny", max_length=128, tokens_per_step=4096, budget_s=5, seeds=[0], evals=4, eval_max_tokens=1)
+
+
+def test_variants_are_parsed_and_checked():
+    arm = parse_variant(["pe4", "train.muon_ns=polar_express", "train.muon_ns_steps=4", "seeds=[5,6]"])
+    assert (arm.recipe, arm.overrides, arm.seeds) == (
+        "speedplm",
+        ["train.muon_ns=polar_express", "train.muon_ns_steps=4"],
+        [5, 6],
+    )
+    check_arm(arm, SMALL)
+    esm = parse_variant(["esm-hi", "recipe=esm2", "esm.lr=8e-4"])
+    check_arm(esm, SMALL)
+    assert esm.esm()["esm.lr"] == 8e-4 and esm.esm()["esm.warmup_fraction"] == 0.05
+    assert Arm("a", overrides=["x.y=1"]).key != Arm("a", overrides=["x.y=2"]).key
+    bad = [
+        (["typo", "train.normuonn=true"], "arm typo: config section 'train': unknown key"),
+        (["budget", "train.max_steps=5"], "train.max_steps is set by the judge"),
+        (["shape", "model.hidden_size=64"], "model.hidden_size is set by the judge"),
+        (["e", "recipe=esm2", "train.normuon=true"], "ESM2 arms take"),
+        (["e", "recipe=esm2", "esm.lr=fast"], "not a number"),
+        (["r", "recipe=jax"], "choose speedplm or esm2"),
+        (["s", "seeds=3"], "a list of integers"),
+    ]
+    for tokens, message in bad:
+        with pytest.raises(SpeedrunError, match=message):
+            check_arm(parse_variant(tokens), SMALL)
+
+
+def test_campaign_file_errors(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("arms:\n  - name: control\n  - {name: x, overrides: [train.normuon=true], colour: red}\n")
+    with pytest.raises(SpeedrunError, match=r"arms\[1\]"):
+        load_campaign(str(path))
+    path.write_text("settings: {budget_s: 60}\ncontrol: control\narms:\n  - name: control\n")
+    settings, arms, control = load_campaign(str(path))
+    assert settings == {"budget_s": 60} and [a.name for a in arms] == ["control"] and control == "control"
+
+
+def test_the_shipped_campaign_is_valid():
+    settings, arms, control = load_campaign(str(ROOT / "eval" / "campaigns" / "ablations-cpu.yaml"))
+    s = Settings(**{**MODES["full"], **settings})
+    for arm in arms:
+        check_arm(arm, s)
+    names = [a.name for a in arms]
+    assert control in names and len(set(names)) == len(names)
+    assert sum(a.recipe == "esm2" and a.seeds is None for a in arms) >= 4  # 4 learning rates x 5 seeds at least
+
+
+def test_every_arm_gets_the_same_token_budget(prepared):  # noqa: F811
+    s = Settings(**{**SMALL.__dict__, "data": str(prepared)})
+    budget = 100 * 4096
+    assert speedplm_steps(s, Arm("control"), budget) == 100
+    warm = Arm("warm", overrides=["train.micro_batch_tokens=1024", "train.batch_warmup_steps=40%steps"])
+    steps = speedplm_steps(s, warm, budget)
+    # 40 steps (40% of the control's 100) averaging ~2.6 of 4 micro-batches: ~14 more steps, same planned tokens
+    assert 110 < steps < 118
+    with pytest.raises(SpeedrunError, match="a percentage of the steps"):
+        speedplm_steps(s, Arm("bad", overrides=["train.batch_warmup_steps=x%steps"]), budget)
+
+
+# ---------------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_short_campaign_end_to_end_and_resumable(prepared, tmp_path):  # noqa: F811
+    cmd = [sys.executable, "-m", "eval.speedrun", "--short", "--data", str(prepared), "--out", str(tmp_path)]
+    cmd += ["--lanes", "2", "--variant", "control", "--variant", "pe", "train.muon_ns=polar_express"]
+    cmd += ["--variant", "esm2", "recipe=esm2"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["arm"] for r in records) == ["control", "esm2", "pe"]
+    for r in records:
+        times = [p["time"] for p in r["points"]]
+        assert len(times) >= 4 and times == sorted(times) and r["points"][-1]["loss"] < r["points"][0]["loss"]
+        assert len(r["final_per_protein"]["count"]) > 10 and (Path(r["model_dir"]) / "config.json").exists()
+    params = {r["arm"]: r["steps"] for r in records}
+    assert params["control"] == params["pe"]  # the same token budget
+    md = (tmp_path / "speedrun.md").read_text()
+    assert "## Switches vs the control" in md and "| pe |" in md and "Target loss" in md
+    assert_png(tmp_path / "speedrun.png")
+    # the same command again: nothing left to run, the records untouched
+    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0 and "run(s) to do" not in second.stdout
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 3
+    # a changed setting is refused, naming it, before anything runs
+    third = subprocess.run(cmd + ["--budget-s", "7"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 1 and "budget_s" in third.stderr
