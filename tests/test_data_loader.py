@@ -317,3 +317,32 @@ def test_a_start_reads_no_residues_and_a_flipped_byte_is_named_when_read(tmp_pat
         ld = build_loader(tmp_path / "flipped", num_workers=workers, **kw)  # the start checks headers and sizes
         with pytest.raises(ShardError, match=f"{shard}: residues .* fail their crc32"):
             take(iter(ld), ld.batches_per_epoch())  # every protein once
+
+
+def test_mask_clock_is_the_optimizer_step_during_a_batch_warmup(small_shards):
+    """With a batch warmup a step takes 1, 2, 3, 4, 4, ... micro-batches; every micro-batch is masked at the rate
+    of the optimizer step it belongs to, also after set_optimizer_step (resume_data_state=false) inside or after the
+    warmup, and the schedule's locate() inverts first_micro()."""
+    from training.batch_warmup import BatchSchedule
+    from training.collator import MaskRateSchedule
+
+    plan = BatchSchedule(4, warmup_steps=3, start=0.25)
+    assert [plan.at(s) for s in range(6)] == [1, 2, 3, 4, 4, 4]
+    for step in range(12):
+        for index in range(plan.at(step)):
+            assert plan.locate(plan.first_micro(step) + index) == (step, index)
+    rate = MaskRateSchedule(0.05, 0.4, steps=20)
+    kw = dict(max_length=MAX_LEN, tokens_per_micro_batch=4 * MAX_LEN, seed=7, global_batch_tokens=16 * MAX_LEN)
+
+    def rates(loader, steps: int, first_step: int = 0) -> list:
+        it, seen = iter(loader), []
+        for step in range(first_step, first_step + steps):
+            seen.append([(next(it), loader.last_mask_rate)[1] for _ in range(plan.at(step))])
+        return seen
+
+    warm = build_loader(small_shards, collator=MLMCollator(mask_rate=rate, seed=3), batch_warmup=(3, 0.25), **kw)
+    assert rates(warm, 6) == [[rate(s)] * plan.at(s) for s in range(6)]
+    for start in (2, 9):  # a fresh data position at an optimizer step inside, then after, the warmup
+        fresh = build_loader(small_shards, collator=MLMCollator(mask_rate=rate, seed=3), batch_warmup=(3, 0.25), **kw)
+        fresh.set_optimizer_step(start)
+        assert rates(fresh, 3, start) == [[rate(s)] * plan.at(s) for s in range(start, start + 3)]

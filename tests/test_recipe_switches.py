@@ -176,7 +176,7 @@ def test_transform_head_scored_positions_equal_full_logits(tokenizer):
     labels = batch["input_ids"].masked_fill(torch.rand(batch["input_ids"].shape) > 0.2, -100)
     labels[:, 0] = -100
     model.train()
-    train_loss = model(**batch, labels=labels).loss
+    train_loss = model(**batch, labels=labels, sparse_prediction=True).loss  # as the trainer calls it
     model.eval()
     with torch.no_grad():
         logits = model(**batch).logits
@@ -186,8 +186,10 @@ def test_transform_head_scored_positions_equal_full_logits(tokenizer):
 
 @pytest.mark.slow
 def test_transform_head_checkpoint_loads_in_fresh_process(tmp_path, tokenizer):
+    from training.card import write_model_folder
+
     model = randomized_tiny_model(seed=5, mlm_head="transform").eval()
-    model.save_pretrained(tmp_path / "ckpt")
+    write_model_folder(model, tmp_path / "ckpt")  # weights, config, code, tokenizer: as the trainer writes it
     out = tmp_path / "out.pt"
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     args = [sys.executable, "-c", LOADER, str(tmp_path / "ckpt"), json.dumps(PROTEINS), str(out)]
