@@ -50,8 +50,8 @@ from pathlib import Path
 
 import torch
 
-from eval.masked_metrics import MaskedLMAccumulator
 from modeling_speedplm import ESM2_VOCAB
+from training.metrics import MaskedLMAccumulator
 
 NUM_TOKENS = len(ESM2_VOCAB)  # 33
 OPTIONAL_TOKENS = ("<null_1>",)  # never in an input or a label: a model may lack it

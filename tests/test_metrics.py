@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, matthews_corrcoef, precision_recall_fscore_support
 
-from eval.masked_metrics import IGNORE_INDEX, MaskedLMAccumulator
-from eval.metrics.masked_lm.classification import ESM2_VOCAB as LOCAL_VOCAB
+from modeling_speedplm import ESM2_VOCAB
+from training.metrics import IGNORE_INDEX, MaskedLMAccumulator
 
 METRIC_DIR = Path(__file__).resolve().parents[1] / "eval" / "metrics" / "masked_lm"
 V = 33
@@ -56,12 +56,6 @@ def masked_lm():
     return lambda config=None: evaluate.load(str(METRIC_DIR), config, keep_in_memory=True)
 
 
-def test_local_vocabulary_copy_matches_the_model_vocabulary():
-    from modeling_speedplm.configuration_speedplm import ESM2_VOCAB
-
-    assert tuple(LOCAL_VOCAB) == tuple(ESM2_VOCAB)
-
-
 def test_module_matches_sklearn(masked_lm):
     preds, refs, losses = flat_scored(*random_batch(0, batch=8, length=256))
     assert not np.isin(preds, np.unique(refs)).all()  # some predictions are ids absent from references
@@ -78,7 +72,7 @@ def test_module_matches_sklearn(masked_lm):
     for average in ("weighted", "macro"):
         p, r, f, _ = precision_recall_fscore_support(refs, preds, labels=labels, average=average, zero_division=0)
         expected.update({f"precision_{average}": p, f"recall_{average}": r, f"f1_{average}": f})
-    expected["per_amino_acid_accuracy"] = {LOCAL_VOCAB[c]: (preds[refs == c] == c).mean() for c in labels}
+    expected["per_amino_acid_accuracy"] = {ESM2_VOCAB[c]: (preds[refs == c] == c).mean() for c in labels}
     assert_same(result, expected)
     # Weighted recall is accuracy by construction; macro recall (mean per-residue accuracy) differs.
     assert result["recall_weighted"] == pytest.approx(result["accuracy"])

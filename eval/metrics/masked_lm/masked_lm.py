@@ -1,18 +1,18 @@
 """Masked-LM metrics over scored (masked) positions: loss, perplexity, accuracy, P/R/F1, MCC, per-amino-acid accuracy.
 
 Loaded offline with `evaluate.load("<repo>/eval/metrics/masked_lm")` (a directory path works when the folder and the
-file share a name). evaluate 0.4.6 parses the top-level imports line by line: library imports must be installed,
-relative ones (`from .classification import ...`) name files of this folder, which it copies with this script into
-HF_MODULES_CACHE/evaluate_modules/metrics/masked_lm/<content hash>/ and imports from there. So our own package is not
-importable here (hence the vocabulary copy in classification.py). It takes the first EvaluationModule subclass in
-the namespace as the metric, so never `from evaluate import Metric` here.
+file share a name). evaluate 0.4.6 parses the top-level imports line by line and checks that each library import
+can be imported; it copies this script into HF_MODULES_CACHE/evaluate_modules/metrics/masked_lm/<content hash>/ and
+imports it from there. The metrics themselves are training.metrics.classification_metrics (one home, shared with the
+training loop's eval), so the project must be importable (run from the repository root, as every eval tool is). It
+takes the first EvaluationModule subclass in the namespace as the metric, so never `from evaluate import Metric` here.
 """
 
 import datasets
 import evaluate
 import numpy as np
 
-from .classification import classification_metrics
+from training.metrics import classification_metrics
 
 _CITATION = """\
 @article{scikit-learn,

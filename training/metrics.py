@@ -1,10 +1,13 @@
-"""Token-weighted masked-LM metrics accumulated over eval batches and summed over all ranks.
+"""Masked-LM metrics: token-weighted loss, perplexity and classification scores of the masked positions.
 
-Used by the training loop's in-loop eval and by the benchmark. It must stay cheap to import and to update: no
-`evaluate` import (6-8 s); an update is one fp32 cross-entropy, one argmax and one bincount on the logits' device.
-The state is a loss sum and a V x V confusion matrix (rows: true id, columns: predicted id); token and correct
-counts are its sum and trace, so they can never disagree with it. Metrics come from scikit-learn, fed with the
-confusion cells as sample weights, through the same function the `masked_lm` evaluate module uses.
+The one home of these numbers. Training's in-loop eval (training/evaluation.py), the benchmark (eval/benchmark.py)
+and the `masked_lm` evaluate module (eval/metrics/masked_lm) all compute them here.
+
+MaskedLMAccumulator sums over eval batches and ranks. It must stay cheap to import and to update: no `evaluate`
+import (6-8 s); an update is one fp32 cross-entropy, one argmax and one bincount on the logits' device. The state is
+a loss sum and a V x V confusion matrix (rows: true id, columns: predicted id); token and correct counts are its sum
+and trace, so they can never disagree with it. `classification_metrics` (scikit-learn) takes the confusion cells as
+sample weights, so it gives exactly what it gives on one entry per token.
 """
 
 from __future__ import annotations
@@ -15,10 +18,35 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from sklearn.metrics import accuracy_score, matthews_corrcoef, precision_recall_fscore_support
 
-from eval.metrics.masked_lm.classification import classification_metrics
+from modeling_speedplm import ESM2_VOCAB
 
 IGNORE_INDEX = -100  # label of unscored positions (the Hugging Face / PyTorch cross-entropy convention)
+
+
+def classification_metrics(y_true, y_pred, sample_weight=None):
+    """Accuracy, P/R/F1 (weighted, macro), MCC, per-class accuracy. `sample_weight`: counts, e.g. of confusion cells."""
+    # Classes = ids present in references. Restricting `labels` keeps ids that are only ever predicted (e.g. a
+    # special token) from adding an all-zero class to the macro average, while still counting those predictions
+    # as misses of their true class.
+    labels = np.unique(y_true)
+    if labels[0] < 0 or labels[-1] >= len(ESM2_VOCAB):
+        raise ValueError(f"references must be ESM2 token ids in [0, {len(ESM2_VOCAB)}), got {labels.tolist()}")
+    result = {"accuracy": float(accuracy_score(y_true, y_pred, sample_weight=sample_weight))}
+    for average in ("weighted", "macro"):
+        p, r, f, _ = precision_recall_fscore_support(
+            y_true, y_pred, labels=labels, average=average, sample_weight=sample_weight, zero_division=0
+        )
+        result.update({f"precision_{average}": float(p), f"recall_{average}": float(r), f"f1_{average}": float(f)})
+    # Weighted recall == accuracy, always: sum_c (n_c / N) * (TP_c / n_c) = sum_c TP_c / N, and the classes cover
+    # every reference. It carries no information beyond accuracy; macro recall (mean per-class accuracy) does.
+    result["mcc"] = float(matthews_corrcoef(y_true, y_pred, sample_weight=sample_weight))
+    _, recall, _, _ = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, average=None, sample_weight=sample_weight, zero_division=0
+    )
+    result["per_amino_acid_accuracy"] = {ESM2_VOCAB[c]: float(a) for c, a in zip(labels, recall)}
+    return result
 
 
 class MaskedLMAccumulator:
