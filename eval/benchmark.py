@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 
 from modeling_speedplm import ESM2_VOCAB
+from training.collator import REPLACEMENTS
 from training.metrics import MaskedLMAccumulator
 
 NUM_TOKENS = len(ESM2_VOCAB)  # 33
@@ -127,8 +128,7 @@ def build_batches(
             f"--batch-tokens {batch_tokens} < max length {max_length}: a batch holds "
             f"batch_tokens // max_length proteins"
         )
-    replace = (0.8, 0.1, 0.1) if replacement == "80/10/10" else (1.0, 0.0, 0.0)
-    collator = MLMCollator(mask_rate=mask_rate, replace=replace, seed=seed)
+    collator = MLMCollator(mask_rate=mask_rate, replace=replacement, seed=seed)
     loader = build_eval_loader(
         shard_dir,
         max_length=max_length,
@@ -381,7 +381,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="builtin", help="'builtin' or a prepared shard directory")
     p.add_argument("--split", default="test", help="split folder inside --data (default: test)")
     p.add_argument("--mask-rate", type=float, default=0.15, help="share of residues scored (ESM2: 0.15)")
-    p.add_argument("--replacement", choices=("80/10/10", "mask"), default="80/10/10")
+    p.add_argument("--replacement", choices=tuple(REPLACEMENTS), default="80/10/10")
     p.add_argument("--seed", type=int, default=0, help="mask seed")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--max-tokens", type=int, default=None, help="stop after the batch reaching N real tokens")

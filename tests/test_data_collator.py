@@ -86,14 +86,14 @@ def test_replacement_mix_and_random_ids_are_standard_residues(rows_1024):
     assert (b["input_ids"][b["labels"] != -100] == MASK).all()
 
 
-def test_deterministic_from_seed_step_rank_micro():
+def test_deterministic_from_seed_step_micro():
     rows = [[encode(UBIQUITIN), encode(UBIQUITIN[::-1])]]
     c = MLMCollator(seed=5)
-    same = [c(rows, length=256, step=3, rank=1, micro=2) for _ in range(2)]
+    same = [c(rows, length=256, step=3, micro=2) for _ in range(2)]
     assert all(torch.equal(same[0][k], same[1][k]) for k in same[0])
-    for kw in (dict(step=4, rank=1, micro=2), dict(step=3, rank=0, micro=2), dict(step=3, rank=1, micro=0)):
+    for kw in (dict(step=4, micro=2), dict(step=3, micro=0)):
         assert not torch.equal(c(rows, length=256, **kw)["labels"], same[0]["labels"])
-    assert not torch.equal(MLMCollator(seed=6)(rows, length=256, step=3, rank=1, micro=2)["labels"], same[0]["labels"])
+    assert not torch.equal(MLMCollator(seed=6)(rows, length=256, step=3, micro=2)["labels"], same[0]["labels"])
 
 
 def test_schedule_is_a_function_of_step():
@@ -131,7 +131,7 @@ def test_schedule_in_workers_equals_main_process(rows_1024):
 
 def test_batch_form_and_tokenizer_agreement(tokenizer):
     seqs = [UBIQUITIN, UBIQUITIN[:30]]
-    packed = MLMCollator().from_sequences(seqs, packing=True, length=128)
+    packed = MLMCollator()([[encode(s) for s in seqs]], length=128)  # both proteins in one row
     assert {k: (v.shape, v.dtype) for k, v in packed.items()} == {
         "input_ids": ((1, 128), torch.long),
         "labels": ((1, 128), torch.long),
@@ -147,5 +147,5 @@ def test_batch_form_and_tokenizer_agreement(tokenizer):
     original = torch.where(packed["labels"] != -100, packed["labels"], packed["input_ids"])[0]
     expected = tokenizer(seqs[0])["input_ids"] + tokenizer(seqs[1])["input_ids"]
     assert original[: n0 + n1].tolist() == expected
-    padded = MLMCollator().from_sequences(seqs)
+    padded = MLMCollator()([[encode(s)] for s in seqs])  # one protein a row, padded to the longest
     assert padded["input_ids"].shape == (2, n0) and padded["document_ids"][1].tolist() == [0] * n1 + [-1] * (n0 - n1)

@@ -2,10 +2,10 @@
 
 Public API
     MaskRateSchedule(start, end, steps, kind="linear")     # rate(step): start -> end over `steps`, then end
-    MLMCollator(mask_rate=0.2, replace=(0.8, 0.1, 0.1), seed=0)   # mask_rate: float or MaskRateSchedule
-        .rate(step) -> float
-        .__call__(rows, *, length=None, step=0, rank=0, micro=0) -> batch dict
-        .from_sequences(sequences, *, packing=False, length=None, step=0, rank=0, micro=0) -> batch dict
+    MLMCollator(mask_rate=0.2, replace="80/10/10", seed=0)   # mask_rate: float or MaskRateSchedule; replace: a
+        .rate(step) -> float                                   # REPLACEMENTS name or (mask, random, keep) fractions
+        .__call__(rows, *, length=None, step=0, micro=0) -> batch dict
+    REPLACEMENTS = {"80/10/10": (0.8, 0.1, 0.1), "mask": (1.0, 0.0, 0.0)}   # data.replacement, --replacement
     mix64(*ints) -> int   # 63-bit seed from several integers (splitmix64 chain)
     TRAIN_MASK_RATE = 0.2, EVAL_MASK_RATE = 0.15 (ESM2's evaluation protocol)
 
@@ -24,9 +24,10 @@ Masking rules
       observed rate tracks the target closely even over small batches;
     - masked positions: 80% <mask>, 10% a random standard residue (ids 4..23, never a special token), 10% unchanged
       (replace="mask" puts <mask> everywhere);
-    - the random draws come from a torch.Generator seeded with mix64(seed, step, rank, micro), and the rate from
+    - the random draws come from a torch.Generator seeded with mix64(seed, step, 0, micro), and the rate from
       `rate(step)`: both are functions of the arguments only, so DataLoader workers, resumed runs and repeated evals
-      produce identical masks.
+      produce identical masks. `micro` is the micro-batch's global slot (training/loader.py), which already tells the
+      ranks apart; the 0 keeps the masks of earlier versions, which also keyed a rank that was always 0.
 """
 
 import dataclasses
@@ -35,9 +36,10 @@ import math
 import numpy as np
 import torch
 
-from training.validate import CLS, EOS, FIRST_RESIDUE, LAST_RESIDUE, LAST_STANDARD, MASK, PAD, encode
+from training.validate import CLS, EOS, FIRST_RESIDUE, LAST_RESIDUE, LAST_STANDARD, MASK, PAD
 
 TRAIN_MASK_RATE = 0.2
+REPLACEMENTS = {"80/10/10": (0.8, 0.1, 0.1), "mask": (1.0, 0.0, 0.0)}  # (mask, random residue, unchanged)
 EVAL_MASK_RATE = 0.15
 M64 = (1 << 64) - 1
 
@@ -80,11 +82,13 @@ class MaskRateSchedule:
 class MLMCollator:
     """Builds packed/padded MLM batches; see the module docstring for the exact rules."""
 
-    def __init__(self, mask_rate: float | MaskRateSchedule = TRAIN_MASK_RATE, replace=(0.8, 0.1, 0.1), seed: int = 0):
-        if replace == "mask":
-            replace = (1.0, 0.0, 0.0)
-        if len(replace) != 3 or abs(sum(replace) - 1.0) > 1e-6 or min(replace) < 0:
-            raise ValueError(f"replace must be 'mask' or 3 fractions (mask, random, keep) summing to 1, got {replace}")
+    def __init__(self, mask_rate: float | MaskRateSchedule = TRAIN_MASK_RATE, replace="80/10/10", seed: int = 0):
+        replace = REPLACEMENTS.get(replace, replace) if isinstance(replace, str) else replace
+        if isinstance(replace, str) or len(replace) != 3 or abs(sum(replace) - 1.0) > 1e-6 or min(replace) < 0:
+            raise ValueError(
+                f"replace must be one of {sorted(REPLACEMENTS)} or 3 fractions (mask, random, keep) summing to 1, "
+                f"got {replace!r}"
+            )
         if not isinstance(mask_rate, MaskRateSchedule) and not 0.0 < mask_rate < 1.0:
             raise ValueError(f"mask_rate must be in (0, 1), got {mask_rate}")
         self.mask_rate, self.replace, self.seed = mask_rate, tuple(replace), seed
@@ -92,20 +96,7 @@ class MLMCollator:
     def rate(self, step: int) -> float:
         return self.mask_rate(step) if isinstance(self.mask_rate, MaskRateSchedule) else float(self.mask_rate)
 
-    def from_sequences(self, sequences, *, packing: bool = False, length: int | None = None, **kw) -> dict:
-        """Convenience for tests/eval: validate + tokenize strings; one protein per row, or all in rows of `length`."""
-        docs = [encode(s) for s in sequences]
-        if not packing:
-            return self([[d] for d in docs], length=length, **kw)
-        rows, used = [[]], 0
-        for d in docs:  # first-fit in order; the loader's best-fit packer is for real data
-            if used + len(d) + 2 > length:
-                rows, used = rows + [[]], 0
-            rows[-1].append(d)
-            used += len(d) + 2
-        return self(rows, length=length, **kw)
-
-    def __call__(self, rows, *, length: int | None = None, step: int = 0, rank: int = 0, micro: int = 0) -> dict:
+    def __call__(self, rows, *, length: int | None = None, step: int = 0, micro: int = 0) -> dict:
         sizes = [sum(len(d) + 2 for d in row) for row in rows]
         L = length if length is not None else max(sizes)
         if max(sizes) > L:
@@ -127,7 +118,7 @@ class MLMCollator:
                 p += n + 2
         input_ids = torch.from_numpy(ids).long()
         document_ids = torch.from_numpy(doc)
-        input_ids, labels = self._mask(input_ids, document_ids, step, rank, micro)
+        input_ids, labels = self._mask(input_ids, document_ids, step, micro)
         return dict(
             input_ids=input_ids,
             labels=labels,
@@ -136,9 +127,9 @@ class MLMCollator:
             attention_mask=(document_ids >= 0).long(),
         )
 
-    def _mask(self, ids: torch.Tensor, doc: torch.Tensor, step: int, rank: int, micro: int):
+    def _mask(self, ids: torch.Tensor, doc: torch.Tensor, step: int, micro: int):
         B, L = ids.shape
-        g = torch.Generator().manual_seed(mix64(self.seed, step, rank, micro))
+        g = torch.Generator().manual_seed(mix64(self.seed, step, 0, micro))
         maskable = (ids >= FIRST_RESIDUE) & (ids <= LAST_RESIDUE)  # (B, L)
         scores = torch.rand((B, L), generator=g, dtype=torch.float64)  # (B, L)
         scores.masked_fill_(~maskable, 2.0)

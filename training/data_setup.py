@@ -45,7 +45,7 @@ def train_collator(config: RunConfig) -> MLMCollator:
     rate = data.mask_rate
     if data.mask_rate_end is not None and data.mask_schedule_steps > 0:
         rate = MaskRateSchedule(data.mask_rate, data.mask_rate_end, data.mask_schedule_steps)
-    return MLMCollator(mask_rate=rate, replace=_replacement(data.replacement), seed=config.train.seed)
+    return MLMCollator(mask_rate=rate, replace=data.replacement, seed=config.train.seed)
 
 
 def build_train_loader(config: RunConfig, plan: BatchPlan, shard_dir: Path, rank: int):
@@ -69,7 +69,7 @@ def build_train_loader(config: RunConfig, plan: BatchPlan, shard_dir: Path, rank
 def build_eval_loader(config: RunConfig, shard_dir: Path, rank: int, world: int):
     collator = MLMCollator(
         mask_rate=config.eval.mask_rate or EVAL_MASK_RATE,
-        replace=_replacement(config.data.replacement),
+        replace=config.data.replacement,
         seed=config.eval.seed,
     )
     return eval_loader_over(
@@ -81,7 +81,3 @@ def build_eval_loader(config: RunConfig, shard_dir: Path, rank: int, world: int)
         world_size=world,
         seed=config.eval.seed,
     )
-
-
-def _replacement(name: str) -> tuple[float, float, float]:
-    return (0.8, 0.1, 0.1) if name == "80/10/10" else (1.0, 0.0, 0.0)

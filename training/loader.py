@@ -253,7 +253,7 @@ class _BatchStream(IterableDataset):
         # rows get the same masks whatever the split into ranks and accumulation steps, so N ranks reproduce 1.
         slot = micro * s.world_size + s.rank
         length = s.max_length if s.packing else None
-        batch = self.collator(rows, length=length, step=step, rank=0, micro=slot)
+        batch = self.collator(rows, length=length, step=step, micro=slot)
         win = plan.window_of(min(first, plan.total_rows - 1))
         return win.index, win.first_row, self.collator.rate(step), batch
 
