@@ -50,9 +50,11 @@ from pathlib import Path
 
 import torch
 
+from eval.tables import markdown_table
 from modeling_speedplm import ESM2_VOCAB
-from training.collator import REPLACEMENTS
+from training.collator import EVAL_MASK_RATE, REPLACEMENTS
 from training.metrics import MaskedLMAccumulator
+from training.shards import MANIFEST
 
 NUM_TOKENS = len(ESM2_VOCAB)  # 33
 OPTIONAL_TOKENS = ("<null_1>",)  # never in an input or a label: a model may lack it
@@ -85,21 +87,16 @@ class BenchmarkError(Exception):
 def resolve_split(source: str, split: str, cache: str = "data", accelerator=None) -> Path:
     """Shard directory of `split`. "builtin" is prepared once (main process) into cache/builtin."""
     if source == "builtin":
-        from training.data import prepare_builtin
+        from training.data_setup import builtin_root
 
-        root = Path(cache) / "builtin"
-        is_main = accelerator is None or accelerator.is_main_process
-        if is_main and not (root / "test" / "manifest.json").exists():
-            prepare_builtin(root, overwrite=True, log=lambda *a: None)
-        if accelerator is not None:
-            accelerator.wait_for_everyone()
+        root = builtin_root(cache, accelerator)
         if split not in ("train", "valid", "test"):
             raise BenchmarkError(f"--split {split!r}: the built-in set has train, valid and test")
         return root / split
     path = Path(source)
-    if (path / split / "manifest.json").exists():
+    if (path / split / MANIFEST).exists():
         return path / split
-    if (path / "manifest.json").exists():
+    if (path / MANIFEST).exists():
         return path
     raise BenchmarkError(
         f"--data {source}: neither {path / split} nor {path} is a prepared shard directory "
@@ -110,7 +107,7 @@ def resolve_split(source: str, split: str, cache: str = "data", accelerator=None
 def build_batches(
     shard_dir,
     *,
-    mask_rate: float = 0.15,
+    mask_rate: float = EVAL_MASK_RATE,
     seed: int = 0,
     max_length: int = 1024,
     batch_tokens: int = 16384,
@@ -298,17 +295,6 @@ def hardware(accelerator=None) -> str:
     return text
 
 
-def markdown_table(rows: list[dict], columns) -> str:
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.4f}" if abs(v) < 1000 else f"{v:,.0f}"
-        return f"{v:,}" if isinstance(v, int) else str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def plot_results(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -380,7 +366,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", required=True, metavar="M", help="checkpoint folders or Hub ids")
     p.add_argument("--data", default="builtin", help="'builtin' or a prepared shard directory")
     p.add_argument("--split", default="test", help="split folder inside --data (default: test)")
-    p.add_argument("--mask-rate", type=float, default=0.15, help="share of residues scored (ESM2: 0.15)")
+    p.add_argument("--mask-rate", type=float, default=EVAL_MASK_RATE, help="share of residues scored (ESM2: 0.15)")
     p.add_argument("--replacement", choices=tuple(REPLACEMENTS), default="80/10/10")
     p.add_argument("--seed", type=int, default=0, help="mask seed")
     p.add_argument("--out", required=True, metavar="DIR")

@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from eval.benchmark import hardware, markdown_table
+from eval.benchmark import hardware
+from eval.tables import markdown_table
 
 
 def rss_mib() -> float:

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from eval.tables import markdown_table
+
 OMG_PROTEINS = 207_000_000
 GIB = 1 << 30
 
@@ -148,11 +150,13 @@ def measure_loader(args) -> dict:
 
 
 def run_scale(args, root: Path) -> list[dict]:
+    from training.shards import MANIFEST
+
     rows = []
     for n in args.proteins:
         directory = root / f"shards-{n}"
         t0 = time.perf_counter()
-        if not (directory / "manifest.json").exists():
+        if not (directory / MANIFEST).exists():
             shutil.rmtree(directory, ignore_errors=True)
             write_shards(directory, n)
         write_s = time.perf_counter() - t0
@@ -174,17 +178,28 @@ def run_scale(args, root: Path) -> list[dict]:
 
 
 def scale_table(rows: list[dict], workers: int) -> str:
-    lines = [
-        f"| proteins | corpus (GB) | PSS, main + {workers} workers: first batch / peak (GiB) | build (s) | ready "
-        "(s) | batches/s | read before first batch (MB, % of corpus) |",
-        "|---|---|---|---|---|---|---|",
+    columns = [
+        "proteins",
+        "corpus (GB)",
+        f"PSS, main + {workers} workers: first batch / peak (GiB)",
+        "build (s)",
+        "ready (s)",
+        "batches/s",
+        "read before first batch (MB, % of corpus)",
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['proteins']:,} | {r['corpus_bytes'] / 1e9:.2f} | {r['pss_first'] / GIB:.2f} / "
-            f"{r['pss_peak'] / GIB:.2f} | {r['build_s']:.2f} | {r['first_s']:.2f} | {r['batches_per_s']:.1f} | "
-            f"{r['read_before_first'] / 1e6:.1f} ({100 * r['read_before_first'] / r['corpus_bytes']:.2f}%) |"
-        )
+    cells = [
+        [
+            f"{r['proteins']:,}",
+            f"{r['corpus_bytes'] / 1e9:.2f}",
+            f"{r['pss_first'] / GIB:.2f} / {r['pss_peak'] / GIB:.2f}",
+            f"{r['build_s']:.2f}",
+            f"{r['first_s']:.2f}",
+            f"{r['batches_per_s']:.1f}",
+            f"{r['read_before_first'] / 1e6:.1f} ({100 * r['read_before_first'] / r['corpus_bytes']:.2f}%)",
+        ]
+        for r in rows
+    ]
+    lines = [markdown_table(cells, columns)]
     if len(rows) > 1:
         a, b = rows[0], rows[-1]
         slope = (b["pss_peak"] - a["pss_peak"]) / (b["proteins"] - a["proteins"])
@@ -276,16 +291,21 @@ def prepare_table(rows: list[dict], proteins: int) -> str:
     lines = [
         f"`prepare` of a synthetic FASTA, {proteins:,} proteins, {rows[0]['residues']:,} residues:",
         "",
-        "| processes | wall (s) | residues/s | speedup | CPU s: main / workers | serial share | same output as 1 |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        cpu = r["main_cpu_s"] + r["workers_cpu_s"]
-        lines.append(
-            f"| {r['num_proc']} | {r['wall_s']:.1f} | {r['residues'] / r['wall_s'] / 1e6:.1f} M | "
-            f"{rows[0]['wall_s'] / r['wall_s']:.2f} | {r['main_cpu_s']:.1f} / {r['workers_cpu_s']:.1f} | "
-            f"{r['main_cpu_s'] / cpu:.0%} | {'yes' if r['digest'] == rows[0]['digest'] else 'NO'} |"
-        )
+    columns = ["processes", "wall (s)", "residues/s", "speedup", "CPU s: main / workers", "serial share"]
+    cells = [
+        [
+            r["num_proc"],
+            f"{r['wall_s']:.1f}",
+            f"{r['residues'] / r['wall_s'] / 1e6:.1f} M",
+            f"{rows[0]['wall_s'] / r['wall_s']:.2f}",
+            f"{r['main_cpu_s']:.1f} / {r['workers_cpu_s']:.1f}",
+            f"{r['main_cpu_s'] / (r['main_cpu_s'] + r['workers_cpu_s']):.0%}",
+            "yes" if r["digest"] == rows[0]["digest"] else "NO",
+        ]
+        for r in rows
+    ]
+    lines.append(markdown_table(cells, [*columns, "same output as 1"]))
     lines.append(
         "\nserial share = the main process's CPU (reading, cutting, duplicate checks, writing) / all CPU: with "
         "N workers on N free cores the wall time is about max(main, workers / N)"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from eval.tables import markdown_table
 from training.collator import EVAL_MASK_RATE, MLMCollator
 from training.data import prepare, prepare_builtin
 from training.loader import build_eval_loader, build_loader
@@ -75,15 +76,18 @@ def bench_loader(loader, batches: int, repeats: int, name: str) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'stage':<44} {'tokens':>12} {'median s':>9} {'tok/s wall':>12} {'tok/s/core':>12} {'pad waste':>9}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        waste = "" if r["padding_waste"] is None else f"{100 * r['padding_waste']:.2f}%"
-        lines.append(
-            f"{r['stage']:<44} {r['tokens']:>12,} {r['wall_s']:>9.3f} {r['tokens_per_s_wall']:>12,.0f} "
-            f"{r['tokens_per_s_per_core']:>12,.0f} {waste:>9}"
-        )
-    return "\n".join(lines)
+    cells = [
+        [
+            r["stage"],
+            f"{r['tokens']:,}",
+            f"{r['wall_s']:.3f}",
+            f"{r['tokens_per_s_wall']:,.0f}",
+            f"{r['tokens_per_s_per_core']:,.0f}",
+            "" if r["padding_waste"] is None else f"{100 * r['padding_waste']:.2f}%",
+        ]
+        for r in rows
+    ]
+    return markdown_table(cells, ["stage", "tokens", "median s", "tok/s wall", "tok/s/core", "pad waste"])
 
 
 def main(argv=None) -> int:

@@ -32,8 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval.benchmark import hardware, markdown_table
+from eval.benchmark import hardware
 from eval.embed import embed_to_parquet, load_embedder, resolve_dtype
+from eval.tables import markdown_table
 from eval.throughput import esm_twin
 from modeling_speedplm import SpeedPLMConfig, SpeedPLMForMaskedLM, build_tokenizer
 from training.sources import builtin_files, iter_records

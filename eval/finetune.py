@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval.benchmark import BenchmarkError, hardware, inspect_model, load_model, markdown_table
+from eval.benchmark import BenchmarkError, hardware, inspect_model, load_model
 from eval.probes import TASKS, Task, embed, fit_probe, load_task
+from eval.tables import markdown_table
 
 METRIC = Path(__file__).parent / "metrics" / "protein_classification"
 LORA_TARGETS = ["qkv_proj", "o_proj", "up_proj", "down_proj"]  # SpeedPLM's matrices; "all-linear" for other models

@@ -39,7 +39,12 @@ if ARGS.dry_run and not torch.cuda.is_available():
 
 import torch.nn.functional as F  # noqa: E402
 
+from eval.tables import markdown_table  # noqa: E402
 from modeling_speedplm import kernels_speedplm as K  # noqa: E402
+from training.collator import EVAL_MASK_RATE  # noqa: E402
+from training.metrics import IGNORE_INDEX  # noqa: E402
+from training.throughput import peak_flops  # noqa: E402
+from training.validate import FIRST_RESIDUE, LAST_STANDARD, MASK  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -99,10 +104,7 @@ def parity_ok(triton_err: float, torch_err: float) -> str:
 
 
 def table(title, headers, rows) -> str:
-    cells = [headers] + [[c if isinstance(c, str) else f"{c:.4g}" for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    fmt = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa
-    return "\n".join([f"\n## {title}", fmt(headers), fmt(["-" * w for w in widths])] + [fmt(r) for r in cells[1:]])
+    return f"\n## {title}\n\n" + markdown_table(rows, headers, fmt=lambda c: c if isinstance(c, str) else f"{c:.4g}")
 
 
 # ------------------------------------------------------------------------------------------------------ inputs
@@ -346,13 +348,11 @@ def end_to_end_rows(s, variants) -> tuple[list, list[str]]:
     docs, lengths = document_ids(batch, length, gen)
     docs = docs.to(DEVICE)
     context = sum(n * n for n in lengths) / sum(lengths)
-    input_ids = torch.randint(4, 24, (batch, length), generator=gen).to(DEVICE)
-    scored = torch.rand(batch, length, generator=gen).to(DEVICE) < 0.15
-    labels = torch.where(scored, input_ids, torch.full_like(input_ids, -100))
-    masked_ids = torch.where(scored, torch.full_like(input_ids, 32), input_ids)
-    peak = ARGS.peak_tflops or (
-        989.0 if CUDA and any(n in torch.cuda.get_device_name() for n in ("H100", "H200")) else None
-    )
+    input_ids = torch.randint(FIRST_RESIDUE, LAST_STANDARD + 1, (batch, length), generator=gen).to(DEVICE)
+    scored = torch.rand(batch, length, generator=gen).to(DEVICE) < EVAL_MASK_RATE
+    labels = torch.where(scored, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    masked_ids = torch.where(scored, torch.full_like(input_ids, MASK), input_ids)
+    peak = peak_flops(DEVICE, ARGS.peak_tflops)  # FLOP/s: training/throughput.py's bf16 table, None on CPU
     rows = []
     for kernels in variants:
         if elapsed() > ARGS.budget_s - (15 if ARGS.dry_run else 75):
@@ -418,8 +418,8 @@ def train_step_row(preset, kernels, batch, length, inputs, context, peak):
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
     tokens_s = batch * length / step_s
-    flops_token = flops_per_token(config, context, scored_fraction=0.15)  # training/throughput.py's formula
-    mfu = f"{100 * tokens_s * flops_token / (peak * 1e12):.1f}%" if peak else "n/a"
+    flops_token = flops_per_token(config, context, scored_fraction=EVAL_MASK_RATE)  # training/throughput.py's formula
+    mfu = f"{100 * tokens_s * flops_token / peak:.1f}%" if peak else "n/a"
     memory = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}" if CUDA else "n/a"
     return [
         kernels,

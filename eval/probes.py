@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval.benchmark import BenchmarkError, ModelSpec, hardware, inspect_model, load_model, markdown_table, short_name
+from eval.benchmark import BenchmarkError, ModelSpec, hardware, inspect_model, load_model, short_name
+from eval.tables import markdown_table
 
 TASKS = ("SEQ_SOLUBLE", "SEQ_LOCATION", "SEQ_DISULFIDE", "SEQ_CAPSID")
 CSV_COLUMNS = ("model", "task", "layer", "accuracy", "mcc", "n_train", "n_test", "dim")

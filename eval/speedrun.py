@@ -67,11 +67,13 @@ import torch
 from eval.benchmark import BenchmarkError, build_batches, hardware, resolve_split
 from eval.speedrun_stats import baseline_arm
 from eval.throughput import esm_twin  # ESM2's shape and recipe (no dropout)
+from training.collator import EVAL_MASK_RATE
+from training.metrics import IGNORE_INDEX
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "default.yaml"
 RESULTS = "results.jsonl"
-EVAL_MASK_RATE, EVAL_SEED = 0.15, 0
+EVAL_SEED = 0
 WARMUP_FRACTION = 0.05
 ESM_DEFAULTS = {"esm.lr": 4e-4, "esm.warmup_fraction": WARMUP_FRACTION, "esm.weight_decay": 0.01}
 # Run-config keys the judge sets for every SpeedPLM run (data, shape, budget, seed, logging); arms may not.
@@ -344,7 +346,7 @@ def score(model, batches: list[dict], per_protein: bool = False) -> dict:
             input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
         ).logits.float()  # (B, L, V)
         labels = batch["labels"].to(device)
-        scored = labels != -100
+        scored = labels != IGNORE_INDEX
         loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp_min(0), reduction="none")
         sums += (loss * scored).double().sum(1).tolist()
         counts += scored.sum(1).tolist()
@@ -491,7 +493,9 @@ def esm_trainer(s: Settings, model, dataset, batch_size: int, steps: int, seed: 
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
     )
-    collator = DataCollatorForLanguageModeling(build_tokenizer(s.max_length), mlm_probability=0.15)
+    collator = DataCollatorForLanguageModeling(
+        build_tokenizer(s.max_length), mlm_probability=EVAL_MASK_RATE
+    )  # ESM2's 15%
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
     for quiet in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(quiet)

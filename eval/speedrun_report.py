@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from eval import speedrun_stats as st
-from eval.benchmark import markdown_table
 from eval.speedrun import (
     EVAL_MASK_RATE,
     EVAL_SEED,
@@ -25,6 +24,7 @@ from eval.speedrun import (
     speedplm_config,
 )
 from eval.speedrun_stats import baseline_arm, current_runs, final
+from eval.tables import markdown_table
 from eval.throughput import esm_twin
 
 

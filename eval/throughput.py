@@ -19,10 +19,12 @@ from pathlib import Path
 import torch
 from transformers import EsmConfig, EsmForMaskedLM
 
-from modeling_speedplm import SpeedPLMConfig, SpeedPLMForMaskedLM
-from training.collator import MLMCollator
-from training.data import prepare_builtin
+from eval.tables import markdown_table
+from modeling_speedplm import ESM2_VOCAB, SpeedPLMConfig, SpeedPLMForMaskedLM
+from training.collator import EVAL_MASK_RATE, MLMCollator
+from training.data_setup import builtin_root
 from training.loader import build_loader
+from training.validate import MASK, PAD
 
 
 def esm_twin(config: SpeedPLMConfig) -> EsmForMaskedLM:
@@ -30,15 +32,15 @@ def esm_twin(config: SpeedPLMConfig) -> EsmForMaskedLM:
     heads = 20 if config.hidden_size % 20 == 0 else config.num_attention_heads
     return EsmForMaskedLM(
         EsmConfig(
-            vocab_size=33,
+            vocab_size=len(ESM2_VOCAB),
             hidden_size=config.hidden_size,
             num_hidden_layers=config.num_hidden_layers,
             num_attention_heads=heads,
             intermediate_size=config.intermediate_size,
             max_position_embeddings=1026,
             position_embedding_type="rotary",
-            pad_token_id=1,
-            mask_token_id=32,
+            pad_token_id=PAD,
+            mask_token_id=MASK,
             token_dropout=False,
             emb_layer_norm_before=False,
             attn_implementation="sdpa",
@@ -49,10 +51,7 @@ def esm_twin(config: SpeedPLMConfig) -> EsmForMaskedLM:
 
 
 def builtin_train_dir(cache: Path) -> Path:
-    root = cache / "builtin"
-    if not (root / "test" / "manifest.json").exists():
-        prepare_builtin(root, overwrite=True, log=lambda *a: None)
-    return root / "train"
+    return builtin_root(cache) / "train"
 
 
 def time_steps(model, batches, steps: int, warmup: int) -> tuple[float, int]:
@@ -75,7 +74,7 @@ def time_steps(model, batches, steps: int, warmup: int) -> tuple[float, int]:
 def measure(preset: str, rows: int, max_length: int, steps: int, warmup: int, cache: Path) -> list[dict]:
     torch.manual_seed(0)
     shard_dir = builtin_train_dir(cache)
-    collator = MLMCollator(mask_rate=0.15, seed=0)
+    collator = MLMCollator(mask_rate=EVAL_MASK_RATE, seed=0)
     n = warmup + steps
     common = dict(max_length=max_length, tokens_per_micro_batch=rows * max_length, collator=collator, seed=0)
     packed = [b for b, _ in zip(build_loader(shard_dir, **common), range(n))]
@@ -112,10 +111,7 @@ def measure(preset: str, rows: int, max_length: int, steps: int, warmup: int, ca
 
 
 def table(results: list[dict]) -> str:
-    cols = list(results[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in results]
-    return "\n".join(lines)
+    return markdown_table(results, list(results[0]), fmt=str)
 
 
 def main(argv=None) -> int:

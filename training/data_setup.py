@@ -8,19 +8,28 @@ from .config import BatchPlan, ConfigError, DataSection, RunConfig
 from .data import prepare_builtin
 from .loader import build_eval_loader as eval_loader_over
 from .loader import build_loader
+from .shards import MANIFEST
 
 logger = logging.getLogger("speedplm")
+
+
+def builtin_root(cache_dir, accelerator=None) -> Path:
+    """`cache_dir`/builtin holding the built-in proteins' train, valid and test shards: prepared the first time, by
+    the main process (every process waits for it when an accelerator is given), then reused."""
+    root = Path(cache_dir) / "builtin"
+    if (accelerator is None or accelerator.is_main_process) and not (root / "test" / MANIFEST).exists():
+        logger.info("preparing the built-in proteins into %s (once)", root)
+        prepare_builtin(root, overwrite=True, log=logger.info)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return root
 
 
 def resolve_splits(data: DataSection, accelerator) -> dict[str, Path | None]:
     """Shard directories per split. "builtin" is prepared once (main process) into `data.cache_dir/builtin`; any
     other directory must exist (ConfigError naming the key otherwise)."""
     if data.train == "builtin":
-        root = Path(data.cache_dir) / "builtin"
-        if accelerator.is_main_process and not (root / "test" / "manifest.json").exists():
-            logger.info("preparing the built-in proteins into %s (once)", root)
-            prepare_builtin(root, overwrite=True, log=logger.info)
-        accelerator.wait_for_everyone()
+        root = builtin_root(data.cache_dir, accelerator)
         return {name: root / name for name in ("train", "valid", "test")}
     for name in ("train", "valid", "test"):
         path = getattr(data, name)
