@@ -1,8 +1,8 @@
-"""What the training side writes beside every saved model: the tokenizer and the model card (README.md).
+"""How the training side writes a model folder: transformers' `save_pretrained`, then the tokenizer and the card.
 
-`save_pretrained` itself is transformers' (weights, config, remote code); a folder the run publishes (final/, each Hub
-push) also gets these two, through `write_model_folder`, so it is self-contained for AutoTokenizer, pipelines
-and the Hub page.
+`save_pretrained` itself is transformers' (weights, config, remote code; the model does not override it); every
+folder the run writes (each checkpoint, final/, each Hub push) also gets the tokenizer and the model card (README.md)
+through `write_model_folder`, so it is self-contained for AutoTokenizer, pipelines and the Hub page.
 """
 
 from pathlib import Path

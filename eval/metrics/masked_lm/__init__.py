@@ -1,1 +1,1 @@
-"""The `masked_lm` evaluate module (masked_lm.py) and its evaluate-free core (classification.py)."""
+"""The `masked_lm` evaluate module (masked_lm.py); the numbers come from training.metrics (one home)."""
