@@ -118,7 +118,7 @@ def build_batches(
 ) -> list[dict]:
     """The fixed masked eval batches, one protein per row (padded), in stored order: a pure function of the args."""
     from training.collator import MLMCollator
-    from training.loader import build_eval_loader
+    from training.loader import LoaderOptions, build_eval_loader
 
     if not 0.0 < mask_rate < 1.0:
         raise BenchmarkError(f"--mask-rate {mask_rate}: must be in (0, 1)")
@@ -129,14 +129,8 @@ def build_batches(
         )
     replace = (0.8, 0.1, 0.1) if replacement == "80/10/10" else (1.0, 0.0, 0.0)
     collator = MLMCollator(mask_rate=mask_rate, replace=replace, seed=seed)
-    loader = build_eval_loader(
-        shard_dir,
-        max_length=max_length,
-        tokens_per_micro_batch=batch_tokens,
-        collator=collator,
-        seed=seed,
-        packing=False,
-    )
+    options = LoaderOptions(max_length=max_length, tokens_per_micro_batch=batch_tokens, seed=seed, packing=False)
+    loader = build_eval_loader(shard_dir, collator, options)
     batches, real = [], 0
     for batch in loader:
         batches.append({k: batch[k] for k in ("input_ids", "attention_mask", "labels")})  # each (B, L)

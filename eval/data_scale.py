@@ -104,21 +104,20 @@ def measure_loader(args) -> dict:
     """In a fresh process: build the training loader over args.measure and take batches; print one JSON line."""
     import torch
 
+    from training import loader as loaders
     from training.collator import MLMCollator
-    from training.loader import build_loader
 
     torch.set_num_threads(1)
     me = os.getpid()
     reads: dict = {}
     before = tree_rchar(me, reads)
     t0 = time.perf_counter()
-    loader = build_loader(
-        args.measure,
-        max_length=args.max_length,
-        tokens_per_micro_batch=args.micro_batch_tokens,
-        collator=MLMCollator(),
-        num_workers=args.workers,
-    )
+    shape = dict(max_length=args.max_length, tokens_per_micro_batch=args.micro_batch_tokens)
+    if hasattr(loaders, "LoaderOptions"):
+        options, workers = loaders.LoaderOptions(**shape), loaders.WorkerOptions(num_workers=args.workers)
+        loader = loaders.build_loader(args.measure, MLMCollator(), options, workers=workers)
+    else:  # a --code-root checkout from before LoaderOptions: keyword arguments
+        loader = loaders.build_loader(args.measure, collator=MLMCollator(), num_workers=args.workers, **shape)
     build_s = time.perf_counter() - t0
     it = iter(loader)
     first = next(it)

@@ -15,13 +15,14 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from training.collator import EVAL_MASK_RATE, MLMCollator
 from training.data import prepare, prepare_builtin
-from training.loader import build_eval_loader, build_loader
+from training.loader import LoaderOptions, build_eval_loader, build_loader
 
 TARGET = 2_000_000
 
@@ -104,12 +105,13 @@ def main(argv=None) -> int:
             prepare(args.input, tmp, split_fractions=(98, 1, 1), log=lambda *a: None)
         else:
             prepare_builtin(tmp, log=lambda *a: None)
-        kw = dict(max_length=args.max_length, tokens_per_micro_batch=args.micro_batch_tokens)
-        train = build_loader(Path(tmp) / "train", collator=MLMCollator(), **kw)
+        options = LoaderOptions(max_length=args.max_length, tokens_per_micro_batch=args.micro_batch_tokens)
+        train = build_loader(Path(tmp) / "train", MLMCollator(), options)
         name = f"loader+collator packed (train, L={args.max_length})"
         rows.append(bench_loader(train, args.batches, args.repeats, name))
         for packing, label in ((True, "packed"), (False, "padded")):
-            ev = build_eval_loader(Path(tmp) / "train", collator=MLMCollator(EVAL_MASK_RATE), packing=packing, **kw)
+            ev_options = replace(options, packing=packing)
+            ev = build_eval_loader(Path(tmp) / "train", MLMCollator(EVAL_MASK_RATE), ev_options)
             rows.append(bench_loader(ev, args.batches, args.repeats, f"loader+collator {label} (eval, one pass)"))
     for r in rows:
         r["tokens_per_s_wall"] = r["tokens"] / r["wall_s"]

@@ -14,6 +14,7 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from transformers import EsmConfig, EsmForMaskedLM
 from modeling_speedplm import SpeedPLMConfig, SpeedPLMForMaskedLM
 from training.collator import MLMCollator
 from training.data import prepare_builtin
-from training.loader import build_loader
+from training.loader import LoaderOptions, build_loader
 
 
 def esm_twin(config: SpeedPLMConfig) -> EsmForMaskedLM:
@@ -77,9 +78,9 @@ def measure(preset: str, rows: int, max_length: int, steps: int, warmup: int, ca
     shard_dir = builtin_train_dir(cache)
     collator = MLMCollator(mask_rate=0.15, seed=0)
     n = warmup + steps
-    common = dict(max_length=max_length, tokens_per_micro_batch=rows * max_length, collator=collator, seed=0)
-    packed = [b for b, _ in zip(build_loader(shard_dir, **common), range(n))]
-    padded_iter = build_loader(shard_dir, packing=False, **common)
+    options = LoaderOptions(max_length=max_length, tokens_per_micro_batch=rows * max_length, seed=0)
+    packed = [b for b, _ in zip(build_loader(shard_dir, collator, options), range(n))]
+    padded_iter = build_loader(shard_dir, collator, replace(options, packing=False))
     padded = [
         {k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "labels")}
         for b, _ in zip(padded_iter, range(n))
