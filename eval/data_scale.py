@@ -230,19 +230,22 @@ def measure_prepare(args) -> dict:
     import inspect
     import resource
 
-    from training.data import prepare
+    from training import data
 
     fasta, out, n = args.prepare_measure
-    kw = dict(num_proc=int(n)) if "num_proc" in inspect.signature(prepare).parameters else {}
+    parallel = hasattr(data, "PrepareOptions") or "num_proc" in inspect.signature(data.prepare).parameters
     t0, c0 = time.perf_counter(), time.process_time()
-    report = prepare([fasta], out, log=lambda *a: None, **kw)
+    if hasattr(data, "PrepareOptions"):
+        report = data.prepare([fasta], out, data.PrepareOptions(num_proc=int(n)), log=lambda *a: None)
+    else:  # a --code-root checkout from before PrepareOptions: keyword arguments, maybe no num_proc at all
+        report = data.prepare([fasta], out, log=lambda *a: None, **(dict(num_proc=int(n)) if parallel else {}))
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return dict(
         wall_s=time.perf_counter() - t0,
         main_cpu_s=time.process_time() - c0,
         workers_cpu_s=children.ru_utime + children.ru_stime,
         accepted=report["accepted"],
-        parallel=bool(kw),
+        parallel=parallel,
     )
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from training.collator import EVAL_MASK_RATE, MLMCollator
-from training.data import prepare, prepare_builtin
+from training.data import PrepareOptions, prepare, prepare_builtin
 from training.loader import LoaderOptions, build_eval_loader, build_loader
 
 TARGET = 2_000_000
@@ -35,10 +35,11 @@ def _timed(fn) -> tuple[float, float, object]:
 
 def bench_prepare(inputs, repeats: int, max_length: int) -> dict:
     walls, cpus, tokens = [], [], 0
+    options = PrepareOptions(max_length=max_length)
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as tmp:
             if inputs:
-                run = lambda: prepare(inputs, tmp, max_length=max_length, log=lambda *a: None)  # noqa: E731
+                run = lambda: prepare(inputs, tmp, options, log=lambda *a: None)  # noqa: E731
             else:
                 run = lambda: prepare_builtin(tmp, max_length=max_length, log=lambda *a: None)  # noqa: E731
             wall, cpu, report = _timed(run)
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
     rows = [bench_prepare(args.input, args.prepare_repeats, args.max_length)]
     with tempfile.TemporaryDirectory() as tmp:
         if args.input:
-            prepare(args.input, tmp, split_fractions=(98, 1, 1), log=lambda *a: None)
+            prepare(args.input, tmp, PrepareOptions(split_fractions=(98, 1, 1)), log=lambda *a: None)
         else:
             prepare_builtin(tmp, log=lambda *a: None)
         options = LoaderOptions(max_length=args.max_length, tokens_per_micro_batch=args.micro_batch_tokens)
