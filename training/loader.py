@@ -375,8 +375,7 @@ class PackedLoader:
         self.spec = options.spec()
         if shards.num_docs == 0:
             raise ValueError(f"{shards.dir}: no proteins")
-        self.shards, self.collator, self.num_workers = shards, collator, workers.num_workers
-        self.prefetch_factor = workers.prefetch_factor
+        self.shards, self.collator, self.workers = shards, collator, workers
         self.pin_memory = torch.cuda.is_available() if workers.pin_memory is None else workers.pin_memory
         self.grad_accum_steps = self.spec.accumulation.full
         self.rows_per_micro_batch = self.spec.rows
@@ -398,15 +397,16 @@ class PackedLoader:
     def __iter__(self):
         start = (self.epoch, self.batch, self.micro_step, self.window, self.window_row)
         stream = _BatchStream(self.blocks, self.spec, self.collator, start, self.micro_offset)
-        if self.num_workers == 0 and not self.pin_memory:
+        workers = self.workers.num_workers
+        if workers == 0 and not self.pin_memory:
             items = iter(stream)
         else:
             items = DataLoader(
                 stream,
                 batch_size=None,
-                num_workers=self.num_workers,
+                num_workers=workers,
                 pin_memory=self.pin_memory,
-                prefetch_factor=self.prefetch_factor if self.num_workers else None,
+                prefetch_factor=self.workers.prefetch_factor if workers else None,
             )
         for epoch, b, micro_step, window, window_row, rate, batch in items:
             self.epoch, self.batch, self.micro_step = epoch, b + 1, micro_step + 1
