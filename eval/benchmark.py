@@ -116,7 +116,7 @@ def build_batches(
 ) -> list[dict]:
     """The fixed masked eval batches, one protein per row (padded), in stored order: a pure function of the args."""
     from training.collator import MLMCollator
-    from training.loader import build_eval_loader
+    from training.loader import LoaderOptions, build_eval_loader
 
     if not 0.0 < mask_rate < 1.0:
         raise BenchmarkError(f"--mask-rate {mask_rate}: must be in (0, 1)")
@@ -126,14 +126,8 @@ def build_batches(
             f"batch_tokens // max_length proteins"
         )
     collator = MLMCollator(mask_rate=mask_rate, replace=replacement, seed=seed)
-    loader = build_eval_loader(
-        shard_dir,
-        max_length=max_length,
-        tokens_per_micro_batch=batch_tokens,
-        collator=collator,
-        seed=seed,
-        packing=False,
-    )
+    options = LoaderOptions(max_length=max_length, tokens_per_micro_batch=batch_tokens, seed=seed, packing=False)
+    loader = build_eval_loader(shard_dir, collator, options)
     batches, real = [], 0
     for batch in loader:
         batches.append({k: batch[k] for k in ("input_ids", "attention_mask", "labels")})  # each (B, L)

@@ -106,21 +106,20 @@ def measure_loader(args) -> dict:
     """In a fresh process: build the training loader over args.measure and take batches; print one JSON line."""
     import torch
 
+    from training import loader as loaders
     from training.collator import MLMCollator
-    from training.loader import build_loader
 
     torch.set_num_threads(1)
     me = os.getpid()
     reads: dict = {}
     before = tree_rchar(me, reads)
     t0 = time.perf_counter()
-    loader = build_loader(
-        args.measure,
-        max_length=args.max_length,
-        tokens_per_micro_batch=args.micro_batch_tokens,
-        collator=MLMCollator(),
-        num_workers=args.workers,
-    )
+    shape = dict(max_length=args.max_length, tokens_per_micro_batch=args.micro_batch_tokens)
+    if hasattr(loaders, "LoaderOptions"):
+        options, workers = loaders.LoaderOptions(**shape), loaders.WorkerOptions(num_workers=args.workers)
+        loader = loaders.build_loader(args.measure, MLMCollator(), options, workers=workers)
+    else:  # a --code-root checkout from before LoaderOptions: keyword arguments
+        loader = loaders.build_loader(args.measure, collator=MLMCollator(), num_workers=args.workers, **shape)
     build_s = time.perf_counter() - t0
     it = iter(loader)
     first = next(it)
@@ -246,19 +245,22 @@ def measure_prepare(args) -> dict:
     import inspect
     import resource
 
-    from training.data import prepare
+    from training import data
 
     fasta, out, n = args.prepare_measure
-    kw = dict(num_proc=int(n)) if "num_proc" in inspect.signature(prepare).parameters else {}
+    parallel = hasattr(data, "PrepareOptions") or "num_proc" in inspect.signature(data.prepare).parameters
     t0, c0 = time.perf_counter(), time.process_time()
-    report = prepare([fasta], out, log=lambda *a: None, **kw)
+    if hasattr(data, "PrepareOptions"):
+        report = data.prepare([fasta], out, data.PrepareOptions(num_proc=int(n)), log=lambda *a: None)
+    else:  # a --code-root checkout from before PrepareOptions: keyword arguments, maybe no num_proc at all
+        report = data.prepare([fasta], out, log=lambda *a: None, **(dict(num_proc=int(n)) if parallel else {}))
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return dict(
         wall_s=time.perf_counter() - t0,
         main_cpu_s=time.process_time() - c0,
         workers_cpu_s=children.ru_utime + children.ru_stime,
         accepted=report["accepted"],
-        parallel=bool(kw),
+        parallel=parallel,
     )
 
 

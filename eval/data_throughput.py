@@ -15,14 +15,15 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from eval.tables import markdown_table
 from training.collator import EVAL_MASK_RATE, MLMCollator
-from training.data import prepare, prepare_builtin
-from training.loader import build_eval_loader, build_loader
+from training.data import PrepareOptions, prepare, prepare_builtin
+from training.loader import LoaderOptions, build_eval_loader, build_loader
 
 TARGET = 2_000_000
 
@@ -35,10 +36,11 @@ def _timed(fn) -> tuple[float, float, object]:
 
 def bench_prepare(inputs, repeats: int, max_length: int) -> dict:
     walls, cpus, tokens = [], [], 0
+    options = PrepareOptions(max_length=max_length)
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as tmp:
             if inputs:
-                run = lambda: prepare(inputs, tmp, max_length=max_length, log=lambda *a: None)  # noqa: E731
+                run = lambda: prepare(inputs, tmp, options, log=lambda *a: None)  # noqa: E731
             else:
                 run = lambda: prepare_builtin(tmp, max_length=max_length, log=lambda *a: None)  # noqa: E731
             wall, cpu, report = _timed(run)
@@ -105,15 +107,16 @@ def main(argv=None) -> int:
     rows = [bench_prepare(args.input, args.prepare_repeats, args.max_length)]
     with tempfile.TemporaryDirectory() as tmp:
         if args.input:
-            prepare(args.input, tmp, split_fractions=(98, 1, 1), log=lambda *a: None)
+            prepare(args.input, tmp, PrepareOptions(split_fractions=(98, 1, 1)), log=lambda *a: None)
         else:
             prepare_builtin(tmp, log=lambda *a: None)
-        kw = dict(max_length=args.max_length, tokens_per_micro_batch=args.micro_batch_tokens)
-        train = build_loader(Path(tmp) / "train", collator=MLMCollator(), **kw)
+        options = LoaderOptions(max_length=args.max_length, tokens_per_micro_batch=args.micro_batch_tokens)
+        train = build_loader(Path(tmp) / "train", MLMCollator(), options)
         name = f"loader+collator packed (train, L={args.max_length})"
         rows.append(bench_loader(train, args.batches, args.repeats, name))
         for packing, label in ((True, "packed"), (False, "padded")):
-            ev = build_eval_loader(Path(tmp) / "train", collator=MLMCollator(EVAL_MASK_RATE), packing=packing, **kw)
+            ev_options = replace(options, packing=packing)
+            ev = build_eval_loader(Path(tmp) / "train", MLMCollator(EVAL_MASK_RATE), ev_options)
             rows.append(bench_loader(ev, args.batches, args.repeats, f"loader+collator {label} (eval, one pass)"))
     for r in rows:
         r["tokens_per_s_wall"] = r["tokens"] / r["wall_s"]

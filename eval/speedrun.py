@@ -373,19 +373,14 @@ def calibrate_speedplm(s: Settings, train_dir: Path, config) -> float:
 
     from training.collator import MLMCollator
     from training.config import TrainSection
-    from training.loader import build_loader
+    from training.loader import LoaderOptions, build_loader
     from training.optim import build_optimizers
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa").to(device)
     optimizers = build_optimizers(model, TrainSection())
-    loader = build_loader(
-        train_dir,
-        max_length=s.max_length,
-        tokens_per_micro_batch=s.tokens_per_step,
-        collator=MLMCollator(mask_rate=0.2, seed=0),
-        seed=0,
-    )
+    options = LoaderOptions(max_length=s.max_length, tokens_per_micro_batch=s.tokens_per_step, seed=0)
+    loader = build_loader(train_dir, MLMCollator(mask_rate=0.2, seed=0), options)
     times = []
     for i, batch in zip(range(2 + s.calibration_steps), loader):
         start = time.perf_counter()

@@ -14,6 +14,7 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from eval.tables import markdown_table
 from modeling_speedplm import ESM2_VOCAB, SpeedPLMConfig, SpeedPLMForMaskedLM
 from training.collator import EVAL_MASK_RATE, MLMCollator
 from training.data_setup import builtin_root
-from training.loader import build_loader
+from training.loader import LoaderOptions, build_loader
 from training.validate import MASK, PAD
 
 
@@ -76,9 +77,9 @@ def measure(preset: str, rows: int, max_length: int, steps: int, warmup: int, ca
     shard_dir = builtin_train_dir(cache)
     collator = MLMCollator(mask_rate=EVAL_MASK_RATE, seed=0)
     n = warmup + steps
-    common = dict(max_length=max_length, tokens_per_micro_batch=rows * max_length, collator=collator, seed=0)
-    packed = [b for b, _ in zip(build_loader(shard_dir, **common), range(n))]
-    padded_iter = build_loader(shard_dir, packing=False, **common)
+    options = LoaderOptions(max_length=max_length, tokens_per_micro_batch=rows * max_length, seed=0)
+    packed = [b for b, _ in zip(build_loader(shard_dir, collator, options), range(n))]
+    padded_iter = build_loader(shard_dir, collator, replace(options, packing=False))
     padded = [
         {k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "labels")}
         for b, _ in zip(padded_iter, range(n))

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from training.corpora import CORPORA, download_corpus, main, split_files
+from training.corpora import CORPORA, CorpusPart, download_corpus, main, split_files
 from training.data import prepare
 from training.shards import ShardSet
 from training.sources import SourceError, builtin_dir, iter_hub, iter_records
@@ -65,16 +65,11 @@ def test_download_everything_then_prepare(tmp_path, hub_layout, proteins):
 
 
 def test_fetch_less_by_shards_and_by_sequences(tmp_path, hub_layout):
-    files = download_corpus("uniref50", tmp_path / "a", source=str(hub_layout), max_shards=1, log=lambda *a: None)
+    first_shard = CorpusPart(max_shards=1)
+    files = download_corpus("uniref50", tmp_path / "a", first_shard, source=str(hub_layout), log=lambda *a: None)
     assert all(len(f) == 1 and f[0].name.endswith("00000-of-00002.parquet") for f in files.values())
-    files = download_corpus(
-        "og_prot90",
-        tmp_path / "b",
-        source=str(hub_layout),
-        max_sequences=20,
-        splits=("train", "valid"),
-        log=lambda *a: None,
-    )
+    part = CorpusPart(splits=("train", "valid"), max_sequences=20)
+    files = download_corpus("og_prot90", tmp_path / "b", part, source=str(hub_layout), log=lambda *a: None)
     assert pq.read_table(files["train"][0]).num_rows == 20  # spans both train shards (15 + 5)
     assert pq.read_table(files["valid"][0]).num_rows == 6  # the split has only 6
     assert not (tmp_path / "b" / "test").exists()
@@ -108,7 +103,7 @@ def test_wrong_schema_is_named(tmp_path):
     bad = tmp_path / "data" / "train-00000-of-00001.parquet"
     pq.write_table(pa.table({"seq": ["MKV"]}), bad)
     with pytest.raises(SourceError, match=f"{bad}: no 'sequence' column"):
-        download_corpus("x", tmp_path / "out", source=str(tmp_path), splits=("train",), log=lambda *a: None)
+        download_corpus("x", tmp_path / "out", CorpusPart(splits=("train",)), source=str(tmp_path), log=lambda *a: None)
     assert split_files(str(tmp_path), "train")[1] == [str(bad)]
 
 

@@ -2,6 +2,7 @@
 
 import csv
 import functools
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from training.collator import MLMCollator
 from training.data import prepare, prepare_builtin
-from training.loader import build_eval_loader, build_loader, pack_best_fit
+from training.loader import LoaderOptions, WorkerOptions, build_eval_loader, build_loader, pack_best_fit
 from training.shards import ShardSet
 from training.sources import builtin_dir
 from training.validate import CLS, EOS
@@ -30,17 +31,8 @@ def small_shards(tmp_path_factory):
 
 
 def loader(shards, rank=0, workers=0, **kw):
-    return build_loader(
-        shards,
-        max_length=MAX_LEN,
-        tokens_per_micro_batch=ROWS * MAX_LEN,
-        rank=rank,
-        world_size=2,
-        seed=7,
-        num_workers=workers,
-        collator=MLMCollator(seed=3),
-        **kw,
-    )
+    options = LoaderOptions(max_length=MAX_LEN, tokens_per_micro_batch=ROWS * MAX_LEN, rank=rank, world_size=2, seed=7)
+    return build_loader(shards, MLMCollator(seed=3), replace(options, **kw), workers=WorkerOptions(num_workers=workers))
 
 
 def take(it, n):
@@ -125,15 +117,11 @@ def test_rows_are_full_packed_sequences(small_shards):
 
 
 def test_eval_loader_is_finite_repeatable_and_covers_everything(small_shards):
-    kw = dict(
-        max_length=MAX_LEN,
-        tokens_per_micro_batch=ROWS * MAX_LEN,
-        world_size=2,
-        collator=MLMCollator(mask_rate=0.15, seed=1),
-    )
+    collator = MLMCollator(mask_rate=0.15, seed=1)
     covered = []
     for rank in (0, 1):
-        ev = build_eval_loader(small_shards, rank=rank, **kw)
+        options = LoaderOptions(max_length=MAX_LEN, tokens_per_micro_batch=ROWS * MAX_LEN, rank=rank, world_size=2)
+        ev = build_eval_loader(small_shards, collator, options)
         first, second = list(ev), list(ev)
         assert len(first) == len(second) == len(ev)
         assert all(torch.equal(a[k], b[k]) for a, b in zip(first, second) for k in a)  # identical masks
@@ -142,13 +130,8 @@ def test_eval_loader_is_finite_repeatable_and_covers_everything(small_shards):
 
 
 def test_padded_mode_one_protein_per_row(small_shards):
-    ev = build_eval_loader(
-        small_shards,
-        max_length=MAX_LEN,
-        tokens_per_micro_batch=4 * MAX_LEN,
-        packing=False,
-        collator=MLMCollator(mask_rate=0.15),
-    )
+    options = LoaderOptions(max_length=MAX_LEN, tokens_per_micro_batch=4 * MAX_LEN, packing=False)
+    ev = build_eval_loader(small_shards, MLMCollator(mask_rate=0.15), options)
     batch = next(iter(ev))
     longest = int(batch["attention_mask"].sum(1).max())
     assert batch["input_ids"].shape == (4, longest) and longest <= MAX_LEN
@@ -162,28 +145,23 @@ def test_global_batch_sets_grad_accumulation(small_shards):
     with pytest.raises(ValueError, match="multiple"):
         loader(small_shards, global_batch_tokens=3 * MAX_LEN)
     state = ld.state_dict()
+    other_seed = LoaderOptions(max_length=MAX_LEN, tokens_per_micro_batch=ROWS * MAX_LEN, world_size=2, seed=8)
     with pytest.raises(ValueError, match="seed"):
-        build_loader(
-            small_shards,
-            max_length=MAX_LEN,
-            tokens_per_micro_batch=ROWS * MAX_LEN,
-            world_size=2,
-            seed=8,
-            collator=MLMCollator(),
-        ).load_state_dict(state)
+        build_loader(small_shards, MLMCollator(), other_seed).load_state_dict(state)
 
 
 def test_builtin_padding_waste_under_two_percent(tmp_path):
     prepare_builtin(tmp_path, log=lambda *a: None)
-    ld = build_loader(tmp_path / "train", max_length=1024, tokens_per_micro_batch=8 * 1024, collator=MLMCollator())
+    ld = build_loader(
+        tmp_path / "train", MLMCollator(), LoaderOptions(max_length=1024, tokens_per_micro_batch=8 * 1024)
+    )
     stats = ld.packing_stats()
     assert stats["padding_waste"] < 0.02 and stats["cropped_proteins"] > 0
 
 
 def test_too_little_data_for_one_round_is_an_error(small_shards):
-    ld = build_loader(
-        small_shards, max_length=MAX_LEN, tokens_per_micro_batch=100 * MAX_LEN, world_size=2, collator=MLMCollator()
-    )
+    options = LoaderOptions(max_length=MAX_LEN, tokens_per_micro_batch=100 * MAX_LEN, world_size=2)
+    ld = build_loader(small_shards, MLMCollator(), options)
     with pytest.raises(ValueError, match="too little data"):
         next(iter(ld))
 
@@ -245,12 +223,16 @@ def test_windows_mix_blocks_ranks_stay_disjoint_and_nothing_spans_the_corpus(sma
 
 def test_ranks_and_accumulation_split_the_same_batches_and_masks(small_shards):
     """1 rank x 4 micro-batches per step, 2 ranks x 2 and 4 ranks x 1 see the same rows with the same masks."""
-    kw = dict(max_length=MAX_LEN, tokens_per_micro_batch=ROWS * MAX_LEN, seed=7, collator=MLMCollator(seed=3))
-    kw |= dict(global_batch_tokens=4 * ROWS * MAX_LEN, **WINDOWED)
-    one = take(iter(build_loader(small_shards, **kw)), 8)
+    options = LoaderOptions(
+        max_length=MAX_LEN, tokens_per_micro_batch=ROWS * MAX_LEN, seed=7, global_batch_tokens=4 * ROWS * MAX_LEN
+    )
+    options = replace(options, **WINDOWED)
+    collator = MLMCollator(seed=3)
+    one = take(iter(build_loader(small_shards, collator, options)), 8)
     for world in (2, 4):
         ranks = [
-            take(iter(build_loader(small_shards, rank=r, world_size=world, **kw)), 8 // world) for r in range(world)
+            take(iter(build_loader(small_shards, collator, replace(options, rank=r, world_size=world))), 8 // world)
+            for r in range(world)
         ]
         interleaved = [ranks[g % world][g // world] for g in range(8)]
         assert stream_equal(interleaved, one), world
@@ -260,10 +242,12 @@ def test_mask_rate_follows_the_optimizer_step(small_shards):
     from training.collator import MaskRateSchedule
 
     schedule = MaskRateSchedule(0.05, 0.4, steps=100)
-    kw = dict(max_length=MAX_LEN, tokens_per_micro_batch=8 * MAX_LEN, seed=7, global_batch_tokens=16 * MAX_LEN)
+    options = LoaderOptions(
+        max_length=MAX_LEN, tokens_per_micro_batch=8 * MAX_LEN, seed=7, global_batch_tokens=16 * MAX_LEN
+    )
 
     def make():
-        return build_loader(small_shards, collator=MLMCollator(mask_rate=schedule, seed=3), **kw)
+        return build_loader(small_shards, MLMCollator(mask_rate=schedule, seed=3), options)
 
     def observed(batch) -> float:  # scored / maskable residues
         return float((batch["labels"] != -100).sum() / ((batch["input_ids"] >= 4) | (batch["labels"] != -100)).sum())
@@ -303,8 +287,8 @@ def test_a_start_reads_no_residues_and_a_flipped_byte_is_named_when_read(tmp_pat
         return int(next(line for line in open(f"/proc/{os.getpid()}/io") if line.startswith("rchar")).split()[1])
 
     before = rchar()
-    kw = dict(max_length=512, tokens_per_micro_batch=8 * 512, block_docs=1024, window_blocks=4)
-    next(iter(build_loader(tmp_path / "big", collator=MLMCollator(), **kw)))
+    options = LoaderOptions(max_length=512, tokens_per_micro_batch=8 * 512, block_docs=1024, window_blocks=4)
+    next(iter(build_loader(tmp_path / "big", MLMCollator(), options)))
     assert rchar() - before < 0.01 * corpus  # header checks + one window's index + one batch, not the corpus
 
     shutil.copytree(small_shards, tmp_path / "flipped")
@@ -312,9 +296,10 @@ def test_a_start_reads_no_residues_and_a_flipped_byte_is_named_when_read(tmp_pat
     data = bytearray(shard.read_bytes())
     data[64 + 1000] ^= 0x01  # one residue byte, somewhere in the middle of the corpus
     shard.write_bytes(bytes(data))
-    kw = dict(max_length=MAX_LEN, tokens_per_micro_batch=ROWS * MAX_LEN, collator=MLMCollator(), **WINDOWED)
+    options = LoaderOptions(max_length=MAX_LEN, tokens_per_micro_batch=ROWS * MAX_LEN, **WINDOWED)
     for workers in (0, 2):
-        ld = build_loader(tmp_path / "flipped", num_workers=workers, **kw)  # the start checks headers and sizes
+        # the start checks headers and sizes
+        ld = build_loader(tmp_path / "flipped", MLMCollator(), options, workers=WorkerOptions(num_workers=workers))
         with pytest.raises(ShardError, match=f"{shard}: residues .* fail their crc32"):
             take(iter(ld), ld.batches_per_epoch())  # every protein once
 
@@ -332,7 +317,13 @@ def test_mask_clock_is_the_optimizer_step_during_a_batch_warmup(small_shards):
         for index in range(plan.at(step)):
             assert plan.locate(plan.first_micro(step) + index) == (step, index)
     rate = MaskRateSchedule(0.05, 0.4, steps=20)
-    kw = dict(max_length=MAX_LEN, tokens_per_micro_batch=4 * MAX_LEN, seed=7, global_batch_tokens=16 * MAX_LEN)
+    options = LoaderOptions(
+        max_length=MAX_LEN,
+        tokens_per_micro_batch=4 * MAX_LEN,
+        seed=7,
+        global_batch_tokens=16 * MAX_LEN,
+        batch_warmup=(3, 0.25),
+    )
 
     def rates(loader, steps: int, first_step: int = 0) -> list:
         it, seen = iter(loader), []
@@ -340,9 +331,9 @@ def test_mask_clock_is_the_optimizer_step_during_a_batch_warmup(small_shards):
             seen.append([(next(it), loader.last_mask_rate)[1] for _ in range(plan.at(step))])
         return seen
 
-    warm = build_loader(small_shards, collator=MLMCollator(mask_rate=rate, seed=3), batch_warmup=(3, 0.25), **kw)
+    warm = build_loader(small_shards, MLMCollator(mask_rate=rate, seed=3), options)
     assert rates(warm, 6) == [[rate(s)] * plan.at(s) for s in range(6)]
     for start in (2, 9):  # a fresh data position at an optimizer step inside, then after, the warmup
-        fresh = build_loader(small_shards, collator=MLMCollator(mask_rate=rate, seed=3), batch_warmup=(3, 0.25), **kw)
+        fresh = build_loader(small_shards, MLMCollator(mask_rate=rate, seed=3), options)
         fresh.set_optimizer_step(start)
         assert rates(fresh, 3, start) == [[rate(s)] * plan.at(s) for s in range(start, start + 3)]

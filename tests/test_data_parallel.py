@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from training.data import DataError, main, prepare
+from training.data import DataError, PrepareOptions, main, prepare
 from training.keyindex import KeyIndex
 from training.shards import ShardSet
 from training.validate import decode
@@ -53,7 +53,7 @@ def test_pieces_and_processes_do_not_change_the_output(tmp_path, inputs, layout)
         "workers": dict(num_proc=2, chunk_bytes=150),
         "row_groups": dict(num_proc=3, chunk_bytes=1),  # a piece per parquet row group
     }.items():
-        report = prepare(inputs, tmp_path / name, log=lambda *a: None, **layout, **kw)
+        report = prepare(inputs, tmp_path / name, PrepareOptions(**layout, **kw), log=lambda *a: None)
         runs[name] = tree(tmp_path / name)
     assert runs["whole"] == runs["pieces"] == runs["workers"] == runs["row_groups"]  # byte for byte
     assert (
@@ -104,7 +104,7 @@ def test_empty_or_truncated_input_fails_naming_the_file(tmp_path, capsys):
     with pytest.raises(DataError, match="0-byte gzip file is truncated"):
         prepare([str(tmp_path / "empty.fasta.gz")], tmp_path / "x", log=lambda *a: None)
     with pytest.raises(DataError, match="no protein records"):
-        prepare([str(tmp_path / "empty.fasta")], tmp_path / "x", log=lambda *a: None, num_proc=2)
+        prepare([str(tmp_path / "empty.fasta")], tmp_path / "x", PrepareOptions(num_proc=2), log=lambda *a: None)
 
 
 def test_key_index_finds_every_key_and_only_those():

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from training.data import builtin_attribution, hash_bucket, main, prepare, prepare_builtin
+from training.data import PrepareOptions, builtin_attribution, hash_bucket, main, prepare, prepare_builtin
 from training.shards import ShardError, ShardSet
 from training.validate import UNK, ValidationPolicy, decode
 
@@ -121,7 +121,8 @@ def test_duplicate_ids_are_reported(fixture_run):
 
 
 def test_duplicate_ids_can_be_rejected(tmp_path):
-    report = prepare([str(BAD)], tmp_path, log=lambda *a: None, policy=ValidationPolicy(duplicate_ids="reject"))
+    options = PrepareOptions(policy=ValidationPolicy(duplicate_ids="reject"))
+    report = prepare([str(BAD)], tmp_path, options, log=lambda *a: None)
     assert sum(r["reason"].startswith("duplicate_id") for r in report["rejected"]) == 1
 
 
@@ -173,8 +174,7 @@ def test_split_fractions_and_dedup_on_any_input(tmp_path):
     report = prepare(
         [str(FIX / "proteins.fasta.gz"), str(FIX / "proteins.tsv")],
         tmp_path,
-        dedup=True,
-        split_fractions=(98, 1, 1),
+        PrepareOptions(dedup=True, split_fractions=(98, 1, 1)),
         log=lambda *a: None,
     )
     assert [r["reason"].split(":")[0] for r in report["rejected"]] == ["duplicate_sequence"]  # KCNE2 twice

@@ -17,7 +17,7 @@ import torch
 from conftest import PROTEINS, randomized_tiny_model
 
 from eval.embed import main
-from training.data import prepare
+from training.data import PrepareOptions, prepare
 from training.shards import ShardSet
 from training.sources import builtin_files, iter_records
 from training.validate import VOCAB, ValidationPolicy, decode, encode
@@ -234,9 +234,8 @@ def test_bad_records_reported_like_prepare_and_never_embedded(ckpt, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "emb.report.json").read_text())
     # prepare, with the same policy and the model's length limit, is the reference for what is rejected and why
-    prepared = prepare(
-        inputs, tmp_path / "prepared", policy=ValidationPolicy(reject_longer_than=TINY_LIMIT), log=lambda *a: None
-    )
+    options = PrepareOptions(policy=ValidationPolicy(reject_longer_than=TINY_LIMIT))
+    prepared = prepare(inputs, tmp_path / "prepared", options, log=lambda *a: None)
     assert report["rejected"] == prepared["rejected"]
     assert report["duplicate_ids"] == prepared["duplicate_ids"] != []
     assert report["read"] == report["accepted"] + len(report["rejected"]) == prepared["read"]

@@ -22,7 +22,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """~2,000 real proteins (the first rows of each aaanalysis TSV) prepared into train/valid/test shards."""
-    from training.data import prepare
+    from training.data import PrepareOptions, prepare
     from training.sources import builtin_files
 
     out = tmp_path_factory.mktemp("data") / "prepared"
@@ -33,7 +33,7 @@ def prepared(tmp_path_factory):
             column = lines[0].split("\t").index("sequence")
             for n, line in enumerate(lines[1:150]):
                 f.write(f">{path.stem}_{n}\n{line.split(chr(9))[column]}\n")
-    prepare([fasta], out, split_fractions=(80, 10, 10), dedup=True, max_length=256, log=lambda *a: None)
+    prepare([fasta], out, PrepareOptions(split_fractions=(80, 10, 10), dedup=True, max_length=256), log=lambda *a: None)
     return out
 
 

@@ -45,7 +45,7 @@ def _rank(rank, world, port, out_path):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    from training.muon import DistributedMuon
+    from training.muon import DistributedMuon, MuonHyperparams
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -56,7 +56,7 @@ def _rank(rank, world, port, out_path):
             fully_shard(module)  # FSDP2: every parameter becomes a Shard(0) DTensor over the world
             params = list(module.ps)
             assert all(isinstance(p, DTensor) for p in params)
-            optimizer = DistributedMuon(params, kernels="torch", **hyper)
+            optimizer = DistributedMuon(params, MuonHyperparams(**hyper), kernels="torch")
             # each rank's gradient is its own slice of the full one, as after FSDP2's reduce-scatter
             run(params, optimizer, lambda p, g: distribute_tensor(g, p.device_mesh, p.placements, src_data_rank=None))
             buffers = [optimizer.state[p]["momentum_buffer"] for p in params]
@@ -76,7 +76,7 @@ def _rank(rank, world, port, out_path):
 
 
 def test_muon_on_dtensor_shards_equals_full_tensors(tmp_path):
-    from training.muon import DistributedMuon
+    from training.muon import DistributedMuon, MuonHyperparams
 
     world = 2
     ranks = mp.spawn(_rank, args=(world, free_port(), str(tmp_path / "out")), nprocs=world, join=False)
@@ -88,7 +88,7 @@ def test_muon_on_dtensor_shards_equals_full_tensors(tmp_path):
             pytest.fail("DistributedMuon ranks hung (mismatched collectives?)")
     for h, hyper in enumerate(HYPERS):
         params = make_params()
-        optimizer = DistributedMuon(params, kernels="torch", **hyper)
+        optimizer = DistributedMuon(params, MuonHyperparams(**hyper), kernels="torch")
         run(params, optimizer)
         expected = [p.detach() for p in params]
         expected_buffers = [optimizer.state[p]["momentum_buffer"] for p in params]

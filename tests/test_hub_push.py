@@ -64,7 +64,7 @@ def make_pusher(tmp_path):
     made = []
 
     def make(**kwargs) -> HubPusher:
-        kwargs = {"max_retries": 10, "backoff_s": 0.05, "max_backoff_s": 0.5, "tmp_dir": tmp_path, **kwargs}
+        kwargs = {"max_retries": 10, "backoff_s": 0.05, "tmp_dir": tmp_path, **kwargs}
         pusher = HubPusher(REPO, **kwargs)
         made.append(pusher)
         return pusher
@@ -138,7 +138,7 @@ def test_preupload_5xx_is_absorbed_by_huggingface_hub_backoff(hub, make_pusher, 
 
 def test_refused_connections_then_recovery(hub, make_pusher, model_dir):
     hub.refuse_for(1.5)
-    pusher = make_pusher(max_retries=20)  # ~9 s of capped backoff: ample margin over 1.5 s on a loaded machine
+    pusher = make_pusher(max_retries=20)  # backoff doubling from 0.05 s: retries go on far past the 1.5 s outage
     pusher.push_folder(model_dir, "step 1", step=1)
     pusher.wait(timeout=30)
     assert [c.message for c in hub.commits(REPO)] == ["step 1"]
@@ -262,15 +262,6 @@ def test_offline_mode_is_a_clear_error(hub, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(HubPushError, match="HF_HUB_OFFLINE"):
         HubPusher(REPO)
-
-
-def test_revision_pushes_to_a_branch(hub, make_pusher, model_dir):
-    pusher = make_pusher(revision="run-42")
-    pusher.push_folder(model_dir, "step 1", step=1)
-    pusher.wait(timeout=30)
-    assert hub.commits(REPO, "main") == []
-    assert [c.message for c in hub.commits(REPO, "run-42")] == ["step 1"]
-    assert hub.files(REPO, "run-42") == _tree(model_dir)
 
 
 def test_push_built_writes_in_the_worker_thread_and_frees_its_inputs(hub, make_pusher, tmp_path):

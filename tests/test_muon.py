@@ -8,7 +8,7 @@ from conftest import free_port
 
 from modeling_speedplm.kernels_speedplm import NS_COEFFICIENTS, newton_schulz, newton_schulz_reference
 from training import muon
-from training.muon import POLAR_EXPRESS_COEFFICIENTS, DistributedMuon, adjusted_lr
+from training.muon import POLAR_EXPRESS_COEFFICIENTS, DistributedMuon, MuonHyperparams, adjusted_lr
 
 # Tall, wide and square matrices; 5 of them, so no world size > 1 used here divides the count.
 SHAPES = [(48, 16), (16, 40), (32, 32), (24, 8), (8, 24)]
@@ -42,7 +42,7 @@ def test_one_rank_is_torch_muon(hyper):
     ours = make_params()
     theirs = make_params()
     expected = run(theirs, torch.optim.Muon(theirs, **hyper))
-    got = run(ours, DistributedMuon(ours, kernels="torch", ns_dtype=torch.bfloat16, **hyper))
+    got = run(ours, DistributedMuon(ours, MuonHyperparams(**hyper), kernels="torch", ns_dtype=torch.bfloat16))
     for a, b in zip(got, expected):
         assert torch.equal(a, b)
     assert sum((a - p0).abs().sum() for a, p0 in zip(got, make_params())) > 0  # it did move the parameters
@@ -100,8 +100,8 @@ def _rank(rank, world, port, out_path, shapes=SHAPES, stack=None, switches=None)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         params = make_params(shapes)
-        options = dict(lr=0.02, weight_decay=0.1, kernels="torch", stack=stack, **(switches or {}))
-        optimizer = DistributedMuon(params, **options)
+        hyper = MuonHyperparams(lr=0.02, weight_decay=0.1, **(switches or {}))
+        optimizer = DistributedMuon(params, hyper, kernels="torch", stack=stack)
         result = run(params, optimizer)
         if switches:  # NorMuon's per-neuron buffers must be the same on every rank (any rank's state resumes)
             result += [optimizer.state[p]["normuon_buffer"] for p in params]
@@ -117,7 +117,8 @@ def _rank(rank, world, port, out_path, shapes=SHAPES, stack=None, switches=None)
 )
 def test_ranks_split_gives_one_rank_result(world, shapes, stack, switches, tmp_path):
     params = make_params(shapes)
-    optimizer = DistributedMuon(params, lr=0.02, weight_decay=0.1, kernels="torch", stack=stack, **(switches or {}))
+    hyper = MuonHyperparams(lr=0.02, weight_decay=0.1, **(switches or {}))
+    optimizer = DistributedMuon(params, hyper, kernels="torch", stack=stack)
     expected = run(params, optimizer)
     if switches:
         expected += [optimizer.state[p]["normuon_buffer"] for p in params]
@@ -155,7 +156,8 @@ def test_per_iteration_coefficients():
     with pytest.raises(ValueError, match="only 5 per-iteration"):
         newton_schulz_reference(g, 6, POLAR_EXPRESS_COEFFICIENTS)
     with pytest.raises(ValueError, match="ns_steps=6"):
-        DistributedMuon([torch.nn.Parameter(torch.zeros(2, 2))], ns_coefficients=POLAR_EXPRESS_COEFFICIENTS, ns_steps=6)
+        hyper = MuonHyperparams(ns_coefficients=POLAR_EXPRESS_COEFFICIENTS, ns_steps=6)
+        DistributedMuon([torch.nn.Parameter(torch.zeros(2, 2))], hyper)
 
 
 @pytest.mark.parametrize("shape", [(40, 24), (24, 40), (32, 32)])
@@ -190,14 +192,14 @@ def test_polar_express_triton_matches_reference():
     torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0.05 * want.abs().max().item())
 
 
-def one_step(shapes, seed=7, **options):
-    """Parameters before and after one DistributedMuon step on fixed gradients, and their gradients."""
+def one_step(shapes, seed=7, **hyper):
+    """Parameters before and after one DistributedMuon step with MuonHyperparams(**hyper) on fixed gradients."""
     params = make_params(shapes)
     before = [p.detach().clone() for p in params]
     gen = torch.Generator().manual_seed(seed)
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen)
-    DistributedMuon(params, kernels="torch", **options).step()
+    DistributedMuon(params, MuonHyperparams(**hyper), kernels="torch").step()
     return before, [p.detach().clone() for p in params]
 
 
@@ -221,9 +223,8 @@ def test_normuon_second_step_uses_the_ema():
     params = make_params([shape])
     p = params[0]
     ref = p.detach().clone()
-    opt = DistributedMuon(
-        params, lr=lr, momentum=mu, weight_decay=0.0, kernels="torch", normuon=True, normuon_beta2=beta2
-    )
+    hyper = MuonHyperparams(lr=lr, momentum=mu, weight_decay=0.0, normuon=True, normuon_beta2=beta2)
+    opt = DistributedMuon(params, hyper, kernels="torch")
     buf, v = torch.zeros(shape), torch.zeros(shape[0], 1)
     for step in range(2):
         grad = torch.randn(shape, generator=torch.Generator().manual_seed(step))

@@ -97,7 +97,7 @@ def test_batch_warmup_schedule():
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """~800 real proteins (aaanalysis benchmark sets) prepared into train/valid/test shards."""
-    from training.data import prepare
+    from training.data import PrepareOptions, prepare
     from training.sources import builtin_files
 
     out = tmp_path_factory.mktemp("data") / "prepared"
@@ -108,7 +108,7 @@ def shards(tmp_path_factory):
             column = lines[0].split("\t").index("sequence")
             for n, line in enumerate(lines[1:120]):
                 f.write(f">{path.stem}_{n}\n{line.split(chr(9))[column]}\n")
-    prepare([fasta], out, split_fractions=(90, 5, 5), dedup=True, max_length=128, log=lambda *a: None)
+    prepare([fasta], out, PrepareOptions(split_fractions=(90, 5, 5), dedup=True, max_length=128), log=lambda *a: None)
     return out
 
 

@@ -36,7 +36,7 @@ SMALL = [
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """~1,500 real proteins (aaanalysis benchmark sets) prepared into train/valid/test shards."""
-    from training.data import prepare
+    from training.data import PrepareOptions, prepare
     from training.sources import builtin_files
 
     out = tmp_path_factory.mktemp("data") / "prepared"
@@ -49,7 +49,7 @@ def shards(tmp_path_factory):
             for line in lines[1:300]:
                 f.write(f">{path.stem}_{n}\n{line.split(chr(9))[column]}\n")
                 n += 1
-    prepare([fasta], out, split_fractions=(90, 5, 5), dedup=True, max_length=128, log=lambda *a: None)
+    prepare([fasta], out, PrepareOptions(split_fractions=(90, 5, 5), dedup=True, max_length=128), log=lambda *a: None)
     return out
 
 

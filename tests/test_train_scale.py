@@ -63,7 +63,7 @@ def recompute_loss(run_dir, shards, overrides, clock: int) -> float:  # noqa: F8
     from modeling_speedplm import SpeedPLMForMaskedLM
     from training.collator import MaskRateSchedule, MLMCollator
     from training.config import load_config
-    from training.loader import build_loader
+    from training.loader import LoaderOptions, build_loader
 
     config = load_config(str(ROOT / "configs/default.yaml"), [f"data.train={shards}", *SMALL, *overrides])
     d, t = config.data, config.train
@@ -72,14 +72,13 @@ def recompute_loss(run_dir, shards, overrides, clock: int) -> float:  # noqa: F8
     model.load_state_dict(load_file(run_dir / "checkpoints" / "step-000004" / "model.safetensors"))
     model.train()
     collator = MLMCollator(MaskRateSchedule(d.mask_rate, d.mask_rate_end, d.mask_schedule_steps), seed=t.seed)
-    loader = build_loader(
-        shards / "train",
+    options = LoaderOptions(
         max_length=d.max_length,
         tokens_per_micro_batch=t.micro_batch_tokens,
-        collator=collator,
         seed=t.seed,
         global_batch_tokens=t.tokens_per_step,
     )
+    loader = build_loader(shards / "train", collator, options)
     loader.set_optimizer_step(clock)
     it = iter(loader)
     total = scored = 0.0

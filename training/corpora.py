@@ -7,8 +7,9 @@
 Public API
     CORPORA: short name -> Hub id  (omg_prot50, uniref50, og_prot90 from Synthyra)
     split_files(source, split, revision=None) -> (fs, list of paths)   # one split's shard files, sorted
-    download_corpus(name, out_dir, *, splits=("train", "valid", "test"), max_shards=None, max_sequences=None,
-                    source=None, revision=None, log=print) -> dict[split, list[Path]]
+    CorpusPart(splits=("train", "valid", "test"), max_shards=None, max_sequences=None)   # frozen: what to fetch
+    download_corpus(name, out_dir, part=CorpusPart(), *, source=None, revision=None, log=print)
+        -> dict[split, list[Path]]
     main(argv=None) -> int
 
 `source` is the Hub id by default, or a local directory with the same layout (how the tests run offline):
@@ -21,6 +22,7 @@ Output: out_dir/<split>/<files>.parquet|arrow and out_dir/corpus.json (source, r
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -115,30 +117,39 @@ def _take(fs, paths: list, dest: Path, limit: int) -> int:
     return rows
 
 
+@dataclass(frozen=True)
+class CorpusPart:
+    """Which part of a corpus to fetch: these splits, each cut to its first `max_shards` shard files or to its first
+    `max_sequences` rows (None: all of it)."""
+
+    splits: tuple = SPLITS
+    max_shards: int | None = None
+    max_sequences: int | None = None
+
+
 def download_corpus(
     name: str,
     out_dir,
+    part: CorpusPart = CorpusPart(),
     *,
-    splits=SPLITS,
-    max_shards: int | None = None,
-    max_sequences: int | None = None,
     source: str | None = None,
     revision: str | None = None,
     log=print,
 ) -> dict:
-    """Fetch `splits` of a corpus (short name or Hub id) into out_dir/<split>/; returns the files per split."""
+    """Fetch `part` of a corpus (short name or Hub id; read from `source` instead if given, at `revision` on the
+    Hub) into out_dir/<split>/; returns the files per split."""
     repo = CORPORA.get(name, name)
     source = source or repo
     out = Path(out_dir)
     result, info = {}, dict(corpus=name, hub_id=repo, source=source, revision=revision, splits={})
-    for split in splits:
+    for split in part.splits:
         fs, paths = split_files(source, split, revision)
-        paths = paths[:max_shards] if max_shards else paths
+        paths = paths[: part.max_shards] if part.max_shards else paths
         target = out / split
         target.mkdir(parents=True, exist_ok=True)
-        if max_sequences:
+        if part.max_sequences:
             dest = target / f"{split}-00000.parquet"
-            rows = _take(fs, paths, dest, max_sequences)
+            rows = _take(fs, paths, dest, part.max_sequences)
             files = [dest] if rows else []
         else:
             files = []
@@ -178,15 +189,8 @@ def main(argv=None) -> int:
     from training.data import DataError, prepare  # heavy imports only for the CLI path that needs them
 
     try:
-        files = download_corpus(
-            args.name,
-            args.out,
-            splits=args.splits,
-            max_shards=args.max_shards,
-            max_sequences=args.max_sequences,
-            source=args.source,
-            revision=args.revision,
-        )
+        part = CorpusPart(tuple(args.splits), args.max_shards, args.max_sequences)
+        files = download_corpus(args.name, args.out, part, source=args.source, revision=args.revision)
         if args.prepare:
             for split, paths in files.items():
                 prepare([str(p) for p in paths], Path(args.prepare) / split, overwrite=True)

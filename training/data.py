@@ -5,9 +5,10 @@
     python -m training.data verify DIR                           # every shard's header, size and sha256
 
 Public API
-    prepare(inputs, out_dir, *, policy=None, split=None, sequence_column="sequence", id_column=None, dedup=False,
-            split_fractions=None, max_length=1024, shard_tokens=256 MiB, overwrite=False, log=print,
-            extra=None, num_proc=1, chunk_bytes=16 MiB) -> report dict
+    PrepareOptions(policy=ValidationPolicy(), split=None, sequence_column="sequence", id_column=None, dedup=False,
+                   split_fractions=None, max_length=1024, shard_tokens=256 MiB, num_proc=1, chunk_bytes=16 MiB)
+                                        # frozen, keyword-only: the CLI's prepare flags, with the CLI's defaults
+    prepare(inputs, out_dir, options=PrepareOptions(), *, overwrite=False, log=print, extra=None) -> report dict
     prepare_builtin(out_dir, *, policy=None, fractions=(98, 1, 1), max_length=1024, overwrite=False, log=print)
     builtin_attribution() -> str        # licence/credit text for the built-in proteins (quoted by the README)
     hash_bucket(letters: bytes) -> int  # 0..9999 from blake2b of the upper-case sequence; with fractions 98/1/1
@@ -42,6 +43,7 @@ import os
 import shutil
 import sys
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -58,6 +60,23 @@ SPLITS = ("train", "valid", "test")
 
 class DataError(Exception):
     """Input or output problem that stops `prepare`; the message names the file."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrepareOptions:
+    """What `prepare` makes of its inputs: the `python -m training.data prepare` flags as one typed object, with the
+    CLI's defaults. Where prepare writes (out_dir, overwrite) and how it reports (log, extra) stay arguments."""
+
+    policy: ValidationPolicy = ValidationPolicy()  # what counts as a valid protein
+    split: str | None = None  # split of a dataset dir / Hub dataset to read (e.g. "train")
+    sequence_column: str = "sequence"
+    id_column: str | None = None  # None: the first present of id, entry, accession, ...
+    dedup: bool = False  # reject exact duplicate sequences
+    split_fractions: tuple | None = None  # (train, valid, test): out_dir/{train,valid,test} by sequence hash
+    max_length: int = 1024  # tokens per protein, for the `cropped` count
+    shard_tokens: int = 256 << 20
+    num_proc: int = 1  # processes that parse and validate (0: one per core); the output is the same for any
+    chunk_bytes: int = CHUNK_BYTES  # size of the pieces the inputs are cut into; the output is the same for any
 
 
 def builtin_attribution() -> str:
@@ -330,45 +349,29 @@ def _install(stage: Path, target: Path, overwrite: bool) -> None:
 
 
 def prepare(
-    inputs,
-    out_dir,
-    *,
-    policy: ValidationPolicy | None = None,
-    split: str | None = None,
-    sequence_column: str = "sequence",
-    id_column: str | None = None,
-    dedup: bool = False,
-    split_fractions=None,
-    max_length: int = 1024,
-    shard_tokens: int = 256 << 20,
-    overwrite: bool = False,
-    log=print,
-    extra: dict | None = None,
-    num_proc: int = 1,
-    chunk_bytes: int = CHUNK_BYTES,
+    inputs, out_dir, options: PrepareOptions = PrepareOptions(), *, overwrite: bool = False, log=print, extra=None
 ) -> dict:
     """Validate and tokenize `inputs` into shards under `out_dir` (or out_dir/{train,valid,test} with
-    `split_fractions`); writes out_dir/report.json and returns the report. Raises DataError naming the bad file.
-    `num_proc` processes parse and validate (0: one per core); the output is the same for any number."""
-    policy = policy or ValidationPolicy()
-    processes = _processes(num_proc)
+    `options.split_fractions`); writes out_dir/report.json (plus the `extra` dict) and returns the report. Raises
+    DataError naming the bad file; existing shards are replaced only with `overwrite`."""
+    o = options
+    processes = _processes(o.num_proc)
     out = Path(out_dir)
-    names = SPLITS if split_fractions else ("",)
-    if split_fractions is not None and len(split_fractions) != 3:
-        raise DataError(f"split_fractions needs 3 numbers (train, valid, test), got {split_fractions}")
+    names = SPLITS if o.split_fractions else ("",)
+    if o.split_fractions is not None and len(o.split_fractions) != 3:
+        raise DataError(f"split_fractions needs 3 numbers (train, valid, test), got {o.split_fractions}")
     for name in names:
         if (out / name / MANIFEST).exists() and not overwrite:
             raise DataError(f"{out / name / MANIFEST}: already exists (pass --overwrite to replace it)")
     created = not out.exists()
     stage = out / ".prepare-tmp"
     shutil.rmtree(stage, ignore_errors=True)
-    run = PrepareRun(
-        {n: ShardWriter(stage / (n or "all"), shard_tokens) for n in names}, policy, max_length, dedup, split_fractions
-    )
-    kw = dict(split=split, sequence_column=sequence_column, id_column=id_column, chunk_bytes=chunk_bytes)
+    writers = {n: ShardWriter(stage / (n or "all"), o.shard_tokens) for n in names}
+    run = PrepareRun(writers, o.policy, o.max_length, o.dedup, o.split_fractions)
+    kw = dict(split=o.split, sequence_column=o.sequence_column, id_column=o.id_column, chunk_bytes=o.chunk_bytes)
     chunks = (c for source in list(inputs) for c in iter_chunks(source, **kw))
     try:
-        pieces = _parse_pieces(chunks, policy, run.ids is not None, run.needs_seq_keys, processes)
+        pieces = _parse_pieces(chunks, o.policy, run.ids is not None, run.needs_seq_keys, processes)
         for piece in pieces:
             run.feed(piece)
         for name, writer in run.writers.items():
@@ -398,17 +401,15 @@ def prepare_builtin(
     log=print,
 ) -> dict:
     """The built-in real proteins (aaanalysis benchmark TSVs): deduplicated, split by `hash_bucket`."""
-    return prepare(
-        builtin_files(),
-        out_dir,
-        policy=policy,
+    options = PrepareOptions(
+        policy=policy or ValidationPolicy(),
         id_column="entry",
         dedup=True,
         split_fractions=fractions,
         max_length=max_length,
-        overwrite=overwrite,
-        log=log,
-        extra=dict(attribution=builtin_attribution()),
+    )
+    return prepare(
+        builtin_files(), out_dir, options, overwrite=overwrite, log=log, extra=dict(attribution=builtin_attribution())
     )
 
 
@@ -508,9 +509,7 @@ def main(argv=None) -> int:
             prepare_builtin(args.out, policy=policy, max_length=args.max_length, overwrite=args.overwrite)
         else:
             fractions = [float(x) for x in args.split_fractions.split(",")] if args.split_fractions else None
-            prepare(
-                args.input,
-                args.out,
+            options = PrepareOptions(
                 policy=policy,
                 split=args.split,
                 sequence_column=args.sequence_column,
@@ -519,9 +518,9 @@ def main(argv=None) -> int:
                 split_fractions=fractions,
                 max_length=args.max_length,
                 shard_tokens=args.shard_tokens,
-                overwrite=args.overwrite,
                 num_proc=args.num_proc,
             )
+            prepare(args.input, args.out, options, overwrite=args.overwrite)
     except (DataError, SourceError, ShardError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -6,8 +6,8 @@ from pathlib import Path
 from .collator import EVAL_MASK_RATE, MaskRateSchedule, MLMCollator
 from .config import BatchPlan, ConfigError, DataSection, RunConfig
 from .data import prepare_builtin
+from .loader import LoaderOptions, WorkerOptions, build_loader
 from .loader import build_eval_loader as eval_loader_over
-from .loader import build_loader
 from .shards import MANIFEST
 
 logger = logging.getLogger("speedplm")
@@ -59,18 +59,17 @@ def train_collator(config: RunConfig) -> MLMCollator:
 
 def build_train_loader(config: RunConfig, plan: BatchPlan, shard_dir: Path, rank: int):
     """This rank's loader for the batch layout `plan` (resolve_batch: micro-batch and accumulation)."""
-    loader = build_loader(
-        shard_dir,
+    options = LoaderOptions(
         max_length=config.data.max_length,
         tokens_per_micro_batch=plan.micro_batch_tokens,
-        collator=train_collator(config),
         rank=rank,
         world_size=plan.world_size,
         seed=config.train.seed,
-        num_workers=config.data.num_workers,
         global_batch_tokens=config.train.tokens_per_step,
         batch_warmup=(plan.schedule.warmup_steps, plan.schedule.start),
     )
+    workers = WorkerOptions(num_workers=config.data.num_workers)
+    loader = build_loader(shard_dir, train_collator(config), options, workers=workers)
     assert loader.grad_accum_steps == plan.accumulation, (loader.grad_accum_steps, plan)
     return loader
 
@@ -81,12 +80,11 @@ def build_eval_loader(config: RunConfig, shard_dir: Path, rank: int, world: int)
         replace=config.data.replacement,
         seed=config.eval.seed,
     )
-    return eval_loader_over(
-        shard_dir,
+    options = LoaderOptions(
         max_length=config.data.max_length,
         tokens_per_micro_batch=config.train.micro_batch_tokens,
-        collator=collator,
         rank=rank,
         world_size=world,
         seed=config.eval.seed,
     )
+    return eval_loader_over(shard_dir, collator, options)

@@ -6,6 +6,12 @@ single worker thread, retried with exponential backoff on 5xx, 408, 429 (honouri
 network errors; other 4xx fail fast. ``wait`` awaits everything and raises ``HubPushError`` if the latest push
 of a folder failed; ``check`` lets the loop stop early on a permanent failure (bad token, no write access).
 
+Public API
+    HubPusher(model_id, private=False, max_retries=8, backoff_s=2.0, tmp_dir=None)   # also a context manager
+        push_folder(local_dir, commit_message, step=None); push_built(build, commit_message, step=None, key="built",
+        discard=None); status() -> dict; check(); wait(timeout=None); close(cancel=False); tmp_root
+    HubPushError(RuntimeError)
+
 What huggingface_hub 2.4 does, and why this module works around it:
 - Token: ``HfApi(token=None)`` resolves it per request (``HF_TOKEN`` env, then the login cache file). We never
   accept it as an argument; we read it once only to scrub it from every message we log or raise.
@@ -46,6 +52,8 @@ log = logging.getLogger(__name__)
 _NETWORK_ERRORS = (httpx2.TimeoutException, httpx2.NetworkError, httpx2.RemoteProtocolError)
 # A Retry-After beyond this is treated as this (a background push must still end within a run's lifetime).
 _MAX_RETRY_AFTER_S = 900.0
+# Our own exponential backoff (hub.backoff_s, doubling per retry) stops growing here.
+_MAX_BACKOFF_S = 120.0
 # Snapshot noise that must never reach the Hub.
 _IGNORED = shutil.ignore_patterns(".git", ".cache", "__pycache__", "*.pyc", ".DS_Store")
 
@@ -56,11 +64,10 @@ class HubPushError(RuntimeError):
 
 @dataclass
 class _Job:
-    key: tuple[str, str]
+    key: str  # the folder pushed, or "<built:KEY>"
     snapshot: Path
     message: str
     step: int | None
-    path_in_repo: str
     state: str = "pending"  # pending -> running -> done, or pending -> dropped
     future: cf.Future | None = field(default=None, repr=False)
     build: Callable[[Path], None] | None = field(default=None, repr=False)  # fills the snapshot, in the worker
@@ -112,10 +119,8 @@ class HubPusher:
         self,
         model_id: str,
         private: bool = False,
-        revision: str | None = None,
         max_retries: int = 8,
         backoff_s: float = 2.0,
-        max_backoff_s: float = 120.0,
         tmp_dir: str | os.PathLike | None = None,
     ):
         if constants.is_offline_mode():
@@ -126,10 +131,8 @@ class HubPusher:
         self._secret = token  # kept only to scrub messages; never passed on, logged or stored on disk
         self.model_id = model_id
         self.private = private
-        self.revision = revision
         self.max_retries = max_retries
         self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
         # Read at call time: huggingface_hub froze both env vars when it was imported.
         self.endpoint = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
         if _env_true("HF_HUB_DISABLE_XET"):
@@ -141,7 +144,7 @@ class HubPusher:
         self._lock = threading.Lock()
         self._stop = threading.Event()  # interrupts backoff sleeps on close(cancel=True)
         self._executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="speedplm-hub-push")
-        self._latest: dict[tuple[str, str], _Job] = {}  # newest job per (folder, path_in_repo)
+        self._latest: dict[str, _Job] = {}  # newest job per key
         self._repo_ready = False
         self._counts = {"queued": 0, "done": 0, "failed": 0, "retries": 0, "dropped": 0}
         self._last_error: str | None = None
@@ -150,9 +153,7 @@ class HubPusher:
 
     # ----- public API -----
 
-    def push_folder(
-        self, local_dir: str | os.PathLike, commit_message: str, step: int | None = None, path_in_repo: str = ""
-    ) -> None:
+    def push_folder(self, local_dir: str | os.PathLike, commit_message: str, step: int | None = None) -> None:
         """Snapshot ``local_dir`` now and upload it in the background as one commit; returns at once."""
         src = Path(local_dir).resolve()
         if not src.is_dir():
@@ -163,14 +164,7 @@ class HubPusher:
         if not any(p.is_file() for p in snapshot.rglob("*")):
             shutil.rmtree(snapshot, ignore_errors=True)
             raise HubPushError(f"hub push to {self.model_id}: {src} has no files to push")
-        job = _Job(
-            key=(str(src), path_in_repo),
-            snapshot=snapshot,
-            message=commit_message,
-            step=step,
-            path_in_repo=path_in_repo,
-        )
-        self._submit(job)
+        self._submit(_Job(key=str(src), snapshot=snapshot, message=commit_message, step=step))
 
     def push_built(
         self,
@@ -178,16 +172,13 @@ class HubPusher:
         commit_message: str,
         step: int | None = None,
         key: str = "built",
-        path_in_repo: str = "",
         discard: Callable[[], None] | None = None,
     ) -> None:
         """Queue a push whose folder `build(folder)` writes in the background thread, just before the upload
         (nothing is written or copied now); returns at once. The newest pending push of a `key` wins; `discard()`
         runs once the job is over or dropped (to free what `build` reads)."""
         snapshot = Path(tempfile.mkdtemp(prefix="push-", dir=self.tmp_root))
-        job = _Job((f"<built:{key}>", path_in_repo), snapshot, commit_message, step, path_in_repo, build=build)
-        job.discard = discard
-        self._submit(job)
+        self._submit(_Job(f"<built:{key}>", snapshot, commit_message, step, build=build, discard=discard))
 
     def _submit(self, job: _Job) -> None:
         with self._lock:
@@ -261,7 +252,7 @@ class HubPusher:
             self.close(cancel=True)
 
     def __repr__(self) -> str:
-        return f"HubPusher({self.model_id!r}, endpoint={self.endpoint!r}, revision={self.revision!r})"
+        return f"HubPusher({self.model_id!r}, endpoint={self.endpoint!r})"
 
     # ----- worker side -----
 
@@ -332,7 +323,7 @@ class HubPusher:
                     log.error("%s (gave up after %d retries)", message, attempt)
                     raise HubPushError(f"{message} (gave up after {attempt} retries)") from None
                 # Our backoff is capped; a server's Retry-After is obeyed (up to a sanity bound) even above the cap.
-                backoff = min(self.max_backoff_s, self.backoff_s * 2**attempt)
+                backoff = min(_MAX_BACKOFF_S, self.backoff_s * 2**attempt)
                 delay = max(backoff, min(server_wait or 0.0, _MAX_RETRY_AFTER_S))
                 attempt += 1
                 with self._lock:
@@ -345,21 +336,12 @@ class HubPusher:
     def _push_once(self, job: _Job) -> str:
         if not self._repo_ready:
             self._api.create_repo(self.model_id, private=self.private, exist_ok=True, repo_type="model")
-            if self.revision not in (None, constants.DEFAULT_REVISION):
-                self._api.create_branch(self.model_id, branch=self.revision, exist_ok=True, repo_type="model")
             self._repo_ready = True
         # Fresh operations every attempt: huggingface_hub mutates them and refuses to reuse committed ones.
-        prefix = job.path_in_repo.strip("/")
-        operations = []
-        for path in sorted(job.snapshot.rglob("*")):
-            if path.is_file():
-                rel = path.relative_to(job.snapshot).as_posix()
-                operations.append(CommitOperationAdd(f"{prefix}/{rel}" if prefix else rel, str(path)))
-        info = self._api.create_commit(
-            self.model_id,
-            operations,
-            commit_message=job.message,
-            revision=self.revision,
-            repo_type="model",
-        )
+        operations = [
+            CommitOperationAdd(path.relative_to(job.snapshot).as_posix(), str(path))
+            for path in sorted(job.snapshot.rglob("*"))
+            if path.is_file()
+        ]
+        info = self._api.create_commit(self.model_id, operations, commit_message=job.message, repo_type="model")
         return info.oid

@@ -2,19 +2,20 @@
 
 Public API
     pack_best_fit(lengths, capacity, max_open=1024) -> (order, row_offsets)
-    LoaderSpec: the epoch layout and batch shape (frozen dataclass; `loader.spec`)
-    PackedLoader(shards, *, max_length, tokens_per_micro_batch, collator, rank=0, world_size=1, seed=0,
-                 global_batch_tokens=None, num_workers=0, prefetch_factor=4, pin_memory=None, shuffle=True,
-                 packing=True, num_epochs=None, crop=None, fixed_mask_step=None, block_docs=4096, window_blocks=16,
-                 batch_warmup=(0, 1.0))   # (train.batch_warmup_steps, train.batch_warmup_start)
+    LoaderOptions(tokens_per_micro_batch, max_length=1024, rank=0, world_size=1, seed=0, global_batch_tokens=None,
+                  batch_warmup=(0, 1.0), shuffle=True, packing=True, num_epochs=None, crop=None, fixed_mask_step=None,
+                  block_docs=4096, window_blocks=16)   # frozen, keyword-only: which batches (defaults: training)
+        .spec() -> LoaderSpec: the checked, resolved layout (frozen dataclass; `loader.spec`)
+    WorkerOptions(num_workers=0, prefetch_factor=4, pin_memory=None)   # how batches are built, never which
+    PackedLoader(shards, collator, options, workers=WorkerOptions())
         iter(loader) -> batch dicts (see training.collator); state_dict() / load_state_dict(state) / restart()
         set_optimizer_step(step): the optimizer step the next micro-batch belongs to (the mask-rate clock)
         last_mask_rate: the mask rate the last batch handed out was built with
         batches_per_epoch(epoch=None), packing_stats(epoch=0) -> dict, grad_accum_steps, rows_per_micro_batch
-    build_loader(shard_dir, *, max_length=1024, tokens_per_micro_batch, collator, rank=0, world_size=1, seed=0,
-                 num_workers=0, verify="header", **kw) -> PackedLoader      # training: shuffled, endless
-    build_eval_loader(shard_dir, *, max_length=1024, tokens_per_micro_batch, collator, rank=0, world_size=1,
-                      seed=0, packing=True, num_workers=0, **kw) -> PackedLoader   # one pass, fixed masks
+    build_loader(shard_dir, collator, options, *, workers=WorkerOptions(), verify="header") -> PackedLoader
+        # training: shuffled, endless
+    build_eval_loader(shard_dir, collator, options, *, workers=WorkerOptions(), verify="header") -> PackedLoader
+        # one pass in stored order, first-window crops, fixed masks (EVAL_LAYOUT replaces those fields of options)
 
 How an epoch is laid out (identically in every rank and worker, from (seed, epoch) alone)
     1. blocks: each shard's proteins in runs of `block_docs` (a shard's last run may be shorter); the epoch visits
@@ -51,7 +52,7 @@ import itertools
 import math
 from bisect import bisect_left, bisect_right, insort
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,82 @@ class LoaderSpec:
     @property
     def rows_per_round(self) -> int:
         return self.rows * self.world_size
+
+
+# Two objects, as torchtitan's typed config splits a loader's settings: LoaderOptions decides WHICH batches a rank
+# sees (the stream, its masks and its resume state depend on them alone), WorkerOptions only HOW they are produced
+# (the same stream for any number of worker processes). LoaderOptions is what a caller writes; LoaderSpec is the
+# checked layout derived from it (rows per micro-batch, accumulation schedule, crop mode), which the loader reads.
+@dataclass(frozen=True, kw_only=True)
+class LoaderOptions:
+    """Batch shape, split into ranks and accumulation steps, and epoch layout. The defaults are a training loader
+    (shuffled, endless, random crops); build_eval_loader sets the eval layout (EVAL_LAYOUT)."""
+
+    tokens_per_micro_batch: int  # rows per micro-batch = tokens_per_micro_batch // max_length
+    max_length: int = 1024  # tokens per row
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    global_batch_tokens: int | None = None  # tokens per optimizer step over all ranks (None: no accumulation)
+    batch_warmup: tuple[int, float] = (0, 1.0)  # (train.batch_warmup_steps, train.batch_warmup_start)
+    shuffle: bool = True
+    packing: bool = True  # False: one protein per row, padded to the longest row of its batch
+    num_epochs: int | None = None  # None: endless
+    crop: str | None = None  # "random" | "first"; None: "random" if shuffle else "first"
+    fixed_mask_step: int | None = None  # eval: masks keyed by (this step, batch index)
+    block_docs: int = 4096
+    window_blocks: int = 16
+
+    def spec(self) -> LoaderSpec:
+        """The checked layout; ValueError naming the option that cannot work."""
+        rows = self.tokens_per_micro_batch // self.max_length
+        if rows < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(
+                f"need tokens_per_micro_batch >= max_length and 0 <= rank < world_size; got "
+                f"{self.tokens_per_micro_batch}, {self.max_length}, rank {self.rank}, world {self.world_size}"
+            )
+        per_step = rows * self.max_length * self.world_size
+        if self.global_batch_tokens is not None and self.global_batch_tokens % per_step:
+            raise ValueError(
+                f"global_batch_tokens {self.global_batch_tokens} is not a multiple of "
+                f"rows x max_length x world_size = {per_step}"
+            )
+        if self.crop not in (None, "random", "first"):
+            raise ValueError(f"crop must be 'random' or 'first', got {self.crop!r}")
+        if self.block_docs < 1 or self.window_blocks < 1:
+            raise ValueError(f"block_docs and window_blocks must be >= 1, got {self.block_docs}, {self.window_blocks}")
+        accumulation = 1 if self.global_batch_tokens is None else self.global_batch_tokens // per_step
+        return LoaderSpec(
+            max_length=self.max_length,
+            rows=rows,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=self.seed,
+            shuffle=self.shuffle,
+            packing=self.packing,
+            num_epochs=self.num_epochs,
+            drop_last=self.num_epochs is None,
+            crop=self.crop or ("random" if self.shuffle else "first"),
+            fixed_mask_step=self.fixed_mask_step,
+            accumulation=BatchSchedule(accumulation, *self.batch_warmup),
+            block_docs=self.block_docs,
+            window_blocks=self.window_blocks,
+        )
+
+
+# What makes a loader an eval loader: one pass in stored order, the first residues of long proteins, masks fixed
+# per batch index, so every evaluation of every model sees the same masked positions.
+EVAL_LAYOUT = dict(shuffle=False, num_epochs=1, crop="first", fixed_mask_step=0)
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """How batches are produced: DataLoader worker processes (0: in this process), batches prefetched per worker,
+    pinned memory (None: iff CUDA is available)."""
+
+    num_workers: int = 0
+    prefetch_factor: int = 4
+    pin_memory: bool | None = None
 
 
 class _Blocks:
@@ -294,69 +371,15 @@ _MATCH_KEYS += ("window_blocks", "num_docs", "num_tokens")
 class PackedLoader:
     """Iterable of batch dicts for one rank, resumable through state_dict()/load_state_dict()."""
 
-    def __init__(
-        self,
-        shards: ShardSet,
-        *,
-        max_length: int,
-        tokens_per_micro_batch: int,
-        collator,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-        global_batch_tokens: int | None = None,
-        num_workers: int = 0,
-        prefetch_factor: int = 4,
-        pin_memory: bool | None = None,
-        shuffle: bool = True,
-        packing: bool = True,
-        num_epochs: int | None = None,
-        crop: str | None = None,
-        fixed_mask_step: int | None = None,
-        block_docs: int = 4096,
-        window_blocks: int = 16,
-        batch_warmup: tuple[int, float] = (0, 1.0),
-    ):
-        rows = tokens_per_micro_batch // max_length
-        if rows < 1 or not 0 <= rank < world_size:
-            raise ValueError(
-                f"need tokens_per_micro_batch >= max_length and 0 <= rank < world_size; got "
-                f"{tokens_per_micro_batch}, {max_length}, rank {rank}, world {world_size}"
-            )
-        per_step = rows * max_length * world_size
-        if global_batch_tokens is not None and global_batch_tokens % per_step:
-            raise ValueError(
-                f"global_batch_tokens {global_batch_tokens} is not a multiple of "
-                f"rows x max_length x world_size = {per_step}"
-            )
-        if crop not in (None, "random", "first"):
-            raise ValueError(f"crop must be 'random' or 'first', got {crop!r}")
-        if block_docs < 1 or window_blocks < 1:
-            raise ValueError(f"block_docs and window_blocks must be >= 1, got {block_docs}, {window_blocks}")
+    def __init__(self, shards: ShardSet, collator, options: LoaderOptions, workers: WorkerOptions = WorkerOptions()):
+        self.spec = options.spec()
         if shards.num_docs == 0:
             raise ValueError(f"{shards.dir}: no proteins")
-        self.shards, self.collator, self.num_workers = shards, collator, num_workers
-        self.prefetch_factor = prefetch_factor
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.grad_accum_steps = 1 if global_batch_tokens is None else global_batch_tokens // per_step
-        self.rows_per_micro_batch = rows
-        self.spec = LoaderSpec(
-            max_length=max_length,
-            rows=rows,
-            rank=rank,
-            world_size=world_size,
-            seed=seed,
-            shuffle=shuffle,
-            packing=packing,
-            num_epochs=num_epochs,
-            drop_last=num_epochs is None,
-            crop=crop or ("random" if shuffle else "first"),
-            fixed_mask_step=fixed_mask_step,
-            accumulation=BatchSchedule(self.grad_accum_steps, *batch_warmup),
-            block_docs=block_docs,
-            window_blocks=window_blocks,
-        )
-        self.blocks = _Blocks(shards, block_docs)
+        self.shards, self.collator, self.workers = shards, collator, workers
+        self.pin_memory = torch.cuda.is_available() if workers.pin_memory is None else workers.pin_memory
+        self.grad_accum_steps = self.spec.accumulation.full
+        self.rows_per_micro_batch = self.spec.rows
+        self.blocks = _Blocks(shards, self.spec.block_docs)
         self._rows_in_epoch: dict[int, int] = {}
         self.micro_offset = 0  # micro-batches of the optimizer-step clock before this loader's micro-step 0
         self.last_mask_rate: float | None = None
@@ -374,15 +397,16 @@ class PackedLoader:
     def __iter__(self):
         start = (self.epoch, self.batch, self.micro_step, self.window, self.window_row)
         stream = _BatchStream(self.blocks, self.spec, self.collator, start, self.micro_offset)
-        if self.num_workers == 0 and not self.pin_memory:
+        workers = self.workers.num_workers
+        if workers == 0 and not self.pin_memory:
             items = iter(stream)
         else:
             items = DataLoader(
                 stream,
                 batch_size=None,
-                num_workers=self.num_workers,
+                num_workers=workers,
                 pin_memory=self.pin_memory,
-                prefetch_factor=self.prefetch_factor if self.num_workers else None,
+                prefetch_factor=self.workers.prefetch_factor if workers else None,
             )
         for epoch, b, micro_step, window, window_row, rate, batch in items:
             self.epoch, self.batch, self.micro_step = epoch, b + 1, micro_step + 1
@@ -474,62 +498,17 @@ class PackedLoader:
 
 
 def build_loader(
-    shard_dir,
-    *,
-    max_length: int = 1024,
-    tokens_per_micro_batch: int,
-    collator,
-    rank: int = 0,
-    world_size: int = 1,
-    seed: int = 0,
-    num_workers: int = 0,
-    verify: str = "header",
-    **kw,
+    shard_dir, collator, options: LoaderOptions, *, workers: WorkerOptions = WorkerOptions(), verify: str = "header"
 ) -> PackedLoader:
     """Training loader: shuffled each epoch, random crops, endless (count epochs with loader.epoch)."""
-    return PackedLoader(
-        ShardSet(Path(shard_dir), verify=verify),
-        max_length=max_length,
-        tokens_per_micro_batch=tokens_per_micro_batch,
-        collator=collator,
-        rank=rank,
-        world_size=world_size,
-        seed=seed,
-        num_workers=num_workers,
-        **kw,
-    )
+    return PackedLoader(ShardSet(Path(shard_dir), verify=verify), collator, options, workers)
 
 
 def build_eval_loader(
-    shard_dir,
-    *,
-    max_length: int = 1024,
-    tokens_per_micro_batch: int,
-    collator,
-    rank: int = 0,
-    world_size: int = 1,
-    seed: int = 0,
-    packing: bool = True,
-    num_workers: int = 0,
-    verify: str = "header",
-    **kw,
+    shard_dir, collator, options: LoaderOptions, *, workers: WorkerOptions = WorkerOptions(), verify: str = "header"
 ) -> PackedLoader:
-    """Eval loader: one pass in stored order, first-window crops, masks fixed per batch index (step 0), so every
-    evaluation of every model sees the same masked positions (for the same seed, world size, micro-batch tokens
-    and packing mode: those decide which proteins share a batch)."""
-    return PackedLoader(
-        ShardSet(Path(shard_dir), verify=verify),
-        max_length=max_length,
-        tokens_per_micro_batch=tokens_per_micro_batch,
-        collator=collator,
-        rank=rank,
-        world_size=world_size,
-        seed=seed,
-        packing=packing,
-        num_workers=num_workers,
-        shuffle=False,
-        num_epochs=1,
-        crop="first",
-        fixed_mask_step=0,
-        **kw,
-    )
+    """Eval loader: `options` with EVAL_LAYOUT (one pass in stored order, first-window crops, masks fixed per batch
+    index, step 0), so every evaluation of every model sees the same masked positions (for the same seed, world
+    size, micro-batch tokens and packing mode: those decide which proteins share a batch)."""
+    eval_options = replace(options, **EVAL_LAYOUT)
+    return PackedLoader(ShardSet(Path(shard_dir), verify=verify), collator, eval_options, workers)

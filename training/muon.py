@@ -14,6 +14,13 @@ With one rank, kernels="torch" and ns_dtype=bf16 it is bit-identical to torch.op
 
 Momentum buffers are kept on every rank (elementwise, cheap), so any rank's state_dict resumes the run exactly.
 
+Public API
+    MuonHyperparams(lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, ns_coefficients=NS_COEFFICIENTS, eps=1e-7,
+                    ns_steps=5, adjust_lr_fn=None, normuon=False, normuon_beta2=0.95, cautious_weight_decay=False)
+                        # frozen, keyword-only: the param-group defaults (torch.optim.Muon's names and defaults + v2)
+    DistributedMuon(params, hyper=MuonHyperparams(), *, kernels="auto", process_group=None, ns_dtype=None, stack=None)
+    POLAR_EXPRESS_COEFFICIENTS, NS_VARIANTS (train.muon_ns -> coefficients), normuon_(...), adjusted_lr(...)
+
 Recipe-v2 switches (all off by default; off, the update is exactly the one above):
     ns_coefficients=POLAR_EXPRESS_COEFFICIENTS   one quintic per Newton-Schulz iteration (Polar Express), ns_steps <= 5
     normuon=True                                 NorMuon: the orthogonalised update divided by an EMA of its per-neuron
@@ -29,6 +36,7 @@ so the parameters are bit-identical to an unsharded run with the same gradients 
 buffers stay DTensors shaped like their parameter, so the optimizer state saves and loads as sharded state (DCP).
 """
 
+import dataclasses
 import math
 
 import torch
@@ -85,11 +93,34 @@ def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape) -> float:
     return lr
 
 
+# Why this split of DistributedMuon's settings: the fields of MuonHyperparams are exactly the keys of a param group
+# (torch's `defaults`), the values a param-group dict may override and a scheduler changes (lr, momentum); they decide
+# what the update is, and with kernels="torch" and ns_dtype=bf16 they give torch.optim.Muon's update bit for bit. The
+# keyword arguments of DistributedMuon decide only how it is computed and shared (kernel set, Newton-Schulz precision
+# and batching, process group): per optimizer, never per group.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MuonHyperparams:
+    """Param-group defaults: torch.optim.Muon's hyperparameters (same names and defaults), then the recipe-v2
+    switches (module docstring)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_coefficients: tuple = NS_COEFFICIENTS  # (a, b, c), or one triple per iteration (POLAR_EXPRESS_COEFFICIENTS)
+    eps: float = 1e-7
+    ns_steps: int = 5
+    adjust_lr_fn: str | None = None  # None | "original" | "match_rms_adamw"
+    normuon: bool = False
+    normuon_beta2: float = 0.95
+    cautious_weight_decay: bool = False
+
+
 class DistributedMuon(torch.optim.Optimizer):
-    """torch.optim.Muon's hyperparameters and update; plus `kernels` (the model's resolved set, `model.kernels`, or
-    a setting: "auto": Triton xxt Newton-Schulz on CUDA, "triton", "torch", or a "+"-joined kernel selection: Triton
-    iff it names "newton_schulz"; kernels_speedplm.select_kernels either way) and `process_group` (default: the
-    world group if torch.distributed is initialised).
+    """torch.optim.Muon's update with the param-group defaults `hyper`; plus `kernels` (the model's resolved set,
+    `model.kernels`, or a setting: "auto": Triton xxt Newton-Schulz on CUDA, "triton", "torch", or a "+"-joined kernel
+    selection: Triton iff it names "newton_schulz"; kernels_speedplm.select_kernels either way) and `process_group`
+    (default: the world group if torch.distributed is initialised).
     Precondition: gradients are identical on all ranks when `step()` runs (DDP / accelerate all-reduce them), or,
     for DTensor parameters (FSDP2), each rank holds its shard of the reduced gradient; `step()` is then a collective
     over the parameters' mesh that every rank must call."""
@@ -97,43 +128,23 @@ class DistributedMuon(torch.optim.Optimizer):
     def __init__(
         self,
         params,
-        lr: float = 1e-3,
-        weight_decay: float = 0.1,
-        momentum: float = 0.95,
-        nesterov: bool = True,
-        ns_coefficients=NS_COEFFICIENTS,
-        eps: float = 1e-7,
-        ns_steps: int = 5,
-        adjust_lr_fn: str | None = None,
+        hyper: MuonHyperparams = MuonHyperparams(),
+        *,
         kernels: str | Kernels = "auto",
         process_group=None,
         ns_dtype: torch.dtype | None = None,
         stack: bool | None = None,
-        normuon: bool = False,
-        normuon_beta2: float = 0.95,
-        cautious_weight_decay: bool = False,
     ):
+        lr, momentum, weight_decay = hyper.lr, hyper.momentum, hyper.weight_decay
         if lr < 0 or momentum < 0 or weight_decay < 0:
             raise ValueError(f"DistributedMuon: lr={lr}, momentum={momentum}, weight_decay={weight_decay} must be >= 0")
-        if adjust_lr_fn not in (None, "original", "match_rms_adamw"):
-            raise ValueError(f"DistributedMuon: adjust_lr_fn={adjust_lr_fn!r} is not supported")
+        if hyper.adjust_lr_fn not in (None, "original", "match_rms_adamw"):
+            raise ValueError(f"DistributedMuon: adjust_lr_fn={hyper.adjust_lr_fn!r} is not supported")
         try:  # the model's resolved kernel set, or a `kernels` setting resolved by the same rule
             resolved = kernels if isinstance(kernels, Kernels) else select_kernels(kernels)
         except ValueError as err:
             raise ValueError(f"DistributedMuon: {err}") from None
-        defaults = dict(
-            lr=lr,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            nesterov=nesterov,
-            ns_coefficients=_frozen(ns_coefficients),
-            eps=eps,
-            ns_steps=ns_steps,
-            adjust_lr_fn=adjust_lr_fn,
-            normuon=normuon,
-            normuon_beta2=normuon_beta2,
-            cautious_weight_decay=cautious_weight_decay,
-        )
+        defaults = dataclasses.asdict(hyper) | dict(ns_coefficients=_frozen(hyper.ns_coefficients))
         super().__init__(params, defaults)
         for group in self.param_groups:
             group["ns_coefficients"] = _frozen(group["ns_coefficients"])

@@ -9,7 +9,7 @@ from transformers.optimization import get_cosine_schedule_with_warmup, get_wsd_s
 
 from .cautious import CautiousAdamW
 from .config import TrainSection
-from .muon import NS_VARIANTS, DistributedMuon
+from .muon import NS_VARIANTS, DistributedMuon, MuonHyperparams
 
 
 def parameter_groups(model: torch.nn.Module) -> dict[str, list[torch.nn.Parameter]]:
@@ -32,18 +32,18 @@ def parameter_groups(model: torch.nn.Module) -> dict[str, list[torch.nn.Paramete
 def build_optimizers(model: torch.nn.Module, cfg: TrainSection) -> list[torch.optim.Optimizer]:
     groups = parameter_groups(model)
     # torch.optim.Muon's update, with the Newton-Schulz work split across data-parallel ranks (training/muon.py)
-    muon = DistributedMuon(
-        groups["muon"],
+    hyper = MuonHyperparams(
         lr=cfg.muon_lr,
         momentum=cfg.muon_momentum_start,
         weight_decay=cfg.weight_decay,
-        kernels=model.base_model.kernels,  # the model's kernel set, resolved once when it was built
         ns_coefficients=NS_VARIANTS[cfg.muon_ns],
         ns_steps=cfg.muon_ns_steps,
         normuon=cfg.normuon,
         normuon_beta2=cfg.normuon_beta2,
         cautious_weight_decay=cfg.cautious_weight_decay,
     )
+    # the model's kernel set, resolved once when it was built
+    muon = DistributedMuon(groups["muon"], hyper, kernels=model.base_model.kernels)
     adam_groups = [
         {"params": groups["embed"], "lr": cfg.embed_lr},
         {"params": groups["head"], "lr": cfg.head_lr},
