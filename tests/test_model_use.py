@@ -208,9 +208,10 @@ def test_readme_use_a_checkpoint_snippets_run(checkpoint, tmp_path):
     """The README's "Use a checkpoint" Python blocks, as written (on this checkpoint), in a fresh process."""
     pytest.importorskip("peft", reason="one block uses peft, the optional extra")
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("## Use a checkpoint")
     section = readme[
-        readme.index("## Use a checkpoint") : readme.index("\n## ", readme.index("## Use a checkpoint") + 1)
-    ]
+        start : readme.index("\n### Embeddings of many proteins", start)
+    ]  # eval.embed: tests/test_embed.py
     blocks = section.split("```python\n")[1:]
     assert len(blocks) == 3
     code = [block.split("```")[0].replace("runs/default/final", str(checkpoint)) for block in blocks]
