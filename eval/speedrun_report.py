@@ -302,6 +302,7 @@ def run_probes(s: Settings, records: list[dict], report: dict, out: Path, log=pr
     the markdown summary (best-layer accuracy per task; the models must beat their random-init twin)."""
     from eval import probes
     from modeling_speedplm import SpeedPLMForMaskedLM, build_tokenizer
+    from training.card import write_model_folder
 
     runs = current_runs(records)
     models = {f"{report['control']} (SpeedPLM, seed {runs[report['control']][0]['seed']})": runs[report["control"]][0]}
@@ -310,7 +311,7 @@ def run_probes(s: Settings, records: list[dict], report: dict, out: Path, log=pr
     paths = {name: r["model_dir"] for name, r in models.items()}
     torch.manual_seed(0)
     twin = out / "random-init"
-    SpeedPLMForMaskedLM(speedplm_config(s)).save_pretrained(twin / "speedplm")
+    write_model_folder(SpeedPLMForMaskedLM(speedplm_config(s)), twin / "speedplm")  # weights + tokenizer, as a run
     esm_twin(speedplm_config(s)).save_pretrained(twin / "esm2")
     build_tokenizer(s.max_length).save_pretrained(twin / "esm2")
     paths["random-init SpeedPLM"], paths["random-init ESM2"] = str(twin / "speedplm"), str(twin / "esm2")
