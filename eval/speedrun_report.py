@@ -297,24 +297,30 @@ def plot(records: list[dict], report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def random_init_twins(s: Settings, twin: Path) -> tuple[str, str]:
+    """Model folders (weights, config, tokenizer) of an untrained SpeedPLM and ESM2 of the campaign's shape, seed 0:
+    what the probes compare trained models against (embedding composition only)."""
+    from modeling_speedplm import SpeedPLMForMaskedLM, build_tokenizer
+    from training.card import write_model_folder
+
+    torch.manual_seed(0)
+    write_model_folder(SpeedPLMForMaskedLM(speedplm_config(s)), twin / "speedplm")  # weights + tokenizer, as a run
+    esm_twin(speedplm_config(s)).save_pretrained(twin / "esm2")
+    build_tokenizer(s.max_length).save_pretrained(twin / "esm2")
+    return str(twin / "speedplm"), str(twin / "esm2")
+
+
 def run_probes(s: Settings, records: list[dict], report: dict, out: Path, log=print) -> str:
     """eval.probes on the control's and the baseline's first-seed final models and on random-init twins; returns
     the markdown summary (best-layer accuracy per task; the models must beat their random-init twin)."""
     from eval import probes
-    from modeling_speedplm import SpeedPLMForMaskedLM, build_tokenizer
-    from training.card import write_model_folder
 
     runs = current_runs(records)
     models = {f"{report['control']} (SpeedPLM, seed {runs[report['control']][0]['seed']})": runs[report["control"]][0]}
     if report["baseline"]:
         models[f"{report['baseline']} (ESM2, seed {runs[report['baseline']][0]['seed']})"] = runs[report["baseline"]][0]
     paths = {name: r["model_dir"] for name, r in models.items()}
-    torch.manual_seed(0)
-    twin = out / "random-init"
-    write_model_folder(SpeedPLMForMaskedLM(speedplm_config(s)), twin / "speedplm")  # weights + tokenizer, as a run
-    esm_twin(speedplm_config(s)).save_pretrained(twin / "esm2")
-    build_tokenizer(s.max_length).save_pretrained(twin / "esm2")
-    paths["random-init SpeedPLM"], paths["random-init ESM2"] = str(twin / "speedplm"), str(twin / "esm2")
+    paths["random-init SpeedPLM"], paths["random-init ESM2"] = random_init_twins(s, out / "random-init")
     rows, tasks = probes.run(list(paths.values()), list(probes.TASKS), max_per_task=2000, log=log)
     names = {v: k for k, v in paths.items()}
     for row in rows:

@@ -23,7 +23,7 @@ from eval.speedrun import (
     parse_variant,
     speedplm_steps,
 )
-from eval.speedrun_report import build_report
+from eval.speedrun_report import build_report, random_init_twins
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -211,6 +211,22 @@ def test_the_shipped_campaign_is_valid():
     names = [a.name for a in arms]
     assert control in names and len(set(names)) == len(names)
     assert sum(a.recipe == "esm2" and a.seeds is None for a in arms) >= 4  # 4 learning rates x 5 seeds at least
+
+
+def test_random_init_twins_load_with_their_tokenizers_outside_the_repo(tmp_path):
+    # eval.probes checks each model's vocabulary through its tokenizer: a twin folder without one stopped --probes
+    paths = random_init_twins(SMALL, tmp_path / "twins")
+    code = (
+        "import sys; from transformers import AutoModelForMaskedLM, AutoTokenizer\n"
+        "for p in sys.argv[1:]:\n"
+        "    tok = AutoTokenizer.from_pretrained(p, trust_remote_code=True)\n"
+        "    m = AutoModelForMaskedLM.from_pretrained(p, trust_remote_code=True)\n"
+        "    print(len(tok('MKTAYIAK')['input_ids']), m.config.vocab_size)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code, *paths], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["10", "33", "10", "33"]
 
 
 def test_every_arm_gets_the_same_token_budget(prepared):  # noqa: F811
