@@ -10,7 +10,8 @@ Arms. An arm is a recipe plus overrides; `--variant NAME key=value ...` (repeata
     SpeedPLM arms take any run-config override (`train.normuon=true`, `data.mask_rate=0.3`, `model.mlm_head=...`)
         on top of `configs/default.yaml` and the judge's own settings (shape, data, budget, seed: those keys are
         the judge's, an arm cannot set them); each runs `train_accelerate.py` in a subprocess. A value
-        `N%steps` (`train.batch_warmup_steps=25%steps`) is N% of the control's calibrated steps.
+        `N%steps` (`train.batch_warmup_steps=25%steps`) is N% of the control's calibrated steps (on the arm's
+        `budget=` share).
     ESM2 arms (`recipe=esm2`): transformers' EsmForMaskedLM of the same shape and parameter count
         (eval.throughput.esm_twin, dropout 0 as in the released ESM2 configs) trained by transformers.Trainer on
         padded batches of whole proteins (first max_length - 2 residues), DataCollatorForLanguageModeling at 15%,
@@ -19,12 +20,18 @@ Arms. An arm is a recipe plus overrides; `--variant NAME key=value ...` (repeata
         ESM2's 2,000 of 500k steps, scaled up for runs of a few hundred steps), `esm.weight_decay=` (0.01);
         `esm.lr=best` takes the learning rate of the best ESM2 arm without it (run after those finish).
     `seeds=[5,6,7]` gives an arm its own seeds (an A/A arm: the control's overrides on other seeds).
+    `budget=F` (0 < F <= 1, the judge's own key, kept among the overrides so it is part of the arm's identity) runs
+        the arm for that share of the campaign budget, its whole schedule (warmup, decay) fitted to the shorter run:
+        a speedrun's recipe includes its length, sized so that the run ends at the target rather than crossing it
+        mid-schedule (modded-nanogpt's records fix the step count the same way). The tuned baseline and so the target
+        come only from ESM2 arms on the full budget.
     The report compares every SpeedPLM arm with the control arm (`--control`, default "control") and with the
     tuned baseline: the ESM2 arm of lowest mean final validation loss.
 Budget: the step times of both recipes are measured once per campaign (the fastest of 8 steps each, so a passing
     load spike does not shrink the budget; campaign.json, reused by every later call):
     the control gets budget / its step time steps, and every SpeedPLM arm the number of steps that gives it the
-    same planned tokens (more steps for a batch-size warmup); every ESM2 arm gets budget / ESM2's step time steps.
+    same planned tokens (more steps for a batch-size warmup); every ESM2 arm gets budget / ESM2's step time steps
+    (each times the arm's `budget=` share).
 Runs: `--lanes N` runs N at a time, each in its own process with `--threads` torch threads; seed-major order,
     so slow drift of the machine spreads over all arms. Each finished run appends one line to results.jsonl (a
     crash loses at most the runs in flight); a run whose (arm, definition, seed) is there is not run again.
@@ -65,7 +72,7 @@ import numpy as np
 import torch
 
 from eval.benchmark import BenchmarkError, build_batches, hardware, resolve_split
-from eval.speedrun_stats import baseline_arm
+from eval.speedrun_stats import BUDGET, baseline_arm
 from eval.throughput import esm_twin  # ESM2's shape and recipe (no dropout)
 from training.collator import EVAL_MASK_RATE
 from training.metrics import IGNORE_INDEX
@@ -166,15 +173,40 @@ class Arm:
         """Identity of the arm's definition: a run is reused only under the same name and key."""
         return hashlib.sha256(json.dumps([self.recipe, self.overrides]).encode()).hexdigest()[:12]
 
+    @property
+    def budget(self) -> float:
+        """The arm's share of the campaign budget (`budget=F` among its overrides; 1 without)."""
+        return budget_share(self.overrides)
+
+    @property
+    def run_overrides(self) -> list:
+        """The overrides the recipe itself gets (the judge's `budget=` taken out)."""
+        return [o for o in self.overrides if o.split("=", 1)[0] != BUDGET]
+
     def esm(self) -> dict:
         values = dict(ESM_DEFAULTS)
-        for text in self.overrides:
+        for text in self.run_overrides:
             k, v = text.split("=", 1)
             values[k] = v if v == "best" else float(v)
         return values
 
 
 # ---------------------------------------------------------------------------------------------------- arms
+
+
+def budget_share(overrides: list) -> float:
+    """'budget=0.5' among an arm's (or a record's) overrides -> 0.5; none -> 1.0 (the whole budget)."""
+    for text in overrides:
+        key, value = text.split("=", 1)
+        if key == BUDGET:
+            try:
+                share = float(value)
+            except ValueError:
+                share = float("nan")
+            if not 0 < share <= 1:
+                raise SpeedrunError(f"{text!r}: the share of the campaign budget, 0 < F <= 1 (e.g. budget=0.5)")
+            return share
+    return 1.0
 
 
 def parse_variant(tokens: list[str]) -> Arm:
@@ -209,11 +241,15 @@ def check_arm(arm: Arm, s: Settings) -> None:
     for text in arm.overrides:
         if not isinstance(text, str) or "=" not in text:
             raise SpeedrunError(f"arm {arm.name}: override {text!r} is not key=value")
+    try:
+        budget_share(arm.overrides)
+    except SpeedrunError as err:
+        raise SpeedrunError(f"arm {arm.name}: {err}") from None
     if arm.recipe == "esm2":
-        for text in arm.overrides:
+        for text in arm.run_overrides:
             key, value = text.split("=", 1)
             if key not in ESM_DEFAULTS:
-                raise SpeedrunError(f"arm {arm.name}: {key!r}: ESM2 arms take {sorted(ESM_DEFAULTS)}")
+                raise SpeedrunError(f"arm {arm.name}: {key!r}: ESM2 arms take {sorted([*ESM_DEFAULTS, BUDGET])}")
             if value != "best" or key != "esm.lr":
                 try:
                     float(value)
@@ -222,7 +258,7 @@ def check_arm(arm: Arm, s: Settings) -> None:
         return
     from training.config import load_config
 
-    for text in arm.overrides:
+    for text in arm.run_overrides:
         key = text.split("=", 1)[0]
         if key in JUDGE_KEYS or key.startswith("model.") and key[6:] in (*SHAPES[s.shape], "max_position_embeddings"):
             raise SpeedrunError(f"arm {arm.name}: {key} is set by the judge (shape, data, budget, seed, logging)")
@@ -280,21 +316,23 @@ def speedplm_overrides(
         f"eval.max_tokens={s.max_length}",
         "eval.test_at_end=false",
         "tracking.wandb=disabled",
-        *(relative_steps(o, control_steps or steps) for o in arm.overrides),
+        *(relative_steps(o, control_steps or steps) for o in arm.run_overrides),
     ]
 
 
 def speedplm_steps(s: Settings, arm: Arm, budget_tokens: int) -> int:
-    """Optimizer steps that give this arm the campaign's planned tokens (its own batch schedule, e.g. a warmup)."""
+    """Optimizer steps that give this arm its share of the campaign's planned tokens (its own batch schedule, e.g.
+    a warmup)."""
     from training.batch_warmup import accumulation_steps
     from training.config import load_config
 
-    control_steps = budget_tokens // s.tokens_per_step
+    planned = round(budget_tokens * arm.budget)
+    control_steps = planned // s.tokens_per_step
     overrides = speedplm_overrides(s, arm, seed=0, steps=1, save_every=1, out=Path("/x"), control_steps=control_steps)
     t = load_config(str(RECIPE), overrides).train
     full = t.tokens_per_step // t.micro_batch_tokens
     steps, tokens = 0, 0
-    while tokens < budget_tokens:
+    while tokens < planned:
         tokens += accumulation_steps(steps, full, t.batch_warmup_steps, t.batch_warmup_start) * t.micro_batch_tokens
         steps += 1
     return steps
@@ -502,7 +540,7 @@ def run_esm(s: Settings, state: dict, arm: Arm, seed: int, batches, run_dir: Pat
 
     from modeling_speedplm import build_tokenizer
 
-    steps = state["steps"]["esm"]
+    steps = max(10, round(state["steps"]["esm"] * arm.budget))
     every = max(1, steps // s.evals)
     dataset = esm_dataset(resolve_split(s.data, "train", s.cache), s.max_length)
 
@@ -559,7 +597,7 @@ def run_speedplm(s: Settings, state: dict, arm: Arm, seed: int, batches, run_dir
     every = max(1, steps // s.evals)
     shutil.rmtree(run_dir, ignore_errors=True)
     data = resolve_split(s.data, "train", s.cache).parent
-    control_steps = state["budget_tokens"] // s.tokens_per_step
+    control_steps = round(state["budget_tokens"] * arm.budget) // s.tokens_per_step
     overrides = speedplm_overrides(
         s, arm, seed=seed, steps=steps, save_every=every, out=run_dir, data=data, control_steps=control_steps
     )

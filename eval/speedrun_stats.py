@@ -25,6 +25,7 @@ import numpy as np
 
 ALPHA_DEFAULT = 0.01  # tokens-to-target must improve with p below this for a switch to become a default
 ALPHA_WORSE = 0.05  # time-to-target "gets worse" when it is higher with p below this
+BUDGET = "budget"  # an arm's `budget=F` override (eval.speedrun): it runs for share F of the campaign budget
 
 
 def reach(points: list[dict], target: float, key: str) -> float | None:
@@ -203,12 +204,15 @@ def final(runs: list[dict], key: str = "loss") -> list[float]:
 
 
 def baseline_arm(records: list[dict], exclude_best: bool = False) -> dict | None:
-    """The tuned ESM2 baseline: the ESM2 arm of lowest mean final loss (its first run stands for the arm);
-    exclude_best leaves out arms whose learning rate was itself resolved from `esm.lr=best`."""
+    """The tuned ESM2 baseline: the ESM2 arm of lowest mean final loss on the whole budget (its first run stands for
+    the arm; arms with a `budget=` share are left out); exclude_best leaves out arms whose learning rate was itself
+    resolved from `esm.lr=best`."""
     arms = {
         name: runs
         for name, runs in current_runs(records).items()
-        if runs[0]["recipe"] == "esm2" and not (exclude_best and "esm.lr=best" in runs[0].get("template", []))
+        if runs[0]["recipe"] == "esm2"
+        and not any(o.split("=", 1)[0] == BUDGET for o in runs[0]["overrides"])
+        and not (exclude_best and "esm.lr=best" in runs[0].get("template", []))
     }
     if not arms:
         return None

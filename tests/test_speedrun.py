@@ -21,6 +21,7 @@ from eval.speedrun import (
     check_arm,
     load_campaign,
     parse_variant,
+    speedplm_overrides,
     speedplm_steps,
 )
 from eval.speedrun_report import build_report, random_init_twins
@@ -129,9 +130,13 @@ def test_report_on_synthetic_campaign():
             synthetic_run("faster", seed, speed=0.8, overrides=["train.normuon=true"]),
             synthetic_run("slower", seed, speed=1.25, overrides=["train.muon_ns=polar_express"]),
             synthetic_run("control-aa", seed + 5),
+            synthetic_run("half", seed, overrides=["budget=0.5"]),
+            # lowest loss of all ESM2 arms, but on a share of the budget: never the baseline
+            synthetic_run("esm2-short", seed, "esm2", speed=2.0, overrides=["esm.lr=8e-4", "budget=0.5"]),
         ]
     report = build_report(records, "control")
-    assert report["baseline"] == "esm2-lr8e-4"  # the tuned baseline: lowest mean final loss
+    assert report["baseline"] == "esm2-lr8e-4"  # the tuned baseline: lowest mean final loss on the whole budget
+    assert not report["arms"]["half"]["aa"]  # a shorter run of the control's recipe is an arm, not an A/A check
     esm_final = [r["points"][-1]["loss"] for r in records if r["arm"] == "esm2-lr8e-4"]
     assert report["target"] == pytest.approx(np.mean(esm_final))
     arms = report["arms"]
@@ -179,6 +184,13 @@ def test_variants_are_parsed_and_checked():
     check_arm(esm, SMALL)
     assert esm.esm()["esm.lr"] == 8e-4 and esm.esm()["esm.warmup_fraction"] == 0.05
     assert Arm("a", overrides=["x.y=1"]).key != Arm("a", overrides=["x.y=2"]).key
+    half = parse_variant(["half", "budget=0.5", "train.normuon=true"])
+    check_arm(half, SMALL)
+    assert (half.budget, half.run_overrides, Arm("c").budget) == (0.5, ["train.normuon=true"], 1.0)
+    assert Arm("c").key != Arm("c", overrides=["budget=0.5"]).key  # the share is part of the arm's identity
+    short_esm = parse_variant(["e", "recipe=esm2", "esm.lr=8e-4", "budget=0.25"])
+    check_arm(short_esm, SMALL)
+    assert short_esm.budget == 0.25 and "budget" not in short_esm.esm()
     bad = [
         (["typo", "train.normuonn=true"], "arm typo: config section 'train': unknown key"),
         (["budget", "train.max_steps=5"], "train.max_steps is set by the judge"),
@@ -187,6 +199,9 @@ def test_variants_are_parsed_and_checked():
         (["e", "recipe=esm2", "esm.lr=fast"], "not a number"),
         (["r", "recipe=jax"], "choose speedplm or esm2"),
         (["s", "seeds=3"], "a list of integers"),
+        (["long", "budget=1.5"], r"arm long: 'budget=1.5': the share of the campaign budget, 0 < F <= 1"),
+        (["zero", "recipe=esm2", "budget=0"], "0 < F <= 1"),
+        (["word", "budget=half"], "0 < F <= 1"),
     ]
     for tokens, message in bad:
         with pytest.raises(SpeedrunError, match=message):
@@ -237,6 +252,11 @@ def test_every_arm_gets_the_same_token_budget(prepared):  # noqa: F811
     steps = speedplm_steps(s, warm, budget)
     # 40 steps (40% of the control's 100) averaging ~2.6 of 4 micro-batches: ~14 more steps, same planned tokens
     assert 110 < steps < 118
+    # budget=F: F of the planned tokens, the schedule fitted to it; the recipe never sees the judge's key
+    assert speedplm_steps(s, Arm("half", overrides=["budget=0.5"]), budget) == 50
+    assert 55 < speedplm_steps(s, Arm("w", overrides=[*warm.overrides, "budget=0.5"]), budget) < 63
+    overrides = speedplm_overrides(s, Arm("half", overrides=["budget=0.5"]), seed=0, steps=50, save_every=5, out=ROOT)
+    assert not any(o.startswith("budget") for o in overrides)
     with pytest.raises(SpeedrunError, match="a percentage of the steps"):
         speedplm_steps(s, Arm("bad", overrides=["train.batch_warmup_steps=x%steps"]), budget)
 
@@ -248,25 +268,28 @@ def test_every_arm_gets_the_same_token_budget(prepared):  # noqa: F811
 def test_short_campaign_end_to_end_and_resumable(prepared, tmp_path):  # noqa: F811
     cmd = [sys.executable, "-m", "eval.speedrun", "--short", "--data", str(prepared), "--out", str(tmp_path)]
     cmd += ["--lanes", "2", "--variant", "control", "--variant", "pe", "train.muon_ns=polar_express"]
-    cmd += ["--variant", "esm2", "recipe=esm2"]
+    cmd += ["--variant", "esm2", "recipe=esm2", "--variant", "half", "budget=0.5"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert sorted(r["arm"] for r in records) == ["control", "esm2", "pe"]
+    assert sorted(r["arm"] for r in records) == ["control", "esm2", "half", "pe"]
     for r in records:
         times = [p["time"] for p in r["points"]]
         assert len(times) >= 4 and times == sorted(times) and r["points"][-1]["loss"] < r["points"][0]["loss"]
         assert len(r["final_per_protein"]["count"]) > 10 and (Path(r["model_dir"]) / "config.json").exists()
     params = {r["arm"]: r["steps"] for r in records}
     assert params["control"] == params["pe"]  # the same token budget
+    assert params["half"] == round(params["control"] / 2)  # budget=0.5: half of it, a whole schedule
+    tokens = {r["arm"]: r["points"][-1]["tokens"] for r in records}
+    assert 0.4 < tokens["half"] / tokens["control"] < 0.6
     md = (tmp_path / "speedrun.md").read_text()
     assert "## Switches vs the control" in md and "| pe |" in md and "Target loss" in md
     assert_png(tmp_path / "speedrun.png")
     # the same command again: nothing left to run, the records untouched
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0 and "run(s) to do" not in second.stdout
-    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 3
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 4
     # a changed setting is refused, naming it, before anything runs
     third = subprocess.run(cmd + ["--budget-s", "7"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert third.returncode == 1 and "budget_s" in third.stderr
