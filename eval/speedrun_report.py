@@ -310,15 +310,23 @@ def random_init_twins(s: Settings, twin: Path) -> tuple[str, str]:
     return str(twin / "speedplm"), str(twin / "esm2")
 
 
+def probed_arms(report: dict) -> list[str]:
+    """The arms whose models the probes score: the control, the tuned baseline and every arm the judge keeps
+    (a winning recipe must embed proteins at least as well as the baseline trained on the same budget)."""
+    kept = [n for n, a in report["arms"].items() if a.get("decision", "").startswith("default") and not a.get("aa")]
+    return [report["control"], *([report["baseline"]] if report["baseline"] else []), *kept]
+
+
 def run_probes(s: Settings, records: list[dict], report: dict, out: Path, log=print) -> str:
-    """eval.probes on the control's and the baseline's first-seed final models and on random-init twins; returns
-    the markdown summary (best-layer accuracy per task; the models must beat their random-init twin)."""
+    """eval.probes on the first-seed final models of `probed_arms` and on random-init twins; returns the markdown
+    summary (best-layer accuracy per task; the models must beat their random-init twin)."""
     from eval import probes
 
     runs = current_runs(records)
-    models = {f"{report['control']} (SpeedPLM, seed {runs[report['control']][0]['seed']})": runs[report["control"]][0]}
-    if report["baseline"]:
-        models[f"{report['baseline']} (ESM2, seed {runs[report['baseline']][0]['seed']})"] = runs[report["baseline"]][0]
+    models = {}
+    for name in probed_arms(report):
+        first = runs[name][0]
+        models[f"{name} ({'ESM2' if first['recipe'] == 'esm2' else 'SpeedPLM'}, seed {first['seed']})"] = first
     paths = {name: r["model_dir"] for name, r in models.items()}
     paths["random-init SpeedPLM"], paths["random-init ESM2"] = random_init_twins(s, out / "random-init")
     rows, tasks = probes.run(list(paths.values()), list(probes.TASKS), max_per_task=2000, log=log)

@@ -24,7 +24,7 @@ from eval.speedrun import (
     speedplm_overrides,
     speedplm_steps,
 )
-from eval.speedrun_report import build_report, random_init_twins
+from eval.speedrun_report import build_report, probed_arms, random_init_twins
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,6 +137,7 @@ def test_report_on_synthetic_campaign():
     report = build_report(records, "control")
     assert report["baseline"] == "esm2-lr8e-4"  # the tuned baseline: lowest mean final loss on the whole budget
     assert not report["arms"]["half"]["aa"]  # a shorter run of the control's recipe is an arm, not an A/A check
+    assert probed_arms(report) == ["control", "esm2-lr8e-4", "faster"]  # + every arm the judge keeps
     esm_final = [r["points"][-1]["loss"] for r in records if r["arm"] == "esm2-lr8e-4"]
     assert report["target"] == pytest.approx(np.mean(esm_final))
     arms = report["arms"]
