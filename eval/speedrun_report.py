@@ -32,6 +32,12 @@ class ReportNotReady(SpeedrunError):
     """The runs a report needs (the control, an ESM2 arm for the target) have not finished yet."""
 
 
+def throughput(runs: list[dict]) -> float:
+    """Mean training tokens/s of an arm's runs over their whole run: a machine that drifts between arms run at
+    different hours shows here (time comparisons are fair only between arms run at the same speed)."""
+    return statistics.mean(t / s for t, s in zip(final(runs, "tokens"), final(runs, "time"), strict=True))
+
+
 def build_report(records: list[dict], control: str, target: float | None = None) -> dict:
     """Every number of the report, from the run records."""
     runs = current_runs(records)
@@ -55,6 +61,7 @@ def build_report(records: list[dict], control: str, target: float | None = None)
                     loss=st.mean_ci(losses),
                     tokens=statistics.mean(final(rs, "tokens")),
                     time=statistics.mean(final(rs, "time")),
+                    throughput=throughput(rs),
                     chosen=base is not None and name == base["arm"],
                 )
             )
@@ -73,6 +80,7 @@ def build_report(records: list[dict], control: str, target: float | None = None)
             if base is not None and len(got) > 1 and len(runs[base["arm"]]) > 1:
                 entry[f"speedup_{key}"] = st.log_ratio(final(runs[base["arm"]], key), got)
         entry["final_loss"] = statistics.mean(final(rs))
+        entry["throughput"] = throughput(rs)
         if name != control:
             entry["vs_control"] = st.compare(rs, runs[control], target)
             entry["vs_control"].pop("crossings")
@@ -135,6 +143,7 @@ def report_markdown(report: dict, state: dict, settings: Settings, command: str,
             "std": fmt(r["loss"]["std"], 4),
             "tokens (M)": fmt(r["tokens"] / 1e6, 2),
             "time (s)": fmt(r["time"], 1),
+            "tokens/s": fmt(r["throughput"], 0),
         }
         for r in report["baseline_rows"]
     ]
@@ -150,6 +159,7 @@ def report_markdown(report: dict, state: dict, settings: Settings, command: str,
             "time to target (s)": f"{fmt(a['time_mean'], 1)} ± {fmt(a['time_std'], 1)}",
             "speedup vs ESM2, tokens [95% CI]": ci(a["speedup_tokens"]),
             "speedup vs ESM2, time [95% CI]": ci(a["speedup_time"]),
+            "tokens/s": fmt(a["throughput"], 0),
         }
         for name, a in arms.items()
     ]

@@ -132,12 +132,17 @@ def test_report_on_synthetic_campaign():
             synthetic_run("control-aa", seed + 5),
             synthetic_run("half", seed, overrides=["budget=0.5"]),
             # lowest loss of all ESM2 arms, but on a share of the budget: never the baseline
-            synthetic_run("esm2-short", seed, "esm2", speed=2.0, overrides=["esm.lr=8e-4", "budget=0.5"]),
+            synthetic_run(
+                "esm2-short", seed, "esm2", speed=2.0, overrides=["esm.lr=8e-4", "budget=0.5"], tokens_per_s=7000
+            ),
         ]
     report = build_report(records, "control")
     assert report["baseline"] == "esm2-lr8e-4"  # the tuned baseline: lowest mean final loss on the whole budget
     assert not report["arms"]["half"]["aa"]  # a shorter run of the control's recipe is an arm, not an A/A check
     assert probed_arms(report) == ["control", "esm2-lr8e-4", "faster"]  # + every arm the judge keeps
+    # training tokens/s per arm, where a machine that drifted between arms would show
+    assert [r["throughput"] for r in report["baseline_rows"]] == pytest.approx([7000] * 3)
+    assert report["arms"]["control"]["throughput"] == pytest.approx(10_000)
     esm_final = [r["points"][-1]["loss"] for r in records if r["arm"] == "esm2-lr8e-4"]
     assert report["target"] == pytest.approx(np.mean(esm_final))
     arms = report["arms"]
