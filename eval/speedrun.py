@@ -320,6 +320,11 @@ def speedplm_overrides(
     ]
 
 
+def share_steps(s: Settings, arm: Arm, budget_tokens: int) -> int:
+    """The control's steps on this arm's share of the budget: what its `N%steps` values are a share of."""
+    return round(budget_tokens * arm.budget) // s.tokens_per_step
+
+
 def speedplm_steps(s: Settings, arm: Arm, budget_tokens: int) -> int:
     """Optimizer steps that give this arm its share of the campaign's planned tokens (its own batch schedule, e.g.
     a warmup)."""
@@ -327,7 +332,7 @@ def speedplm_steps(s: Settings, arm: Arm, budget_tokens: int) -> int:
     from training.config import load_config
 
     planned = round(budget_tokens * arm.budget)
-    control_steps = planned // s.tokens_per_step
+    control_steps = share_steps(s, arm, budget_tokens)
     overrides = speedplm_overrides(s, arm, seed=0, steps=1, save_every=1, out=Path("/x"), control_steps=control_steps)
     t = load_config(str(RECIPE), overrides).train
     full = t.tokens_per_step // t.micro_batch_tokens
@@ -597,7 +602,7 @@ def run_speedplm(s: Settings, state: dict, arm: Arm, seed: int, batches, run_dir
     every = max(1, steps // s.evals)
     shutil.rmtree(run_dir, ignore_errors=True)
     data = resolve_split(s.data, "train", s.cache).parent
-    control_steps = round(state["budget_tokens"] * arm.budget) // s.tokens_per_step
+    control_steps = share_steps(s, arm, state["budget_tokens"])
     overrides = speedplm_overrides(
         s, arm, seed=seed, steps=steps, save_every=every, out=run_dir, data=data, control_steps=control_steps
     )
