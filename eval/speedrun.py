@@ -321,8 +321,9 @@ def speedplm_overrides(
 
 
 def share_steps(s: Settings, arm: Arm, budget_tokens: int) -> int:
-    """The control's steps on this arm's share of the budget: what its `N%steps` values are a share of."""
-    return round(budget_tokens * arm.budget) // s.tokens_per_step
+    """The control's steps on this arm's share of the budget: what its `N%steps` values are a share of. Rounded up,
+    as `speedplm_steps` runs until the share is spent: a constant-batch arm runs exactly these steps."""
+    return -(-round(budget_tokens * arm.budget) // s.tokens_per_step)
 
 
 def speedplm_steps(s: Settings, arm: Arm, budget_tokens: int) -> int:

@@ -21,6 +21,7 @@ from eval.speedrun import (
     check_arm,
     load_campaign,
     parse_variant,
+    share_steps,
     speedplm_overrides,
     speedplm_steps,
 )
@@ -260,6 +261,9 @@ def test_every_arm_gets_the_same_token_budget(prepared):  # noqa: F811
     assert 110 < steps < 118
     # budget=F: F of the planned tokens, the schedule fitted to it; the recipe never sees the judge's key
     assert speedplm_steps(s, Arm("half", overrides=["budget=0.5"]), budget) == 50
+    # an odd budget: the share rounds up, and a constant-batch arm runs exactly the steps its `N%steps` refer to
+    odd = Arm("half", overrides=["budget=0.5"])
+    assert speedplm_steps(s, odd, 101 * 4096) == share_steps(s, odd, 101 * 4096) == 51
     assert 55 < speedplm_steps(s, Arm("w", overrides=[*warm.overrides, "budget=0.5"]), budget) < 63
     overrides = speedplm_overrides(s, Arm("half", overrides=["budget=0.5"]), seed=0, steps=50, save_every=5, out=ROOT)
     assert not any(o.startswith("budget") for o in overrides)
@@ -286,7 +290,7 @@ def test_short_campaign_end_to_end_and_resumable(prepared, tmp_path):  # noqa: F
         assert len(r["final_per_protein"]["count"]) > 10 and (Path(r["model_dir"]) / "config.json").exists()
     params = {r["arm"]: r["steps"] for r in records}
     assert params["control"] == params["pe"]  # the same token budget
-    assert params["half"] == round(params["control"] / 2)  # budget=0.5: half of it, a whole schedule
+    assert params["half"] == math.ceil(params["control"] / 2)  # budget=0.5: half of it (rounded up), a whole schedule
     tokens = {r["arm"]: r["points"][-1]["tokens"] for r in records}
     assert 0.4 < tokens["half"] / tokens["control"] < 0.6
     md = (tmp_path / "speedrun.md").read_text()
