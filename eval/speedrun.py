@@ -72,7 +72,7 @@ import numpy as np
 import torch
 
 from eval.benchmark import BenchmarkError, build_batches, hardware, resolve_split
-from eval.speedrun_stats import BUDGET, baseline_arm
+from eval.speedrun_stats import BUDGET, baseline_arm, budget_share
 from eval.throughput import esm_twin  # ESM2's shape and recipe (no dropout)
 from training.collator import EVAL_MASK_RATE
 from training.metrics import IGNORE_INDEX
@@ -194,21 +194,6 @@ class Arm:
 # ---------------------------------------------------------------------------------------------------- arms
 
 
-def budget_share(overrides: list) -> float:
-    """'budget=0.5' among an arm's (or a record's) overrides -> 0.5; none -> 1.0 (the whole budget)."""
-    for text in overrides:
-        key, value = text.split("=", 1)
-        if key == BUDGET:
-            try:
-                share = float(value)
-            except ValueError:
-                share = float("nan")
-            if not 0 < share <= 1:
-                raise SpeedrunError(f"{text!r}: the share of the campaign budget, 0 < F <= 1 (e.g. budget=0.5)")
-            return share
-    return 1.0
-
-
 def parse_variant(tokens: list[str]) -> Arm:
     """['normuon', 'train.normuon=true'] -> Arm; reserved keys: recipe=speedplm|esm2, seeds=[...]."""
     import yaml
@@ -243,7 +228,7 @@ def check_arm(arm: Arm, s: Settings) -> None:
             raise SpeedrunError(f"arm {arm.name}: override {text!r} is not key=value")
     try:
         budget_share(arm.overrides)
-    except SpeedrunError as err:
+    except ValueError as err:
         raise SpeedrunError(f"arm {arm.name}: {err}") from None
     if arm.recipe == "esm2":
         for text in arm.run_overrides:

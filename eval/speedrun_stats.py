@@ -203,15 +203,30 @@ def final(runs: list[dict], key: str = "loss") -> list[float]:
     return [r["points"][-1][key] for r in runs]
 
 
+def budget_share(overrides: list) -> float:
+    """'budget=0.5' among an arm's (or a record's) overrides -> 0.5; none -> 1.0 (the whole budget)."""
+    for text in overrides:
+        key, value = text.split("=", 1)
+        if key == BUDGET:
+            try:
+                share = float(value)
+            except ValueError:
+                share = float("nan")
+            if not 0 < share <= 1:
+                raise ValueError(f"{text!r}: the share of the campaign budget, 0 < F <= 1 (e.g. budget=0.5)")
+            return share
+    return 1.0
+
+
 def baseline_arm(records: list[dict], exclude_best: bool = False) -> dict | None:
     """The tuned ESM2 baseline: the ESM2 arm of lowest mean final loss on the whole budget (its first run stands for
-    the arm; arms with a `budget=` share are left out); exclude_best leaves out arms whose learning rate was itself
-    resolved from `esm.lr=best`."""
+    the arm; arms run on a `budget=` share below 1 are left out); exclude_best leaves out arms whose learning rate
+    was itself resolved from `esm.lr=best`."""
     arms = {
         name: runs
         for name, runs in current_runs(records).items()
         if runs[0]["recipe"] == "esm2"
-        and not any(o.split("=", 1)[0] == BUDGET for o in runs[0]["overrides"])
+        and budget_share(runs[0]["overrides"]) == 1
         and not (exclude_best and "esm.lr=best" in runs[0].get("template", []))
     }
     if not arms:

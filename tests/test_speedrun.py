@@ -198,6 +198,7 @@ def test_variants_are_parsed_and_checked():
     short_esm = parse_variant(["e", "recipe=esm2", "esm.lr=8e-4", "budget=0.25"])
     check_arm(short_esm, SMALL)
     assert short_esm.budget == 0.25 and "budget" not in short_esm.esm()
+    assert st.budget_share(["esm.lr=8e-4", "budget=1"]) == 1.0  # an explicit whole budget: still a baseline candidate
     bad = [
         (["typo", "train.normuonn=true"], "arm typo: config section 'train': unknown key"),
         (["budget", "train.max_steps=5"], "train.max_steps is set by the judge"),
