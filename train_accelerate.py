@@ -16,8 +16,8 @@ from pathlib import Path
 
 from training.accelerate_compat import die_with_launcher
 from training.config import ConfigError, load_config
+from training.data.shards import ShardError
 from training.run_start import RunRefused
-from training.shards import ShardError
 from training.trainer import Trainer, TrainingStopped
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"

@@ -26,7 +26,7 @@ Outputs (main process): results.csv (one row per model), results.md (table, comm
     equal hashes prove two models were scored on the same positions.
 
 Public API (also used by eval.probes and eval.speedrun)
-    BenchmarkError(Exception)
+    EvalError(Exception)
     resolve_split(source, split, cache="data", accelerator=None) -> Path
     build_batches(shard_dir, *, mask_rate=0.15, seed=0, max_length=1024, batch_tokens=16384, max_tokens=None,
                   replacement="80/10/10") -> list[dict]      # each: input_ids, attention_mask, labels (B, L) long
@@ -40,24 +40,19 @@ import argparse
 import contextlib
 import csv
 import hashlib
-import os
-import platform
 import shlex
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from eval.tables import markdown_table
-from modeling_speedplm import ESM2_VOCAB
-from training.collator import EVAL_MASK_RATE, REPLACEMENTS
+from eval.checkpoints import EvalError, VocabMap, inspect_model, load_model
+from eval.tables import hardware, markdown_table, short_name
+from training.data.collator import EVAL_MASK_RATE, REPLACEMENTS
+from training.data.shards import SHARD_MANIFEST
 from training.metrics import MaskedLMAccumulator
-from training.shards import MANIFEST
 
-NUM_TOKENS = len(ESM2_VOCAB)  # 33
-OPTIONAL_TOKENS = ("<null_1>",)  # never in an input or a label: a model may lack it
 COLUMNS = (
     "model",
     "parameters",
@@ -77,10 +72,6 @@ COLUMNS = (
 )
 
 
-class BenchmarkError(Exception):
-    """A problem with the request (data, model, vocabulary); the message names what is wrong."""
-
-
 # ---------------------------------------------------------------------------------------------------- data
 
 
@@ -91,14 +82,14 @@ def resolve_split(source: str, split: str, cache: str = "data", accelerator=None
 
         root = builtin_root(cache, accelerator)
         if split not in ("train", "valid", "test"):
-            raise BenchmarkError(f"--split {split!r}: the built-in set has train, valid and test")
+            raise EvalError(f"--split {split!r}: the built-in set has train, valid and test")
         return root / split
     path = Path(source)
-    if (path / split / MANIFEST).exists():
+    if (path / split / SHARD_MANIFEST).exists():
         return path / split
-    if (path / MANIFEST).exists():
+    if (path / SHARD_MANIFEST).exists():
         return path
-    raise BenchmarkError(
+    raise EvalError(
         f"--data {source}: neither {path / split} nor {path} is a prepared shard directory "
         f"(python -m training.data prepare ... --out DIR)"
     )
@@ -115,13 +106,13 @@ def build_batches(
     replacement: str = "80/10/10",
 ) -> list[dict]:
     """The fixed masked eval batches, one protein per row (padded), in stored order: a pure function of the args."""
-    from training.collator import MLMCollator
-    from training.loader import LoaderOptions, build_eval_loader
+    from training.data.collator import MLMCollator
+    from training.data.loader import LoaderOptions, build_eval_loader
 
     if not 0.0 < mask_rate < 1.0:
-        raise BenchmarkError(f"--mask-rate {mask_rate}: must be in (0, 1)")
+        raise EvalError(f"--mask-rate {mask_rate}: must be in (0, 1)")
     if batch_tokens < max_length:
-        raise BenchmarkError(
+        raise EvalError(
             f"--batch-tokens {batch_tokens} < max length {max_length}: a batch holds "
             f"batch_tokens // max_length proteins"
         )
@@ -147,96 +138,6 @@ def batch_digest(batch: dict) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------------- models
-
-
-class VocabMap:
-    """ESM2 ids (the batches') <-> one model's ids. Logits come back as (..., 33) in ESM2 order, or (..., 34) with
-    a last "other" class (logsumexp of the model's extra outputs) when the model has outputs beyond those tokens."""
-
-    def __init__(self, to_model: list[int], logits_width: int):
-        self.to_model = torch.tensor(to_model, dtype=torch.long)  # (33,) model id per ESM2 id, -1 = absent
-        self.logits_width = logits_width
-        self.is_identity = to_model == list(range(NUM_TOKENS)) and logits_width == NUM_TOKENS
-        used = {i for i in to_model if i >= 0}
-        self.other = torch.tensor([i for i in range(logits_width) if i not in used], dtype=torch.long)
-        self.missing = self.to_model < 0  # (33,)
-        self.num_classes = NUM_TOKENS + (1 if len(self.other) else 0)
-
-    @classmethod
-    def identity(cls) -> "VocabMap":
-        return cls(list(range(NUM_TOKENS)), NUM_TOKENS)
-
-    def model_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.is_identity:
-            return input_ids
-        return self.to_model.to(input_ids.device)[input_ids]
-
-    def canonical_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """(..., W) model logits -> (..., num_classes), fp32."""
-        logits = logits.float()
-        if self.is_identity:
-            return logits
-        device = logits.device
-        out = logits.index_select(-1, self.to_model.clamp(min=0).to(device))  # (..., 33)
-        out = out.masked_fill(self.missing.to(device), float("-inf"))
-        if len(self.other):
-            rest = logits.index_select(-1, self.other.to(device)).logsumexp(-1, keepdim=True)  # (..., 1)
-            out = torch.cat([out, rest], dim=-1)
-        return out
-
-
-def vocab_map(name: str, tokenizer, logits_width: int) -> VocabMap:
-    vocab = tokenizer.get_vocab()
-    missing = [t for t in ESM2_VOCAB if t not in vocab and t not in OPTIONAL_TOKENS]
-    if missing:
-        raise BenchmarkError(
-            f"model {name}: its tokenizer lacks ESM2 tokens {missing}; it cannot be scored on the "
-            f"same masked positions as the other models"
-        )
-    to_model = [int(vocab.get(t, -1)) for t in ESM2_VOCAB]
-    beyond = [t for t, i in zip(ESM2_VOCAB, to_model) if i >= logits_width]
-    if beyond:
-        raise BenchmarkError(f"model {name}: tokens {beyond} have ids beyond its {logits_width} output logits")
-    if len({i for i in to_model if i >= 0}) != sum(i >= 0 for i in to_model):
-        raise BenchmarkError(f"model {name}: its tokenizer maps several ESM2 tokens to one id")
-    return VocabMap(to_model, logits_width)
-
-
-@dataclass
-class ModelSpec:
-    name: str
-    config: object
-    vocab: VocabMap
-    max_length: int  # tokens per protein, <cls> and <eos> included
-
-
-def inspect_model(name: str) -> ModelSpec:
-    """Config + tokenizer only (cheap), so every model is checked before any is scored."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    try:
-        config = AutoConfig.from_pretrained(name, trust_remote_code=True)
-    except (OSError, ValueError) as err:
-        raise BenchmarkError(f"model {name}: cannot load its config: {err}") from err
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=True)
-    except (OSError, ValueError, TypeError) as err:
-        raise BenchmarkError(
-            f"model {name}: cannot load its tokenizer, so its vocabulary can't be checked: {err}"
-        ) from err
-    limits = [getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
-    limits = [int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000]  # tokenizers say 1e30 for "none"
-    return ModelSpec(name, config, vocab_map(name, tokenizer, config.vocab_size), min(limits, default=1024))
-
-
-def load_model(spec: ModelSpec, device) -> torch.nn.Module:
-    from transformers import AutoModelForMaskedLM
-
-    try:
-        model = AutoModelForMaskedLM.from_pretrained(spec.name, trust_remote_code=True)
-    except (OSError, ValueError) as err:
-        raise BenchmarkError(f"model {spec.name}: cannot load weights: {err}") from err
-    return model.to(device).eval()
 
 
 @torch.no_grad()
@@ -272,23 +173,6 @@ def score_model(model, vocab: VocabMap, indexed_batches, accelerator=None, desc:
 # ---------------------------------------------------------------------------------------------------- outputs
 
 
-def hardware(accelerator=None) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    text = f"CPU: {cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads"
-    if torch.cuda.is_available():
-        text += f"; GPU: {torch.cuda.get_device_name(0)}"
-    if accelerator is not None:
-        text += f"; {accelerator.num_processes} process(es) on {accelerator.device.type}"
-        if accelerator.mixed_precision != "no":
-            text += f", {accelerator.mixed_precision} autocast"
-    return text
-
-
 def plot_results(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -308,11 +192,6 @@ def plot_results(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def short_name(name: str) -> str:
-    parts = [p for p in str(name).rstrip("/").split("/") if p]
-    return "/".join(parts[-2:]) if parts else str(name)
 
 
 def write_outputs(rows: list[dict], out_dir: Path, command: str, hardware_text: str, notes: str = "") -> None:
@@ -392,7 +271,7 @@ def main(argv=None) -> int:
             replacement=args.replacement,
         )
         if not batches:
-            raise BenchmarkError(f"{shard_dir}: no proteins")
+            raise EvalError(f"{shard_dir}: no proteins")
         # every rank builds the same global list and takes every world-th batch: same positions for any rank count
         mine = list(enumerate(batches))[accelerator.process_index :: accelerator.num_processes]
         rows = []
@@ -408,7 +287,7 @@ def main(argv=None) -> int:
                 }
             )
             del model
-    except (BenchmarkError, ValueError) as err:
+    except (EvalError, ValueError) as err:
         print(f"eval.benchmark: error: {err}", file=sys.stderr)
         return 1
     if accelerator.is_main_process:

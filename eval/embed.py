@@ -10,7 +10,7 @@ stays inside each protein, positions restart per protein, no padding between the
 padded to the longest row of its batch (proteins are length-sorted, so little padding). `auto` (default): packed when
 the attention skips the masked blocks between packed proteins (speedplm with flex_attention, i.e. on CUDA), padded
 otherwise: with a dense mask (SDPA on CPU) a packed row of max_length tokens pays attention over the whole row, which
-costs more than the padding it saves (measured on CPU: python -m eval.embed_benchmark). Both layouts give the same
+costs more than the padding it saves (measured on CPU: python -m eval.perf.embed_benchmark). Both layouts give the same
 vectors (within 1e-5 in float32).
 
 Inputs: every source `python -m training.data prepare` reads (FASTA[.gz], CSV/TSV[.gz], parquet, arrow, dataset
@@ -78,11 +78,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from eval.benchmark import BenchmarkError, VocabMap, inspect_model
-from training.data import PrepareRun, add_policy_arguments, parse_piece, policy_from_args, rejection_lines
-from training.loader import pack_best_fit
-from training.sources import HUB_ID, SourceError, iter_chunks
-from training.validate import CLS, EOS, PAD, ValidationPolicy
+from eval.checkpoints import EvalError, VocabMap, inspect_model
+from training.data.loader import pack_best_fit
+from training.data.prepare import PrepareRun, add_policy_arguments, parse_piece, policy_from_args, rejection_lines
+from training.data.sources import HUB_ID, SourceError, iter_chunks
+from training.data.validate import CLS, EOS, PAD, ValidationPolicy
 
 POOLS = ("mean", "cls", "none")
 LAYOUTS = ("auto", "packed", "padded")
@@ -135,7 +135,7 @@ def load_embedder(name: str, *, layer: int | None, device=None, dtype: str = "au
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         spec = inspect_model(name)
-    except BenchmarkError as err:
+    except EvalError as err:
         raise EmbedError(str(err)) from err
     check_layer(layer, spec.config.num_hidden_layers, name)
     kwargs = dict(trust_remote_code=True, dtype=resolve_dtype(dtype, device))
@@ -327,7 +327,7 @@ class Window(NamedTuple):
 
 
 def accepted_windows(run: PrepareRun, inputs, chunk_proteins: int, **source_kw) -> Iterator[Window]:
-    """The accepted records of `inputs` (read in training.sources' pieces of whole records and validated by
+    """The accepted records of `inputs` (read in training.data.sources' pieces of whole records and validated by
     prepare's own code), in input order, in windows of `chunk_proteins` (the last one shorter)."""
     collect = run.writers[""]
     buffer: list[Window] = []  # windows of one piece each, chunk_proteins records at most in all

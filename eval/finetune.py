@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval.benchmark import BenchmarkError, hardware, inspect_model, load_model
+from eval.checkpoints import EvalError, inspect_model, load_model
 from eval.probes import TASKS, Task, embed, fit_probe, load_task
-from eval.tables import markdown_table
+from eval.tables import hardware, markdown_table
 
 METRIC = Path(__file__).parent / "metrics" / "protein_classification"
 LORA_TARGETS = ["qkv_proj", "o_proj", "up_proj", "down_proj"]  # SpeedPLM's matrices; "all-linear" for other models
@@ -41,7 +41,7 @@ COLUMNS = ("arm", "accuracy", "mcc", "f1_macro", "n_train", "n_test", "trainable
 
 
 def tokenized(tokenizer, task: Task, indices, max_length: int) -> list[dict]:
-    from training.validate import decode
+    from training.data.validate import decode
 
     rows = []
     for i in indices:
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
             return 1
     try:
         rows = run(args)
-    except (BenchmarkError, ValueError) as err:
+    except (EvalError, ValueError) as err:
         print(f"eval.finetune: error: {err}", file=sys.stderr)
         return 1
     print(write_outputs(rows, Path(args.out), "python -m eval.finetune " + shlex.join(argv)))

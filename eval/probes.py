@@ -4,13 +4,13 @@
         --tasks SEQ_SOLUBLE SEQ_LOCATION SEQ_DISULFIDE SEQ_CAPSID --out probes/ [--max-per-task N]
 
 Tasks: the aaanalysis benchmark TSVs of those names (columns sequence, label; found with
-training.sources.builtin_files(); BSD-3, see training.data.builtin_attribution). All four are binary: SEQ_SOLUBLE
+training.data.sources.builtin_files(); BSD-3, see training.data.builtin_attribution). All four are binary: SEQ_SOLUBLE
 (soluble vs insoluble), SEQ_LOCATION (cytoplasm vs plasma membrane), SEQ_DISULFIDE (has a disulfide bridge),
 SEQ_CAPSID (viral capsid protein). NB: the built-in pretraining set holds these sequences (never the labels), so a
 model trained on it has seen the unlabelled test proteins; compare models trained on the same data.
 
 Protocol, per task (identical for every model)
-    - sequences are validated like training data (training.validate.encode: upper-cased, a terminal '*' stripped);
+    - sequences are validated like training data (training.data.validate.encode: upper-cased, a terminal '*' stripped);
       invalid ones and exact duplicates (first kept) are dropped and counted;
     - --max-per-task N (default 2000; 0 = all): a stratified random subsample of N, seed --seed;
     - held-out split: sklearn train_test_split, stratified, test share --test-fraction (0.2), random_state --seed;
@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval.benchmark import BenchmarkError, ModelSpec, hardware, inspect_model, load_model, short_name
-from eval.tables import markdown_table
+from eval.checkpoints import EvalError, ModelSpec, inspect_model, load_model
+from eval.tables import hardware, markdown_table, short_name
 
 TASKS = ("SEQ_SOLUBLE", "SEQ_LOCATION", "SEQ_DISULFIDE", "SEQ_CAPSID")
 CSV_COLUMNS = ("model", "task", "layer", "accuracy", "mcc", "n_train", "n_test", "dim")
@@ -59,12 +59,12 @@ class Task:
 def load_task(name: str, max_per_task: int | None = 2000, test_fraction: float = 0.2, seed: int = 0) -> Task:
     from sklearn.model_selection import train_test_split
 
-    from training.sources import builtin_files
-    from training.validate import encode
+    from training.data.sources import builtin_files
+    from training.data.validate import encode
 
     files = {p.stem: p for p in builtin_files()}
     if name not in files:
-        raise BenchmarkError(f"task {name!r}: no such aaanalysis TSV; available: {sorted(files)}")
+        raise EvalError(f"task {name!r}: no such aaanalysis TSV; available: {sorted(files)}")
     tokens, labels, seen, invalid, duplicate = [], [], set(), 0, 0
     with open(files[name], encoding="utf-8-sig", newline="") as f:
         for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
@@ -93,7 +93,7 @@ def load_task(name: str, max_per_task: int | None = 2000, test_fraction: float =
 @torch.no_grad()
 def embed(model, spec: ModelSpec, tokens: list, max_length: int, batch_tokens: int, device) -> np.ndarray:
     """(num_layers + 1, N, hidden) mean over residue tokens of every hidden state; first max_length-2 residues."""
-    from training.validate import CLS, EOS, PAD
+    from training.data.validate import CLS, EOS, PAD
 
     lengths = np.array([min(len(t), max_length - 2) for t in tokens])
     order = np.argsort(lengths, kind="stable")  # similar lengths share a batch: little padding
@@ -310,7 +310,7 @@ def main(argv=None) -> int:
             max_length=args.max_length,
             batch_tokens=args.batch_tokens,
         )
-    except (BenchmarkError, ValueError) as err:
+    except (EvalError, ValueError) as err:
         print(f"eval.probes: error: {err}", file=sys.stderr)
         return 1
     write_outputs(rows, tasks, Path(args.out), "python -m eval.probes " + shlex.join(argv))

@@ -17,7 +17,7 @@ ESM2_VOCAB = (
 )
 # fmt: on
 
-# The residue alphabet of the input policy that `prepare` (training/validate.py) and the shipped tokenizer
+# The residue alphabet of the input policy that `prepare` (training/data/validate.py) and the shipped tokenizer
 # (tokenization_speedplm.py) both apply: by default lowercase is upper-cased, one terminal '*' is stripped, the 20
 # standard and 5 ambiguous residues are accepted, gaps and everything else are rejected.
 STANDARD_RESIDUES = "".join(ESM2_VOCAB[4:24])  # "LAGVSERTIDPKQNFYMHWC", ids 4..23

@@ -14,7 +14,7 @@ triton is missing.
 The Triton ops are registered with torch.library (namespace "speedplm") so torch.compile traces them as opaque ops.
 
 On CPU the Triton kernels run only under the interpreter: TRITON_INTERPRET=1 must be in the environment before triton
-is first imported (tests and `python -m eval.gpu_benchmark --dry-run` do this).
+is first imported (tests and `python -m eval.perf.gpu_benchmark --dry-run` do this).
 """
 
 import os
@@ -669,7 +669,7 @@ def newton_schulz_reference(
     return X.T if tall else X
 
 
-# "auto" on CUDA uses these: the kernels that paid end to end in `python -m eval.gpu_benchmark` (README, "GPU fast
+# "auto" on CUDA uses these: the kernels that paid end to end in `python -m eval.perf.gpu_benchmark` (README, "GPU fast
 # path"); the others stay available by name (TRITON_KERNELS, configuration_speedplm.py).
 AUTO_KERNELS = TRITON_KERNELS
 

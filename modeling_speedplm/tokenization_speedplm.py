@@ -2,7 +2,7 @@
 
 The stock `EsmTokenizer` turns bad input into `<unk>` without a word: an all-lowercase protein becomes ONE `<unk>`,
 `J12` one `<unk>`, and a protein longer than the model only logs a warning. This subclass applies the policy of
-`python -m training.data prepare` (training/validate.py, defaults; the alphabet lives in configuration_speedplm.py):
+`python -m training.data prepare` (training/data/validate.py; the alphabet lives in configuration_speedplm.py):
 
     lowercase letters          upper-cased
     one terminal `*`           stripped (a translation stop)

@@ -1,4 +1,4 @@
-"""MLM collator: masking rules, rate, schedule in workers, determinism, batch form (training/collator.py)."""
+"""MLM collator: masking rules, rate, schedule in workers, determinism, batch form (training/data/collator.py)."""
 
 import csv
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from training.collator import EVAL_MASK_RATE, MaskRateSchedule, MLMCollator
-from training.sources import builtin_dir
-from training.validate import CLS, EOS, FIRST_RESIDUE, LAST_STANDARD, MASK, PAD, encode
+from training.data.collator import EVAL_MASK_RATE, MaskRateSchedule, MLMCollator
+from training.data.sources import builtin_dir
+from training.data.validate import CLS, EOS, FIRST_RESIDUE, LAST_STANDARD, MASK, PAD, encode
 
 UBIQUITIN = "MQIFVKTLTGKTITLEVEPSDTIENVKAKIQDKEGIPPDQQRLIFAGKQLEDGRTLSDYNIQKESTLHLVLRLRGG"  # P0CG48
 

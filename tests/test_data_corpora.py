@@ -8,10 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from training.corpora import CORPORA, CorpusPart, download_corpus, main, split_files
-from training.data import prepare
-from training.shards import ShardSet
-from training.sources import SourceError, builtin_dir, iter_hub, iter_records
+from training.data.corpora import CORPORA, CorpusPart, download_corpus, main, split_files
+from training.data.prepare import prepare
+from training.data.shards import ShardSet
+from training.data.sources import SourceError, builtin_dir, iter_hub, iter_records
 
 SPLITS = ("train", "valid", "test")
 

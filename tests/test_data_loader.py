@@ -1,4 +1,4 @@
-"""Packed loader: packing, rank/epoch layout, exact resume with workers (training/loader.py)."""
+"""Packed loader: packing, rank/epoch layout, exact resume with workers (training/data/loader.py)."""
 
 import csv
 import functools
@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from training.collator import MLMCollator
-from training.data import prepare, prepare_builtin
-from training.loader import LoaderOptions, WorkerOptions, build_eval_loader, build_loader, pack_best_fit
-from training.shards import ShardSet
-from training.sources import builtin_dir
-from training.validate import CLS, EOS
+from training.data.batch_schedule import BatchSchedule
+from training.data.collator import MLMCollator
+from training.data.loader import LoaderOptions, WorkerOptions, build_eval_loader, build_loader, pack_best_fit
+from training.data.prepare import prepare, prepare_builtin
+from training.data.shards import ShardSet
+from training.data.sources import builtin_dir
+from training.data.validate import CLS, EOS
 
 N_PROTEINS, MAX_LEN, ROWS = 180, 128, 2  # 180 real proteins -> 44 batches per rank and epoch at world size 2
 
@@ -139,11 +140,9 @@ def test_padded_mode_one_protein_per_row(small_shards):
     assert ev.packing_stats()["padding_waste"] > 0
 
 
-def test_global_batch_sets_grad_accumulation(small_shards):
-    ld = loader(small_shards, global_batch_tokens=8 * ROWS * MAX_LEN)
+def test_batch_schedule_sets_grad_accumulation(small_shards):
+    ld = loader(small_shards, schedule=BatchSchedule(4))
     assert ld.grad_accum_steps == 4
-    with pytest.raises(ValueError, match="multiple"):
-        loader(small_shards, global_batch_tokens=3 * MAX_LEN)
     state = ld.state_dict()
     other_seed = LoaderOptions(max_length=MAX_LEN, tokens_per_micro_batch=ROWS * MAX_LEN, world_size=2, seed=8)
     with pytest.raises(ValueError, match="seed"):
@@ -224,14 +223,23 @@ def test_windows_mix_blocks_ranks_stay_disjoint_and_nothing_spans_the_corpus(sma
 def test_ranks_and_accumulation_split_the_same_batches_and_masks(small_shards):
     """1 rank x 4 micro-batches per step, 2 ranks x 2 and 4 ranks x 1 see the same rows with the same masks."""
     options = LoaderOptions(
-        max_length=MAX_LEN, tokens_per_micro_batch=ROWS * MAX_LEN, seed=7, global_batch_tokens=4 * ROWS * MAX_LEN
+        max_length=MAX_LEN, tokens_per_micro_batch=ROWS * MAX_LEN, seed=7, schedule=BatchSchedule(4)
     )
     options = replace(options, **WINDOWED)
     collator = MLMCollator(seed=3)
     one = take(iter(build_loader(small_shards, collator, options)), 8)
     for world in (2, 4):
         ranks = [
-            take(iter(build_loader(small_shards, collator, replace(options, rank=r, world_size=world))), 8 // world)
+            take(
+                iter(
+                    build_loader(
+                        small_shards,
+                        collator,
+                        replace(options, rank=r, world_size=world, schedule=BatchSchedule(4 // world)),
+                    )
+                ),
+                8 // world,
+            )
             for r in range(world)
         ]
         interleaved = [ranks[g % world][g // world] for g in range(8)]
@@ -239,12 +247,10 @@ def test_ranks_and_accumulation_split_the_same_batches_and_masks(small_shards):
 
 
 def test_mask_rate_follows_the_optimizer_step(small_shards):
-    from training.collator import MaskRateSchedule
+    from training.data.collator import MaskRateSchedule
 
     schedule = MaskRateSchedule(0.05, 0.4, steps=100)
-    options = LoaderOptions(
-        max_length=MAX_LEN, tokens_per_micro_batch=8 * MAX_LEN, seed=7, global_batch_tokens=16 * MAX_LEN
-    )
+    options = LoaderOptions(max_length=MAX_LEN, tokens_per_micro_batch=8 * MAX_LEN, seed=7, schedule=BatchSchedule(2))
 
     def make():
         return build_loader(small_shards, MLMCollator(mask_rate=schedule, seed=3), options)
@@ -274,7 +280,7 @@ def test_a_start_reads_no_residues_and_a_flipped_byte_is_named_when_read(tmp_pat
     import os
     import shutil
 
-    from training.shards import ShardError, ShardWriter
+    from training.data.shards import ShardError, ShardWriter
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(30, 200, size=100_000)
@@ -308,8 +314,8 @@ def test_mask_clock_is_the_optimizer_step_during_a_batch_warmup(small_shards):
     """With a batch warmup a step takes 1, 2, 3, 4, 4, ... micro-batches; every micro-batch is masked at the rate
     of the optimizer step it belongs to, also after set_optimizer_step (resume_data_state=false) inside or after the
     warmup, and the schedule's locate() inverts first_micro()."""
-    from training.batch_warmup import BatchSchedule
-    from training.collator import MaskRateSchedule
+    from training.data.batch_schedule import BatchSchedule
+    from training.data.collator import MaskRateSchedule
 
     plan = BatchSchedule(4, warmup_steps=3, start=0.25)
     assert [plan.at(s) for s in range(6)] == [1, 2, 3, 4, 4, 4]
@@ -321,8 +327,7 @@ def test_mask_clock_is_the_optimizer_step_during_a_batch_warmup(small_shards):
         max_length=MAX_LEN,
         tokens_per_micro_batch=4 * MAX_LEN,
         seed=7,
-        global_batch_tokens=16 * MAX_LEN,
-        batch_warmup=(3, 0.25),
+        schedule=BatchSchedule(4, 3, 0.25),
     )
 
     def rates(loader, steps: int, first_step: int = 0) -> list:

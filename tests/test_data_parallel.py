@@ -1,5 +1,5 @@
 """`prepare` at scale: pieces and worker processes do not change a byte of the output; empty and truncated inputs stop
-the run naming the file (training/data.py, sources.py, keyindex.py)."""
+the run naming the file (training/data/prepare.py, sources.py, keyindex.py)."""
 
 import gzip
 import json
@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from training.data import DataError, PrepareOptions, main, prepare
-from training.keyindex import KeyIndex
-from training.shards import ShardSet
-from training.validate import decode
+from training.data.keyindex import KeyIndex
+from training.data.prepare import DataError, PrepareOptions, main, prepare
+from training.data.shards import ShardSet
+from training.data.validate import decode
 
 FIX = Path(__file__).parent / "fixtures"
 sys.path.insert(0, str(FIX))
@@ -128,7 +128,7 @@ def test_key_index_finds_every_key_and_only_those():
 def test_hub_dataset_streams_in_pieces(tmp_path):
     """The Hub path (datasets streaming; a local dir stands in for owner/name offline) is cut into pieces of
     records as it streams: never held whole, rows numbered across pieces."""
-    from training.sources import _hub_chunks, chunk_records
+    from training.data.sources import _hub_chunks, chunk_records
 
     seqs = [F.UBIQUITIN, F.KCNE2, F.BTC, F.TMIE, F.KCNE1, F.TGFA, F.FXYD3, F.TYROBP] * 3
     (tmp_path / "data").mkdir()

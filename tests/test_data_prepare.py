@@ -1,4 +1,4 @@
-"""Sources -> validation -> shards -> report.json (training/data.py, sources.py, shards.py) on the fixture set."""
+"""Sources -> validation -> shards -> report.json (training/data/: prepare, sources, shards) on the fixtures."""
 
 import json
 import subprocess
@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from training.data import PrepareOptions, builtin_attribution, hash_bucket, main, prepare, prepare_builtin
-from training.shards import ShardError, ShardSet
-from training.validate import UNK, ValidationPolicy, decode
+from training.data.prepare import PrepareOptions, builtin_attribution, hash_bucket, main, prepare, prepare_builtin
+from training.data.shards import ShardError, ShardSet
+from training.data.validate import UNK, ValidationPolicy, decode
 
 FIX = Path(__file__).parent / "fixtures"
 sys.path.insert(0, str(FIX))

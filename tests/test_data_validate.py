@@ -1,9 +1,9 @@
-"""Validation policy and the vectorised byte-LUT tokenizer (training/validate.py)."""
+"""Validation policy and the vectorised byte-LUT tokenizer (training/data/validate.py)."""
 
 import numpy as np
 import pytest
 
-from training.validate import (
+from training.data.validate import (
     MASK,
     UNK,
     VOCAB,

@@ -17,10 +17,10 @@ import torch
 from conftest import PROTEINS, randomized_tiny_model
 
 from eval.embed import main
-from training.data import PrepareOptions, prepare
-from training.shards import ShardSet
-from training.sources import builtin_files, iter_records
-from training.validate import VOCAB, ValidationPolicy, decode, encode
+from training.data.prepare import PrepareOptions, prepare
+from training.data.shards import ShardSet
+from training.data.sources import builtin_files, iter_records
+from training.data.validate import VOCAB, ValidationPolicy, decode, encode
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = Path(__file__).parent / "fixtures"

@@ -12,7 +12,8 @@ import pytest
 import torch
 from conftest import randomized_tiny_model
 
-from eval.benchmark import BenchmarkError, VocabMap, build_batches, inspect_model, load_model, score_model
+from eval.benchmark import build_batches, score_model
+from eval.checkpoints import EvalError, VocabMap, inspect_model, load_model
 from modeling_speedplm import ESM2_VOCAB, SpeedPLMConfig, build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,8 +23,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """~2,000 real proteins (the first rows of each aaanalysis TSV) prepared into train/valid/test shards."""
-    from training.data import PrepareOptions, prepare
-    from training.sources import builtin_files
+    from training.data.prepare import PrepareOptions, prepare
+    from training.data.sources import builtin_files
 
     out = tmp_path_factory.mktemp("data") / "prepared"
     fasta = out.parent / "proteins.fasta"
@@ -40,7 +41,7 @@ def prepared(tmp_path_factory):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """A tiny SpeedPLM (save_pretrained) and a tiny random EsmForMaskedLM + EsmTokenizer of the same shape."""
-    from eval.throughput import esm_twin
+    from eval.perf.throughput import esm_twin
 
     root = tmp_path_factory.mktemp("ckpt")
     speedplm = randomized_tiny_model(seed=1)
@@ -199,7 +200,7 @@ def test_incompatible_vocab_fails_naming_the_model(checkpoints, tmp_path, capsys
         (bad / f).write_bytes((checkpoints["esm"] / f).read_bytes())
     (bad / "vocab.txt").write_text("\n".join(t for t in ESM2_VOCAB if t != "W") + "\n")
     EsmTokenizer(str(bad / "vocab.txt")).save_pretrained(bad)
-    with pytest.raises(BenchmarkError, match=r"no_tryptophan.*\['W'\]"):
+    with pytest.raises(EvalError, match=r"no_tryptophan.*\['W'\]"):
         inspect_model(str(bad))
     assert benchmark.main(["--models", str(checkpoints["speedplm"]), str(bad), "--out", str(tmp_path / "o")]) == 1
     assert "no_tryptophan" in capsys.readouterr().err

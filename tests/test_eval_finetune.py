@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    from training.card import write_model_folder
+    from training.publish.model_folder import write_model_folder
 
     model = randomized_tiny_model(seed=2)
     directory = tmp_path_factory.mktemp("ckpt")

@@ -45,7 +45,7 @@ def _rank(rank, world, port, out_path):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    from training.muon import DistributedMuon, MuonHyperparams
+    from training.optim.muon import DistributedMuon, MuonHyperparams
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -76,7 +76,7 @@ def _rank(rank, world, port, out_path):
 
 
 def test_muon_on_dtensor_shards_equals_full_tensors(tmp_path):
-    from training.muon import DistributedMuon, MuonHyperparams
+    from training.optim.muon import DistributedMuon, MuonHyperparams
 
     world = 2
     ranks = mp.spawn(_rank, args=(world, free_port(), str(tmp_path / "out")), nprocs=world, join=False)

@@ -1,4 +1,4 @@
-"""`python -m eval.gpu_benchmark --dry-run`: every section runs end to end on CPU (tiny shapes, Triton interpreter)."""
+"""`python -m eval.perf.gpu_benchmark --dry-run`: every section runs on CPU (tiny shapes, Triton interpreter)."""
 
 import os
 import subprocess
@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_benchmark_dry_run():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the script must set it itself
     proc = subprocess.run(
-        [sys.executable, "-m", "eval.gpu_benchmark", "--dry-run"],
+        [sys.executable, "-m", "eval.perf.gpu_benchmark", "--dry-run"],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -17,7 +17,7 @@ import pytest
 from hub_server import HubServer
 from huggingface_hub import constants
 
-from training.hub import HubPusher, HubPushError
+from training.publish.hub import HubPusher, HubPushError
 
 REPO = "speedplm-test/tiny"
 # huggingface_hub's own LFS PUT passes `data=fileobj`, which httpx2 deprecates; not ours to fix.
@@ -298,8 +298,8 @@ def test_publisher_pushes_a_sharded_model_from_its_checkpoint(hub, tmp_path):
     from conftest import randomized_tiny_model
 
     from training.checkpoint import CheckpointManager
-    from training.config import HubSection
-    from training.publish import ModelPublisher
+    from training.publish.config import HubSection
+    from training.publish.publisher import ModelPublisher
 
     accelerator = Accelerator(cpu=True)
     model = accelerator.prepare(randomized_tiny_model(seed=3))

@@ -1,4 +1,4 @@
-"""`python -m eval.kernel_compile_check`: every Triton kernel lowers to sm_90 machine code (triton's own ptxas) with
+"""`python -m eval.perf.kernel_compile_check`: every Triton kernel lowers to sm_90 code (triton's ptxas) with
 the launchers' real specialisation, on a machine without a GPU. The interpreter tests cannot catch a compile error."""
 
 import os
@@ -13,7 +13,7 @@ KERNELS = ("_linear_relu2_kernel", "_qk_norm_rotary_kernel", "_xxt_kernel")
 def run_check(*args):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
     return subprocess.run(
-        [sys.executable, "-m", "eval.kernel_compile_check", "--arch", "90", "--dtype", "bfloat16", *args],
+        [sys.executable, "-m", "eval.perf.kernel_compile_check", "--arch", "90", "--dtype", "bfloat16", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -57,7 +57,7 @@ def briefly_trained(model, tokenizer, steps=60):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     from modeling_speedplm import build_tokenizer
-    from training.card import write_model_folder
+    from training.publish.model_folder import write_model_folder
 
     model = briefly_trained(randomized_tiny_model(seed=3), build_tokenizer())
     directory = tmp_path_factory.mktemp("ckpt")

@@ -1,9 +1,9 @@
-"""SpeedPLMTokenizer applies prepare's input policy (training/validate.py) instead of turning bad input into <unk>."""
+"""SpeedPLMTokenizer applies prepare's input policy (training/data/validate.py), not turning bad input into <unk>."""
 
 import pytest
 
 from modeling_speedplm import build_tokenizer
-from training.validate import encode
+from training.data.validate import encode
 
 
 @pytest.mark.parametrize(

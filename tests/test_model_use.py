@@ -42,7 +42,7 @@ def run_outside_repo(script: str, tmp: Path, *args) -> dict:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A masked-LM checkpoint as the trainer writes final/: save_pretrained + tokenizer + card."""
-    from training.card import write_model_folder
+    from training.publish.model_folder import write_model_folder
 
     model = randomized_tiny_model(seed=1)  # every projection non-zero, so every path affects the outputs
     directory = tmp_path_factory.mktemp("ckpt")
@@ -63,7 +63,7 @@ def used(checkpoint, tmp_path_factory) -> dict:
 def toy_tasks(n_train: int = 96, n_test: int = 32, length: int = 32) -> dict:
     """Real protein fragments (aaanalysis SEQ_CAPSID), toy labels: per protein, hydrophobic fraction above the median;
     per residue, hydrophobic (AVILMFWC) or not."""
-    from training.sources import builtin_files
+    from training.data.sources import builtin_files
 
     path = next(p for p in builtin_files() if p.stem == "SEQ_CAPSID")
     fragments = []

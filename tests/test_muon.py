@@ -7,8 +7,8 @@ import torch.multiprocessing as mp
 from conftest import free_port
 
 from modeling_speedplm.kernels_speedplm import NS_COEFFICIENTS, newton_schulz, newton_schulz_reference
-from training import muon
-from training.muon import POLAR_EXPRESS_COEFFICIENTS, DistributedMuon, MuonHyperparams, adjusted_lr
+from training.optim import muon
+from training.optim.muon import POLAR_EXPRESS_COEFFICIENTS, DistributedMuon, MuonHyperparams, adjusted_lr
 
 # Tall, wide and square matrices; 5 of them, so no world size > 1 used here divides the count.
 SHAPES = [(48, 16), (16, 40), (32, 32), (24, 8), (8, 24)]

@@ -12,11 +12,12 @@ import torch
 from conftest import PROTEINS, randomized_tiny_model
 from test_model_hub import LOADER
 
-from training.batch_warmup import accumulation_steps
-from training.cautious import CautiousAdamW
-from training.config import TrainSection, load_config
-from training.muon import DistributedMuon
-from training.optim import build_optimizers, parameter_groups
+from training.config import load_config
+from training.data.batch_schedule import accumulation_steps
+from training.optim.build import build_optimizers, parameter_groups
+from training.optim.cautious import CautiousAdamW
+from training.optim.config import OptimSection
+from training.optim.muon import DistributedMuon
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +65,7 @@ def test_cautious_adam_without_decay_is_adam():
 )
 def test_build_optimizers_wires_the_switches(switches, adam_type):
     model = randomized_tiny_model()
-    cfg = TrainSection(muon_ns="polar_express", muon_ns_steps=4, normuon=True, weight_decay=0.1, **switches)
+    cfg = OptimSection(muon_ns="polar_express", muon_ns_steps=4, normuon=True, weight_decay=0.1, **switches)
     muon, adam = build_optimizers(model, cfg)
     assert type(adam) is adam_type
     group = muon.param_groups[0]
@@ -77,8 +78,8 @@ def test_build_optimizers_wires_the_switches(switches, adam_type):
 
 
 def test_recipe_switches_are_checked():
-    with pytest.raises(ValueError, match="train.muon_ns='newton'"):
-        load_config(None, ["train.muon_ns=newton"])
+    with pytest.raises(ValueError, match="optim.muon_ns='newton'"):
+        load_config(None, ["optim.muon_ns=newton"])
     with pytest.raises(ValueError, match="batch_warmup_start"):
         load_config(None, ["train.batch_warmup_start=0"])
 
@@ -97,8 +98,8 @@ def test_batch_warmup_schedule():
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """~800 real proteins (aaanalysis benchmark sets) prepared into train/valid/test shards."""
-    from training.data import PrepareOptions, prepare
-    from training.sources import builtin_files
+    from training.data.prepare import PrepareOptions, prepare
+    from training.data.sources import builtin_files
 
     out = tmp_path_factory.mktemp("data") / "prepared"
     fasta = out.parent / "proteins.fasta"
@@ -120,7 +121,7 @@ def train(tmp_path, shards, name, *overrides):
         f"train.run_name={name}",
         *("model.hidden_size=64", "model.num_hidden_layers=2", "model.num_attention_heads=2"),
         *("model.value_embeddings=1", "model.max_position_embeddings=128", "data.max_length=128"),
-        *("train.micro_batch_tokens=1024", "train.max_steps=6", "train.warmup_steps=2", "train.log_every=1"),
+        *("train.micro_batch_tokens=1024", "train.max_steps=6", "optim.warmup_steps=2", "train.log_every=1"),
         *("train.save_every=0", "eval.every=0", "eval.test_at_end=false", "train.cpu_threads=1"),
         *overrides,
     ]
@@ -186,7 +187,7 @@ def test_transform_head_scored_positions_equal_full_logits(tokenizer):
 
 @pytest.mark.slow
 def test_transform_head_checkpoint_loads_in_fresh_process(tmp_path, tokenizer):
-    from training.card import write_model_folder
+    from training.publish.model_folder import write_model_folder
 
     model = randomized_tiny_model(seed=5, mlm_head="transform").eval()
     write_model_folder(model, tmp_path / "ckpt")  # weights, config, code, tokenizer: as the trainer writes it

@@ -12,20 +12,20 @@ import numpy as np
 import pytest
 from test_eval_benchmark import assert_png, prepared  # noqa: F401  (the prepared-shards fixture)
 
-from eval import speedrun_stats as st
-from eval.speedrun import (
+from eval.speedrun import stats as st
+from eval.speedrun.campaign import (
     MODES,
     Arm,
     Settings,
     SpeedrunError,
     check_arm,
-    load_campaign,
     parse_variant,
     share_steps,
     speedplm_overrides,
     speedplm_steps,
 )
-from eval.speedrun_report import build_report, probed_arms, random_init_twins
+from eval.speedrun.cli import load_campaign
+from eval.speedrun.report import build_report, probed_arms, random_init_twins
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,8 +128,8 @@ def test_report_on_synthetic_campaign():
             synthetic_run("esm2-lr4e-4", seed, "esm2", speed=3.0, overrides=["esm.lr=4e-4"], tokens_per_s=7000),
             synthetic_run("esm2-lr8e-4", seed, "esm2", speed=2.5, overrides=["esm.lr=8e-4"], tokens_per_s=7000),
             synthetic_run("control", seed),
-            synthetic_run("faster", seed, speed=0.8, overrides=["train.normuon=true"]),
-            synthetic_run("slower", seed, speed=1.25, overrides=["train.muon_ns=polar_express"]),
+            synthetic_run("faster", seed, speed=0.8, overrides=["optim.normuon=true"]),
+            synthetic_run("slower", seed, speed=1.25, overrides=["optim.muon_ns=polar_express"]),
             synthetic_run("control-aa", seed + 5),
             synthetic_run("half", seed, overrides=["budget=0.5"]),
             # lowest loss of all ESM2 arms, but on a share of the budget: never the baseline
@@ -180,10 +180,10 @@ SMALL = Settings(shape="tiny", max_length=128, tokens_per_step=4096, budget_s=5,
 
 
 def test_variants_are_parsed_and_checked():
-    arm = parse_variant(["pe4", "train.muon_ns=polar_express", "train.muon_ns_steps=4", "seeds=[5,6]"])
+    arm = parse_variant(["pe4", "optim.muon_ns=polar_express", "optim.muon_ns_steps=4", "seeds=[5,6]"])
     assert (arm.recipe, arm.overrides, arm.seeds) == (
         "speedplm",
-        ["train.muon_ns=polar_express", "train.muon_ns_steps=4"],
+        ["optim.muon_ns=polar_express", "optim.muon_ns_steps=4"],
         [5, 6],
     )
     check_arm(arm, SMALL)
@@ -191,9 +191,9 @@ def test_variants_are_parsed_and_checked():
     check_arm(esm, SMALL)
     assert esm.esm()["esm.lr"] == 8e-4 and esm.esm()["esm.warmup_fraction"] == 0.05
     assert Arm("a", overrides=["x.y=1"]).key != Arm("a", overrides=["x.y=2"]).key
-    half = parse_variant(["half", "budget=0.5", "train.normuon=true"])
+    half = parse_variant(["half", "budget=0.5", "optim.normuon=true"])
     check_arm(half, SMALL)
-    assert (half.budget, half.run_overrides, Arm("c").budget) == (0.5, ["train.normuon=true"], 1.0)
+    assert (half.budget, half.run_overrides, Arm("c").budget) == (0.5, ["optim.normuon=true"], 1.0)
     assert Arm("c").key != Arm("c", overrides=["budget=0.5"]).key  # the share is part of the arm's identity
     short_esm = parse_variant(["e", "recipe=esm2", "esm.lr=8e-4", "budget=0.25"])
     check_arm(short_esm, SMALL)
@@ -203,7 +203,7 @@ def test_variants_are_parsed_and_checked():
         (["typo", "train.normuonn=true"], "arm typo: config section 'train': unknown key"),
         (["budget", "train.max_steps=5"], "train.max_steps is set by the judge"),
         (["shape", "model.hidden_size=64"], "model.hidden_size is set by the judge"),
-        (["e", "recipe=esm2", "train.normuon=true"], "ESM2 arms take"),
+        (["e", "recipe=esm2", "optim.normuon=true"], "ESM2 arms take"),
         (["e", "recipe=esm2", "esm.lr=fast"], "not a number"),
         (["r", "recipe=jax"], "choose speedplm or esm2"),
         (["s", "seeds=3"], "a list of integers"),
@@ -218,7 +218,7 @@ def test_variants_are_parsed_and_checked():
 
 def test_campaign_file_errors(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("arms:\n  - name: control\n  - {name: x, overrides: [train.normuon=true], colour: red}\n")
+    path.write_text("arms:\n  - name: control\n  - {name: x, overrides: [optim.normuon=true], colour: red}\n")
     with pytest.raises(SpeedrunError, match=r"arms\[1\]"):
         load_campaign(str(path))
     path.write_text("settings: {budget_s: 60}\ncontrol: control\narms:\n  - name: control\n")
@@ -227,7 +227,7 @@ def test_campaign_file_errors(tmp_path):
 
 
 def test_the_shipped_campaign_is_valid():
-    settings, arms, control = load_campaign(str(ROOT / "eval" / "campaigns" / "ablations-cpu.yaml"))
+    settings, arms, control = load_campaign(str(ROOT / "eval" / "speedrun" / "campaigns" / "ablations-cpu.yaml"))
     s = Settings(**{**MODES["full"], **settings})
     for arm in arms:
         check_arm(arm, s)
@@ -278,7 +278,7 @@ def test_every_arm_gets_the_same_token_budget(prepared):  # noqa: F811
 @pytest.mark.slow
 def test_short_campaign_end_to_end_and_resumable(prepared, tmp_path):  # noqa: F811
     cmd = [sys.executable, "-m", "eval.speedrun", "--short", "--data", str(prepared), "--out", str(tmp_path)]
-    cmd += ["--lanes", "2", "--variant", "control", "--variant", "pe", "train.muon_ns=polar_express"]
+    cmd += ["--lanes", "2", "--variant", "control", "--variant", "pe", "optim.muon_ns=polar_express"]
     cmd += ["--variant", "esm2", "recipe=esm2", "--variant", "half", "budget=0.5"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

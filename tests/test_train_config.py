@@ -44,10 +44,12 @@ def test_overrides_are_yaml_typed():
     [
         ("train.max_stepz=5", r"section 'train': unknown key\(s\) \['max_stepz'\]; valid keys: .*'max_steps'"),
         ("model.hidden=5", r"section 'model': unknown key\(s\) \['hidden'\]; valid keys: .*'hidden_size'"),
-        ("optim.lr=1", r"unknown key\(s\) \['optim'\]"),
+        ("optim.lr=1", r"config section .optim.: unknown key\(s\) \[.lr.\]"),
+        ("train.muon_lr=0.01", r"train\.muon_lr is now optim\.muon_lr"),
+        ("sched.x=1", r"unknown key\(s\) \[.sched.\]"),
         ("model.num_attention_heads=7", r"SpeedPLMConfig\.num_attention_heads=7"),
         ("model.preset=esm3", r"model\.preset='esm3'"),
-        ("train.schedule=linear", r"train\.schedule='linear'"),
+        ("optim.schedule=linear", r"optim\.schedule='linear'"),
         ("tracking.wandb=yes", r"tracking\.wandb="),
         ("hub.push=true", r"hub\.model_id"),
         ("max_steps=5", r"expected section\.key=value"),
@@ -81,7 +83,7 @@ def test_accelerate_configs_load(topology):
     [
         ("train.max_steps=abc", r"train\.max_steps='abc': must be an integer"),
         ("train.max_steps=2.5", r"train\.max_steps=2\.5: must be an integer"),
-        ("train.embed_lr=-1", r"train\.embed_lr=-1: must be >= 0"),
+        ("optim.embed_lr=-1", r"optim\.embed_lr=-1: must be >= 0"),
         ("train.log_every=0", r"train\.log_every=0: must be >= 1"),
         ("train.keep_checkpoints=0", r"train\.keep_checkpoints=0: must be >= 1"),
         ("train.compile=maybe", r"train\.compile='maybe': must be true or false or one of 'auto'"),
@@ -115,8 +117,8 @@ def test_every_key_is_type_checked():
 
 
 def test_floats_accept_integers_and_ints_refuse_floats():
-    config = load_config(str(ROOT / "configs" / "default.yaml"), ["train.muon_lr=1", "model.mlp_ratio=3"])
-    assert config.train.muon_lr == 1.0 and type(config.train.muon_lr) is float
+    config = load_config(str(ROOT / "configs" / "default.yaml"), ["optim.muon_lr=1", "model.mlp_ratio=3"])
+    assert config.optim.muon_lr == 1.0 and type(config.optim.muon_lr) is float
     assert config.model_config().mlp_ratio == 3.0
     with pytest.raises(ValueError, match=r"train\.tokens_per_step=8192\.0: must be an integer"):
         load_config(str(ROOT / "configs" / "default.yaml"), ["train.tokens_per_step=8192.0"])

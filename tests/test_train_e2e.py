@@ -25,10 +25,10 @@ SMALL = [
     "data.max_length=128",
     "train.micro_batch_tokens=1024",
     "train.tokens_per_step=2048",
-    "train.warmup_steps=2",
+    "optim.warmup_steps=2",
     "train.log_every=1",
     "eval.max_tokens=4000",
-    "train.muon_momentum_warmup_steps=10",
+    "optim.muon_momentum_warmup_steps=10",
     "train.cpu_threads=1",
 ]
 
@@ -36,8 +36,8 @@ SMALL = [
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """~1,500 real proteins (aaanalysis benchmark sets) prepared into train/valid/test shards."""
-    from training.data import PrepareOptions, prepare
-    from training.sources import builtin_files
+    from training.data.prepare import PrepareOptions, prepare
+    from training.data.sources import builtin_files
 
     out = tmp_path_factory.mktemp("data") / "prepared"
     fasta = out.parent / "proteins.fasta"

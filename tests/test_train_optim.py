@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from modeling_speedplm import SpeedPLMConfig, SpeedPLMForMaskedLM
-from training.config import TrainSection
-from training.muon import DistributedMuon
-from training.optim import build_optimizers, build_schedulers, muon_momentum, parameter_groups
+from training.optim.build import build_optimizers, build_schedulers, muon_momentum, parameter_groups
+from training.optim.config import OptimSection
+from training.optim.muon import DistributedMuon
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -25,7 +25,7 @@ def test_every_parameter_in_exactly_one_group(tie):
 def test_muon_and_adam_update_their_groups():
     torch.manual_seed(0)
     model = SpeedPLMForMaskedLM(SpeedPLMConfig.from_preset("tiny"))
-    muon, adam = build_optimizers(model, TrainSection())
+    muon, adam = build_optimizers(model, OptimSection())
     assert isinstance(muon, DistributedMuon) and isinstance(adam, torch.optim.Adam)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ids = torch.randint(4, 24, (2, 16))
@@ -41,10 +41,10 @@ def test_muon_and_adam_update_their_groups():
 
 @pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")
 def test_wsd_schedule_shape():
-    cfg = TrainSection(max_steps=100, warmup_steps=10, decay_fraction=0.3, schedule="wsd")
+    cfg = OptimSection(warmup_steps=10, decay_fraction=0.3, schedule="wsd")
     model = SpeedPLMForMaskedLM(SpeedPLMConfig.from_preset("tiny"))
     optimizers = build_optimizers(model, cfg)
-    (sched, _) = build_schedulers(optimizers, cfg)
+    (sched, _) = build_schedulers(optimizers, cfg, max_steps=100)
     lrs = []
     for _ in range(100):
         lrs.append(sched.get_last_lr()[0])
@@ -56,9 +56,9 @@ def test_wsd_schedule_shape():
 
 @pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")
 def test_cosine_schedule_decays():
-    cfg = TrainSection(max_steps=50, warmup_steps=5, schedule="cosine")
+    cfg = OptimSection(warmup_steps=5, schedule="cosine")
     optimizers = build_optimizers(SpeedPLMForMaskedLM(SpeedPLMConfig.from_preset("tiny")), cfg)
-    sched = build_schedulers(optimizers, cfg)[1]
+    sched = build_schedulers(optimizers, cfg, max_steps=50)[1]
     lrs = []
     for _ in range(50):
         lrs.append(sched.get_last_lr()[0])
@@ -67,7 +67,7 @@ def test_cosine_schedule_decays():
 
 
 def test_muon_momentum_warmup():
-    cfg = TrainSection(muon_momentum_start=0.85, muon_momentum_end=0.95, muon_momentum_warmup_steps=100)
+    cfg = OptimSection(muon_momentum_start=0.85, muon_momentum_end=0.95, muon_momentum_warmup_steps=100)
     assert muon_momentum(0, cfg) == pytest.approx(0.85)
     assert muon_momentum(50, cfg) == pytest.approx(0.90)
     assert muon_momentum(500, cfg) == pytest.approx(0.95)

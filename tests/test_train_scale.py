@@ -61,9 +61,10 @@ def recompute_loss(run_dir, shards, overrides, clock: int) -> float:  # noqa: F8
     from test_train_e2e import ROOT, SMALL
 
     from modeling_speedplm import SpeedPLMForMaskedLM
-    from training.collator import MaskRateSchedule, MLMCollator
     from training.config import load_config
-    from training.loader import LoaderOptions, build_loader
+    from training.data.batch_schedule import BatchSchedule
+    from training.data.collator import MaskRateSchedule, MLMCollator
+    from training.data.loader import LoaderOptions, build_loader
 
     config = load_config(str(ROOT / "configs/default.yaml"), [f"data.train={shards}", *SMALL, *overrides])
     d, t = config.data, config.train
@@ -76,7 +77,7 @@ def recompute_loss(run_dir, shards, overrides, clock: int) -> float:  # noqa: F8
         max_length=d.max_length,
         tokens_per_micro_batch=t.micro_batch_tokens,
         seed=t.seed,
-        global_batch_tokens=t.tokens_per_step,
+        schedule=BatchSchedule(t.tokens_per_step // t.micro_batch_tokens),
     )
     loader = build_loader(shards / "train", collator, options)
     loader.set_optimizer_step(clock)

@@ -28,15 +28,13 @@ import torch
 from modeling_speedplm import SpeedPLMConfig
 
 from .accelerate_compat import one_model_for_every_optimizer
-from .card import write_model_folder
-from .checksum import sha256_file
 from .config import MODEL_FIELDS
+from .data.checksum import sha256_file
+from .publish.model_folder import WEIGHT_FILES, plain_model, write_model_folder
 
 logger = logging.getLogger("speedplm")
 
-MANIFEST, COMPLETE, TRAINER_STATE = "MANIFEST.json", "COMPLETE", "trainer_state.json"
-WEIGHTS = "model.safetensors"  # accelerate's save_state name, also the from_pretrained one
-WEIGHT_FILES = (WEIGHTS, "model.safetensors.index.json")
+CHECKPOINT_MANIFEST, COMPLETE, TRAINER_STATE = "MANIFEST.json", "COMPLETE", "trainer_state.json"
 # How the same model is computed, not which model it is: may differ between a checkpoint and the run resuming it.
 IMPLEMENTATION_FIELDS = ("kernels",)
 
@@ -58,29 +56,6 @@ def full_state_dict(accelerator, model) -> dict | None:
     return accelerator.get_state_dict(model) if accelerator.is_fsdp2 else None
 
 
-def plain_model(model: torch.nn.Module, state_dict: dict | None = None) -> torch.nn.Module:
-    """A fresh instance of the model's own class holding `state_dict` (a full one), built on the meta device (no
-    second initialisation: load_state_dict assigns the given tensors); without a state dict it stays on meta (enough
-    for config, code, tokenizer and card). fully_shard swaps the module's class for a generated `FSDP<Name>`
-    subclass, and save_pretrained would ship that class (and torch's FSDP sources) as the checkpoint's remote code;
-    the plain class saves the same weights as a loadable model."""
-    from torch.distributed.fsdp import FSDPModule
-
-    cls = type(model)
-    if isinstance(model, FSDPModule):
-        cls = next(base for base in cls.__bases__ if not issubclass(base, FSDPModule))
-    with torch.device("meta"):
-        plain = cls(model.config)
-    if state_dict is not None:
-        missing, unexpected = plain.load_state_dict(state_dict, strict=False, assign=True)
-        tied = set(getattr(plain, "_tied_weights_keys", None) or {})
-        if unexpected or set(missing) - tied:
-            raise CheckpointError(f"weights do not fit the model: missing {missing}, unexpected {unexpected}")
-        if getattr(plain.config, "tie_word_embeddings", False):
-            plain.tie_weights()  # assign=True replaced the shared tensor by two equal ones
-    return plain
-
-
 def save_pretrained(
     accelerator,
     model,
@@ -90,9 +65,10 @@ def save_pretrained(
     training_summary: str | None = None,
 ) -> None:
     """The main process writes a `save_pretrained` folder of the full model, with the tokenizer and model card
-    beside it (training/card.py): what final/, each checkpoint and every Hub push hold. Call it on every rank: under
-    FSDP2 the full weights are gathered first (unless `state_dict`, from full_state_dict(), is given). weights=False
-    writes everything but the weights (config, remote code, tokenizer, card), except under FSDP2."""
+    beside it (training/publish/model_folder.py): what final/, each checkpoint and every Hub push hold. Call it on
+    every rank: under FSDP2 the full weights are gathered first (unless `state_dict`, from full_state_dict(), is
+    given). weights=False writes everything but the weights (config, remote code, tokenizer, card), except under
+    FSDP2."""
     if state_dict is None:
         state_dict = full_state_dict(accelerator, model)
     if not accelerator.is_main_process:
@@ -164,7 +140,7 @@ class CheckpointManager:
             (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
             # every file, also inside the sharded (FSDP2) model/optimizer folders; keys are paths relative to tmp
             manifest = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            (tmp / CHECKPOINT_MANIFEST).write_text(json.dumps(manifest, indent=1))
             (tmp / COMPLETE).write_text(str(step))
             shutil.rmtree(final, ignore_errors=True)  # a re-run of the same step replaces it
             os.replace(tmp, final)
@@ -207,9 +183,9 @@ class CheckpointManager:
         if not (directory / COMPLETE).exists():
             return f"{directory / COMPLETE} missing (save did not finish)"
         try:
-            manifest = json.loads((directory / MANIFEST).read_text())
+            manifest = json.loads((directory / CHECKPOINT_MANIFEST).read_text())
         except (OSError, ValueError) as err:
-            return f"{directory / MANIFEST} unreadable: {err}"
+            return f"{directory / CHECKPOINT_MANIFEST} unreadable: {err}"
         for name, digest in manifest.items():
             path = directory / name
             if not path.is_file():

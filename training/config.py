@@ -6,18 +6,16 @@ so a config is fully checked in `load_config` — before the trainer writes a fi
 an error names the key, the value and what is allowed (`train.max_steps=2.5: must be an integer`).
 
 Sections: model (a preset and/or SpeedPLMConfig fields, typed by SpeedPLMConfig's signature and validated by
-SpeedPLMConfig itself), data, train, eval, hub, tracking. Topology and precision are not here: they come from
+SpeedPLMConfig itself), data, train, optim (training/optim/config.py), eval, hub, tracking. The checking machinery
+is training/schema.py. Topology and precision are not here: they come from
 `accelerate launch --config_file accelerate_configs/<topology>.yaml`. The batch arithmetic for the world size found
 at launch (micro-batch and accumulation from the global batch) is `resolve_batch`.
 """
 
 import dataclasses
-import math
-import operator
 import re
-import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -26,110 +24,13 @@ import yaml
 from modeling_speedplm import PRESETS, SpeedPLMConfig
 from modeling_speedplm.configuration_speedplm import ATTN_IMPLEMENTATIONS
 
-from .batch_warmup import BatchSchedule
+from .data.batch_schedule import BatchSchedule
+from .optim.config import OptimSection
+from .publish.config import HubSection
+from .schema import ConfigError, Section, check_value, setting
 
 # SpeedPLMConfig's own keyword arguments, with their annotated types: the model section is typed by them.
 MODEL_FIELDS = {name: hint for name, hint in typing.get_type_hints(SpeedPLMConfig.__init__).items() if name != "return"}
-
-
-class ConfigError(ValueError):
-    """A config value, key or combination that is not allowed; the message names it."""
-
-
-RANGES = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le), "lt": ("<", operator.lt)}
-
-
-def setting(default=None, *, factory=None, **rules):
-    """A config field with its allowed range (ge/gt/le/lt, checked for numbers and for each item of a list) and an
-    optional `check(value) -> error text or None` for what a range cannot say."""
-    unknown = set(rules) - {*RANGES, "check"}
-    if unknown:
-        raise TypeError(f"setting(): unknown rule(s) {sorted(unknown)}; rules: {sorted(RANGES)} and 'check'")
-    if factory is not None:
-        return field(default_factory=factory, metadata=rules)
-    return field(default=default, metadata=rules)
-
-
-def describe(hint) -> str:
-    """What a type annotation allows, in words."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(describe(a) for a in args)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin is list:
-        return f"a list of {describe(args[0])}s" if args else "a list"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}.get(
-        hint, getattr(hint, "__name__", str(hint))
-    )
-
-
-def check_value(key: str, value, hint, rules: dict | None = None):
-    """`value` as the annotation `hint` wants it (an int given for a float becomes a float), or ConfigError naming
-    `key`, the value and what is allowed. Ranges in `rules` apply to numbers and to every item of a list."""
-    rules = rules or {}
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return check_value(key, value, option, rules)
-            except ConfigError as err:
-                if _typed_like(value, option):  # the right type but out of range: that is the error to report
-                    raise err
-        raise ConfigError(f"{key}={value!r}: must be {describe(hint)}")
-    if origin is Literal:
-        if any(value == a and type(value) is type(a) for a in args):
-            return value
-        raise ConfigError(f"{key}={value!r}: must be {describe(hint)}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}={value!r}: must be {describe(hint)}")
-        return [check_value(f"{key}[{i}]", item, args[0], rules) for i, item in enumerate(value)]
-    if not _typed_like(value, hint):
-        raise ConfigError(f"{key}={value!r}: must be {describe(hint)}")
-    given = value
-    if hint is float:
-        value = float(value)
-        if not math.isfinite(value):
-            raise ConfigError(f"{key}={given!r}: must be a finite number")
-    for rule, bound in rules.items():
-        if rule in RANGES and not RANGES[rule][1](value, bound):
-            raise ConfigError(f"{key}={given!r}: must be {RANGES[rule][0]} {bound}")
-    if "check" in rules and (problem := rules["check"](value)):
-        raise ConfigError(f"{key}={given!r}: {problem}")
-    return value
-
-
-def _typed_like(value, hint) -> bool:
-    if hint is bool:
-        return type(value) is bool
-    if hint is int:
-        return type(value) is int  # not bool, not 2.5, not 2.0: a step count is an integer
-    if hint is float:
-        return type(value) in (int, float)
-    if hint is str:
-        return isinstance(value, str)
-    if typing.get_origin(hint) is Literal:
-        return any(value == a and type(value) is type(a) for a in typing.get_args(hint))
-    return isinstance(value, typing.get_origin(hint) or hint)
-
-
-class Section:
-    """Base of the config sections: every field is checked against its annotation and range on construction."""
-
-    NAME: ClassVar[str] = ""
-
-    def __post_init__(self):
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            value = check_value(f"{self.NAME}.{f.name}", getattr(self, f.name), hints[f.name], dict(f.metadata))
-            setattr(self, f.name, value)
-        self.check()
-
-    def check(self) -> None:
-        """Checks across the section's fields (override)."""
 
 
 def _plain_name(name: str) -> str | None:
@@ -205,27 +106,9 @@ class TrainSection(Section):
     max_steps: int = setting(300, ge=1)
     tokens_per_step: int = setting(16384, ge=1)  # the global batch in tokens (all ranks, all accumulation micro-steps)
     micro_batch_tokens: int = setting(8192, ge=1)  # most tokens per rank per forward; see resolve_batch
-    schedule: Literal["wsd", "cosine"] = "wsd"  # warmup-stable-decay or cosine
-    warmup_steps: int = setting(20, ge=0)
-    decay_fraction: float = setting(0.4, ge=0, le=1)  # wsd: share of steps spent decaying to 0
-    muon_lr: float = setting(0.02, ge=0)  # hidden 2-D matrices (0 freezes them)
-    embed_lr: float = setting(0.05, ge=0)  # token and value embeddings (Adam)
-    head_lr: float = setting(0.004, ge=0)  # LM head (Adam)
-    scalar_lr: float = setting(0.02, ge=0)  # mixing weights, U-Net skip weights (Adam)
-    weight_decay: float = setting(0.0, ge=0)
-    muon_momentum_start: float = setting(0.85, ge=0, lt=1)  # momentum warmup (modded-nanogpt): 0.85 -> 0.95
-    muon_momentum_end: float = setting(0.95, ge=0, lt=1)
-    muon_momentum_warmup_steps: int = setting(300, ge=0)
-    # Recipe-v2 switches, off until `python -m eval.speedrun` keeps one (docs/ablations-cpu.md)
-    muon_ns: Literal["jordan", "polar_express"] = "jordan"  # Newton-Schulz coefficients (jordan: torch.optim.Muon's)
-    muon_ns_steps: int = setting(5, ge=1, le=5)
-    normuon: bool = False  # NorMuon: per-neuron second-moment normalisation of Muon's orthogonalised update
-    normuon_beta2: float = setting(0.95, ge=0, lt=1)
-    cautious_weight_decay: bool = False  # Muon and Adam: decay only where the update and the weight agree in sign
-    adam_weight_decay: float = setting(0.0, ge=0)  # decoupled (AdamW) weight decay of the Adam groups
     batch_warmup_steps: int = setting(
         0, ge=0
-    )  # global batch grows linearly over these steps (training/batch_warmup.py)
+    )  # global batch grows linearly over these steps (training/data/batch_schedule.py)
     batch_warmup_start: float = setting(0.25, gt=0, le=1)  # ... from this fraction of tokens_per_step
     grad_clip: float = setting(1.0, ge=0)  # 0 = off
     compile: bool | Literal["auto"] = "auto"  # torch.compile of each block; "auto" = on CUDA only
@@ -252,21 +135,6 @@ class EvalSection(Section):
 
 
 @dataclass
-class HubSection(Section):
-    NAME: ClassVar[str] = "hub"
-    push: bool = False
-    model_id: str | None = None
-    push_every: int = setting(0, ge=0)  # steps; 0 = only at start and end
-    private: bool = True
-    max_retries: int = setting(8, ge=0)  # per push, on 5xx / 429 / connection errors, with exponential backoff
-    backoff_s: float = setting(2.0, ge=0)  # first retry delay (doubles each time; a server's Retry-After wins)
-
-    def check(self) -> None:
-        if self.push and not self.model_id:
-            raise ConfigError("hub.push=true needs hub.model_id=org/name")
-
-
-@dataclass
 class TrackingSection(Section):
     NAME: ClassVar[str] = "tracking"
     wandb: Literal["online", "offline", "disabled"] = "disabled"
@@ -278,6 +146,7 @@ SECTIONS = {
     "model": ModelSection,
     "data": DataSection,
     "train": TrainSection,
+    "optim": OptimSection,
     "eval": EvalSection,
     "hub": HubSection,
     "tracking": TrackingSection,
@@ -289,6 +158,7 @@ class RunConfig:
     model: ModelSection
     data: DataSection
     train: TrainSection
+    optim: OptimSection
     eval: EvalSection
     hub: HubSection
     tracking: TrackingSection
@@ -378,8 +248,15 @@ def parse_override(text: str) -> tuple[str, str, object]:
     return section, key, parsed
 
 
+# Keys that moved to another section: an old recipe or override gets an error naming the new key.
+MOVED = {("train", f.name): "optim" for f in dataclasses.fields(OptimSection)}
+
+
 def _check_keys(section: str, given: dict, valid) -> None:
     unknown = sorted(set(given) - set(valid))
+    moved = [f"{section}.{key} is now {MOVED[section, key]}.{key}" for key in unknown if (section, key) in MOVED]
+    if moved:
+        raise ConfigError(f"config section '{section}': " + "; ".join(moved))
     if unknown:
         raise ConfigError(f"config section '{section}': unknown key(s) {unknown}; valid keys: {sorted(valid)}")
 

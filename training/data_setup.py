@@ -3,12 +3,12 @@
 import logging
 from pathlib import Path
 
-from .collator import EVAL_MASK_RATE, MaskRateSchedule, MLMCollator
 from .config import BatchPlan, ConfigError, DataSection, RunConfig
-from .data import prepare_builtin
-from .loader import LoaderOptions, WorkerOptions, build_loader
-from .loader import build_eval_loader as eval_loader_over
-from .shards import MANIFEST
+from .data.collator import EVAL_MASK_RATE, MaskRateSchedule, MLMCollator
+from .data.loader import LoaderOptions, WorkerOptions, build_loader
+from .data.loader import build_eval_loader as eval_loader_over
+from .data.prepare import prepare_builtin
+from .data.shards import SHARD_MANIFEST
 
 logger = logging.getLogger("speedplm")
 
@@ -17,7 +17,7 @@ def builtin_root(cache_dir, accelerator=None) -> Path:
     """`cache_dir`/builtin holding the built-in proteins' train, valid and test shards: prepared the first time, by
     the main process (every process waits for it when an accelerator is given), then reused."""
     root = Path(cache_dir) / "builtin"
-    if (accelerator is None or accelerator.is_main_process) and not (root / "test" / MANIFEST).exists():
+    if (accelerator is None or accelerator.is_main_process) and not (root / "test" / SHARD_MANIFEST).exists():
         logger.info("preparing the built-in proteins into %s (once)", root)
         prepare_builtin(root, overwrite=True, log=logger.info)
     if accelerator is not None:
@@ -65,13 +65,10 @@ def build_train_loader(config: RunConfig, plan: BatchPlan, shard_dir: Path, rank
         rank=rank,
         world_size=plan.world_size,
         seed=config.train.seed,
-        global_batch_tokens=config.train.tokens_per_step,
-        batch_warmup=(plan.schedule.warmup_steps, plan.schedule.start),
+        schedule=plan.schedule,
     )
     workers = WorkerOptions(num_workers=config.data.num_workers)
-    loader = build_loader(shard_dir, train_collator(config), options, workers=workers)
-    assert loader.grad_accum_steps == plan.accumulation, (loader.grad_accum_steps, plan)
-    return loader
+    return build_loader(shard_dir, train_collator(config), options, workers=workers)
 
 
 def build_eval_loader(config: RunConfig, shard_dir: Path, rank: int, world: int):

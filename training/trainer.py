@@ -29,9 +29,9 @@ from .accelerate_compat import enable_cpu_fsdp2, fsdp_requested, local_world_siz
 from .checkpoint import CheckpointError, CheckpointManager, save_pretrained
 from .config import RunConfig, resolve_batch
 from .data_setup import build_eval_loader, build_train_loader, resolve_splits
-from .evaluation import evaluate
-from .optim import build_optimizers, build_schedulers, muon_momentum, set_muon_momentum
-from .publish import ModelPublisher
+from .metrics import evaluate
+from .optim.build import build_optimizers, build_schedulers, muon_momentum, set_muon_momentum
+from .publish.publisher import ModelPublisher
 from .run_start import RunRefused, StartPlan, plan_start
 from .throughput import flops_per_token, mean_context, peak_flops
 from .tracking import MetricsLog, tracker_init_kwargs, tracker_names
@@ -159,8 +159,8 @@ class Trainer:
             # data-dependent shape that would make a whole-model graph recompile or break every step.
             for block in model.model.layers:
                 block.compile()
-        optimizers = build_optimizers(model, t)
-        self.schedulers = build_schedulers(optimizers, t)
+        optimizers = build_optimizers(model, config.optim)
+        self.schedulers = build_schedulers(optimizers, config.optim, t.max_steps)
         self.model, *self.optimizers = acc.prepare(model, *optimizers)
         acc.register_for_checkpointing(*self.schedulers)
         self.progress = self._restore(start)
@@ -280,7 +280,9 @@ class Trainer:
         loader counts from the step it was given at resume: set_optimizer_step)."""
         t0 = time.perf_counter()
         device = self.accelerator.device
-        count = self.batch.schedule.at(self.progress.step)  # fewer during a batch warmup (training/batch_warmup.py)
+        count = self.batch.schedule.at(
+            self.progress.step
+        )  # fewer during a batch warmup (training/data/batch_schedule.py)
         micro_batches = [to_device(next(batches), device) for _ in range(count)]
         self.window["data_wait"] += time.perf_counter() - t0
         self._step_started = t0
@@ -290,7 +292,7 @@ class Trainer:
         """Forward/backward over the step's micro-batches, clip, update only if everything is finite, advance the
         schedules and the step counter. Loss, grad norm and tokens are global (all ranks)."""
         acc, t, model = self.accelerator, self.config.train, self.model
-        set_muon_momentum(self.optimizers[0], muon_momentum(self.progress.step, t))
+        set_muon_momentum(self.optimizers[0], muon_momentum(self.progress.step, self.config.optim))
         if self.flops_per_token is None:
             first = micro_batches[0]
             fraction = ((first["labels"] != -100).sum() / first["attention_mask"].sum()).item()

@@ -1,6 +1,6 @@
 """Peak memory of one training step with and without gradient (activation) checkpointing.
 
-    python -m eval.checkpointing_memory [--preset esm2-35m-like] [--rows 8] [--length 1024] [--doc-length 256]
+    python -m eval.perf.checkpointing_memory [--preset esm2-35m-like] [--rows 8] [--length 1024] [--doc-length 256]
 
 Each arm runs in a FRESH subprocess (one process, no workers), so its peak resident set is its own: on CPU the table
 reports the process's peak RSS (`getrusage(RUSAGE_SELF).ru_maxrss`) and the rise over the RSS measured right before
@@ -20,8 +20,7 @@ import time
 
 import torch
 
-from eval.benchmark import hardware
-from eval.tables import markdown_table
+from eval.tables import hardware, markdown_table
 
 
 def rss_mib() -> float:
@@ -68,7 +67,7 @@ def one_arm(args) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.checkpointing_memory", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m eval.perf.checkpointing_memory", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="esm2-35m-like")
     p.add_argument("--rows", type=int, default=8)
     p.add_argument("--length", type=int, default=1024)
@@ -80,12 +79,12 @@ def main(argv=None) -> int:
         return 0
     rows = []
     for arm in ("off", "on"):
-        cmd = [sys.executable, "-m", "eval.checkpointing_memory", "--arm", arm]
+        cmd = [sys.executable, "-m", "eval.perf.checkpointing_memory", "--arm", arm]
         cmd += ["--preset", args.preset, "--rows", str(args.rows), "--length", str(args.length)]
         cmd += ["--doc-length", str(args.doc_length)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            print(f"eval.checkpointing_memory: arm {arm} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+            print(f"eval.perf.checkpointing_memory: arm {arm} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
             return 1
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     for row in rows:

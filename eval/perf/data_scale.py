@@ -1,8 +1,8 @@
 """Corpus scale: memory, start-up and reads of the training loader, and `prepare` scaling, on synthetic proteins.
 
-    python -m eval.data_scale --proteins 2000000 20000000 [--workers 2] [--max-length 1024]
+    python -m eval.perf.data_scale --proteins 2000000 20000000 [--workers 2] [--max-length 1024]
         [--micro-batch-tokens 65536] [--batches 50] [--dir DIR] [--keep] [--json PATH]
-    python -m eval.data_scale --prepare-proteins 1000000 --num-proc 1 2
+    python -m eval.perf.data_scale --prepare-proteins 1000000 --num-proc 1 2
 
 Loader: for each N, N synthetic proteins (lengths log-normal around a median of 100 residues, 1..4,000, random
 residue ids) are written by the real `ShardWriter` into a temporary directory, then a FRESH process builds the real
@@ -50,7 +50,7 @@ def synthetic_lengths(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def write_shards(directory: Path, proteins: int, seed: int = 0, chunk: int = 1 << 20) -> dict:
-    from training.shards import ShardWriter
+    from training.data.shards import ShardWriter
 
     rng = np.random.default_rng(seed)
     writer = ShardWriter(directory)
@@ -106,8 +106,8 @@ def measure_loader(args) -> dict:
     """In a fresh process: build the training loader over args.measure and take batches; print one JSON line."""
     import torch
 
-    from training import loader as loaders
-    from training.collator import MLMCollator
+    from training.data import loader as loaders
+    from training.data.collator import MLMCollator
 
     torch.set_num_threads(1)
     me = os.getpid()
@@ -149,18 +149,18 @@ def measure_loader(args) -> dict:
 
 
 def run_scale(args, root: Path) -> list[dict]:
-    from training.shards import MANIFEST
+    from training.data.shards import SHARD_MANIFEST
 
     rows = []
     for n in args.proteins:
         directory = root / f"shards-{n}"
         t0 = time.perf_counter()
-        if not (directory / MANIFEST).exists():
+        if not (directory / SHARD_MANIFEST).exists():
             shutil.rmtree(directory, ignore_errors=True)
             write_shards(directory, n)
         write_s = time.perf_counter() - t0
         corpus = sum(f.stat().st_size for f in directory.glob("shard-*.bin"))
-        cmd = [sys.executable, "-m", "eval.data_scale", "--measure", str(directory), *_common(args)]
+        cmd = [sys.executable, "-m", "eval.perf.data_scale", "--measure", str(directory), *_common(args)]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=_repo())
         if proc.returncode != 0:
             raise SystemExit(f"measurement at {n} proteins failed:\n{proc.stderr[-3000:]}")
@@ -245,7 +245,7 @@ def measure_prepare(args) -> dict:
     import inspect
     import resource
 
-    from training import data
+    from training.data import prepare as data
 
     fasta, out, n = args.prepare_measure
     parallel = hasattr(data, "PrepareOptions") or "num_proc" in inspect.signature(data.prepare).parameters
@@ -270,7 +270,7 @@ def run_prepare(args, root: Path) -> list[dict]:
     rows = []
     for n in args.num_proc:
         out = root / f"prepared-{n}"
-        cmd = [sys.executable, "-m", "eval.data_scale", "--prepare-measure", str(fasta), str(out), str(n)]
+        cmd = [sys.executable, "-m", "eval.perf.data_scale", "--prepare-measure", str(fasta), str(out), str(n)]
         cmd += [f"--code-root={args.code_root}"] * bool(args.code_root)
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=_repo())
         if proc.returncode != 0:
@@ -316,7 +316,7 @@ def prepare_table(rows: list[dict], proteins: int) -> str:
 
 
 def _repo() -> str:
-    return str(Path(__file__).resolve().parents[1])
+    return str(Path(__file__).resolve().parents[2])
 
 
 def _common(args) -> list[str]:
@@ -329,7 +329,7 @@ def _common(args) -> list[str]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m eval.data_scale", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m eval.perf.data_scale", description=__doc__.split("\n\n")[0])
     ap.add_argument("--proteins", type=int, nargs="*", default=[], help="corpus sizes for the loader table")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--max-length", type=int, default=1024)

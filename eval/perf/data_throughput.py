@@ -1,6 +1,6 @@
 """Data pipeline throughput: `prepare` and loader + collator, in tokens per second per CPU core.
 
-    python -m eval.data_throughput [--max-length 1024] [--micro-batch-tokens 8192] [--batches 150] [--repeats 5]
+    python -m eval.perf.data_throughput [--max-length 1024] [--micro-batch-tokens 8192] [--batches 150] [--repeats 5]
                                    [--prepare-repeats 3] [--input PATH ...] [--json PATH]
 
 Data: the built-in proteins (aaanalysis benchmarks) unless --input is given. Each stage runs single-threaded
@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from eval.tables import markdown_table
-from training.collator import EVAL_MASK_RATE, MLMCollator
-from training.data import PrepareOptions, prepare, prepare_builtin
-from training.loader import LoaderOptions, build_eval_loader, build_loader
+from training.data.collator import EVAL_MASK_RATE, MLMCollator
+from training.data.loader import LoaderOptions, build_eval_loader, build_loader
+from training.data.prepare import PrepareOptions, prepare, prepare_builtin
 
 TARGET = 2_000_000
 
@@ -93,7 +93,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m eval.data_throughput", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m eval.perf.data_throughput", description=__doc__.split("\n\n")[0])
     ap.add_argument("--input", nargs="+", help="sources to prepare instead of the built-in proteins")
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--micro-batch-tokens", type=int, default=8 * 1024)

@@ -1,7 +1,7 @@
 """Embedding throughput: `eval.embed` (packed rows) vs transformers' EsmModel of the same shape (padded batches).
 
-    python -m eval.embed_benchmark       # esm2-8m-like vs its ESM2 twin, 2,000 proteins; CPU fp32 or CUDA bf16
-    python -m eval.embed_benchmark --proteins 4000 --batch-tokens 16384 --threads 2 --slices 4 --json embed.json
+    python -m eval.perf.embed_benchmark       # esm2-8m-like vs its ESM2 twin, 2,000 proteins; CPU fp32 or CUDA bf16
+    python -m eval.perf.embed_benchmark --proteins 4000 --batch-tokens 16384 --threads 2 --slices 4 --json embed.json
 
 Same proteins for every row: a seeded random sample of the built-in aaanalysis proteins (valid, unique, short enough
 that nothing is cropped or rejected). Same run, one process; the models are built from their configs (random
@@ -17,7 +17,7 @@ The proteins are cut into --slices parts (each sorted on its own by the sorting 
 chunk); every run embeds part 1, then part 2, ..., in an order rotated per part, so a busy machine slows all runs
 alike. tokens/s counts real tokens (<cls> + residues + <eos>); padding = 1 - real / computed token positions. The
 ratio columns divide by the two EsmModel loops. --repeats > 1 reports the median total. One untimed warm-up call per
-run. ESM twin: eval.throughput.esm_twin (ESM2-8M shape: 320 x 6, 20 heads, MLP 1280; SpeedPLM has 5 heads of 64).
+run. ESM twin: eval.perf.throughput.esm_twin (ESM2-8M shape: 320 x 6, 20 heads, MLP 1280; SpeedPLM has 5 heads of 64).
 """
 
 import argparse
@@ -32,13 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval.benchmark import hardware
 from eval.embed import embed_to_parquet, load_embedder, resolve_dtype
-from eval.tables import markdown_table
-from eval.throughput import esm_twin
+from eval.perf.throughput import esm_twin
+from eval.tables import hardware, markdown_table
 from modeling_speedplm import SpeedPLMConfig, SpeedPLMForMaskedLM, build_tokenizer
-from training.sources import builtin_files, iter_records
-from training.validate import VOCAB, decode, encode
+from training.data.sources import builtin_files, iter_records
+from training.data.validate import VOCAB, decode, encode
 
 MAX_RESIDUES = 1022
 
@@ -198,7 +197,7 @@ COLUMNS = (
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m eval.embed_benchmark",
+        prog="python -m eval.perf.embed_benchmark",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,

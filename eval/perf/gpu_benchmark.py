@@ -1,7 +1,7 @@
 """GPU benchmark of the speedplm fast path: parity, per-kernel time, Newton-Schulz, attention, end-to-end train step.
 
-    python -m eval.gpu_benchmark              # fresh H100/H200 with torch, triton, transformers: < 8 minutes
-    python -m eval.gpu_benchmark --dry-run    # tiny shapes on CPU (Triton interpreter): a smoke test, < 1 minute
+    python -m eval.perf.gpu_benchmark              # fresh H100/H200 with torch, triton, transformers: < 8 minutes
+    python -m eval.perf.gpu_benchmark --dry-run    # tiny shapes on CPU (Triton interpreter): a smoke test, < 1 minute
 
 Nothing is installed or downloaded (only torch, triton, transformers, accelerate and PyYAML are imported). All tables
 are printed at the end, after the progress log (and written to --out). Times are medians (triton.testing.do_bench on
@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 import traceback
+from pathlib import Path
 
 
 def parse_args(argv=None):
@@ -41,12 +42,13 @@ import torch.nn.functional as F  # noqa: E402
 
 from eval.tables import markdown_table  # noqa: E402
 from modeling_speedplm import kernels_speedplm as K  # noqa: E402
-from training.collator import EVAL_MASK_RATE  # noqa: E402
+from training.data.collator import EVAL_MASK_RATE  # noqa: E402
+from training.data.validate import FIRST_RESIDUE, LAST_STANDARD, MASK  # noqa: E402
 from training.metrics import IGNORE_INDEX  # noqa: E402
 from training.throughput import peak_flops  # noqa: E402
-from training.validate import FIRST_RESIDUE, LAST_STANDARD, MASK  # noqa: E402
 
 CUDA = torch.cuda.is_available()
+RECIPE = Path(__file__).resolve().parents[2] / "configs" / "speedrun-133m.yaml"
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 START = time.perf_counter()
 
@@ -337,7 +339,7 @@ def end_to_end_rows(s, variants) -> tuple[list, list[str]]:
 
     SpeedPLMForMaskedLM(SpeedPLMConfig.from_preset("speedrun-133m", kernels=...)), bf16 autocast, flex attention,
     each block compiled (regional torch.compile, as the trainer does), the trainer's optimizers (Muon for the block
-    matrices, Adam for the rest: training/optim.py), gradient clipping, one host sync per step for the loss; packed
+    matrices, Adam for the rest: training/optim/), gradient clipping, one host sync per step for the loss; packed
     batches of 64 x 1024 tokens with protein-like documents, 15% of tokens scored. FLOPs per token:
     training/throughput.py (matmul weights, LM head on the scored 15%, attention over the attended context
     C = sum(doc_len^2) / tokens with document masking).
@@ -372,8 +374,8 @@ def end_to_end_rows(s, variants) -> tuple[list, list[str]]:
 
 def train_step_row(preset, kernels, batch, length, inputs, context, peak):
     from modeling_speedplm import SpeedPLMConfig, SpeedPLMForMaskedLM
-    from training.config import TrainSection
-    from training.optim import build_optimizers
+    from training.config import load_config
+    from training.optim.build import build_optimizers
     from training.throughput import flops_per_token
 
     masked_ids, docs, labels = inputs
@@ -387,7 +389,8 @@ def train_step_row(preset, kernels, batch, length, inputs, context, peak):
     if CUDA:
         for block in model.model.layers:
             block.compile()
-    optimizers = build_optimizers(model, TrainSection())
+    # the speedrun recipe's optimizer section, read through the trainer's typed config path
+    optimizers = build_optimizers(model, load_config(str(RECIPE)).optim)
     sync = torch.cuda.synchronize if CUDA else (lambda: None)
     optimizer_s = []
 

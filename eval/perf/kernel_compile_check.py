@@ -1,7 +1,7 @@
 """Compile every Triton kernel for a GPU on a machine without one: the check the interpreter cannot make.
 
-    python -m eval.kernel_compile_check                 # sm_90 (H100/H200), speedrun-133m shapes, bf16 and fp32
-    python -m eval.kernel_compile_check --arch 80 90    # also A100
+    python -m eval.perf.kernel_compile_check                 # sm_90 (H100/H200), speedrun-133m shapes, bf16 and fp32
+    python -m eval.perf.kernel_compile_check --arch 80 90    # also A100
 
 The interpreter (tests/test_kernels.py) checks the kernels' math; it never lowers them to PTX, so a construct the
 GPU compiler rejects, or a tile config whose pipelined buffers overflow shared memory, would first show on a GPU.

@@ -1,8 +1,8 @@
 """Train-step throughput: SpeedPLM (packed rows) vs transformers' EsmForMaskedLM (padded, as the HF Trainer batches).
 
-    python -m eval.throughput                      # CPU, fp32, esm2-8m-like vs ESM2-8M shape, built-in proteins
-    python -m eval.throughput --json out.json --steps 12 --max-length 512 --rows 8
-    python -m eval.throughput --gpu                 # H100/H200: speedrun-133m tokens/s, MFU, peak memory (< 8 min)
+    python -m eval.perf.throughput                      # CPU, fp32, esm2-8m-like vs ESM2-8M shape, built-in proteins
+    python -m eval.perf.throughput --json out.json --steps 12 --max-length 512 --rows 8
+    python -m eval.perf.throughput --gpu                 # H100/H200: speedrun-133m tokens/s, MFU, peak memory (< 8 min)
 
 Both models see real protein length spread from the built-in set: ESM gets `rows` proteins per batch padded to the
 longest (DataCollatorForLanguageModeling with padding=True), SpeedPLM gets `rows` rows of `max-length` tokens with
@@ -22,10 +22,10 @@ from transformers import EsmConfig, EsmForMaskedLM
 
 from eval.tables import markdown_table
 from modeling_speedplm import ESM2_VOCAB, SpeedPLMConfig, SpeedPLMForMaskedLM
-from training.collator import EVAL_MASK_RATE, MLMCollator
+from training.data.collator import EVAL_MASK_RATE, MLMCollator
+from training.data.loader import LoaderOptions, build_loader
+from training.data.validate import MASK, PAD
 from training.data_setup import builtin_root
-from training.loader import LoaderOptions, build_loader
-from training.validate import MASK, PAD
 
 
 def esm_twin(config: SpeedPLMConfig) -> EsmForMaskedLM:
@@ -125,14 +125,14 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--cache", default="data", help="where the built-in proteins are prepared once")
     parser.add_argument("--json", help="also write the results here")
-    parser.add_argument("--gpu", action="store_true", help="run eval.gpu_benchmark: bf16, compiled, speedrun-133m")
+    parser.add_argument("--gpu", action="store_true", help="run eval.perf.gpu_benchmark: bf16, compiled, speedrun-133m")
     args = parser.parse_args(argv)
     if args.gpu:  # the GPU figures (and kernel tables) live in one script with its own 8-minute budget
         import runpy
         import sys
 
-        sys.argv = ["eval.gpu_benchmark"]
-        runpy.run_module("eval.gpu_benchmark", run_name="__main__")
+        sys.argv = ["eval.perf.gpu_benchmark"]
+        runpy.run_module("eval.perf.gpu_benchmark", run_name="__main__")
     if args.threads:
         torch.set_num_threads(args.threads)
     results = measure(args.preset, args.rows, args.max_length, args.steps, args.warmup, Path(args.cache))

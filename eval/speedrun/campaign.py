@@ -1,19 +1,19 @@
 """The judge of training recipes: time and tokens to a target loss, many seeds per arm, Welch tests, a decision.
 
     python -m eval.speedrun --out runs/speedrun                          # ESM2 recipe vs SpeedPLM recipe, 5 seeds
-    python -m eval.speedrun --out runs/abl --variant normuon train.normuon=true     # one more arm (appended)
-    python -m eval.speedrun --out runs/abl --campaign eval/campaigns/ablations-cpu.yaml    # every arm of a campaign
+    python -m eval.speedrun --out runs/abl --variant normuon optim.normuon=true     # one more arm (appended)
+    python -m eval.speedrun --out runs/abl --campaign eval/speedrun/campaigns/ablations-cpu.yaml  # every arm
     python -m eval.speedrun --out runs/abl --report [--probes]           # tables (and probes) from what has run
     python -m eval.speedrun --short --out /tmp/speedrun                  # tiny models, 1 seed, ~1 minute (tests)
 
 Arms. An arm is a recipe plus overrides; `--variant NAME key=value ...` (repeatable) adds one:
-    SpeedPLM arms take any run-config override (`train.normuon=true`, `data.mask_rate=0.3`, `model.mlm_head=...`)
+    SpeedPLM arms take any run-config override (`optim.normuon=true`, `data.mask_rate=0.3`, `model.mlm_head=...`)
         on top of `configs/default.yaml` and the judge's own settings (shape, data, budget, seed: those keys are
         the judge's, an arm cannot set them); each runs `train_accelerate.py` in a subprocess. A value
         `N%steps` (`train.batch_warmup_steps=25%steps`) is N% of the control's calibrated steps (on the arm's
         `budget=` share).
     ESM2 arms (`recipe=esm2`): transformers' EsmForMaskedLM of the same shape and parameter count
-        (eval.throughput.esm_twin, dropout 0 as in the released ESM2 configs) trained by transformers.Trainer on
+        (eval.perf.throughput.esm_twin, dropout 0 as in the released ESM2 configs) trained by transformers.Trainer on
         padded batches of whole proteins (first max_length - 2 residues), DataCollatorForLanguageModeling at 15%,
         about the same real tokens per step as SpeedPLM; AdamW betas (0.9, 0.98), eps 1e-8, linear warmup then
         linear decay to 0, grad clip 1.0 (the ESM2 paper's), with `esm.lr=` (4e-4), `esm.warmup_fraction=` (0.05:
@@ -46,20 +46,18 @@ Target: the tuned ESM2 arm's mean final validation loss (`--target LOSS` to fix 
     end of their budget, where the loss still falls (linear decay to 0); a SpeedPLM run's tokens / time to target
     is the first crossing of its piecewise-linear validation curve. Speedup = the baseline's mean final time (or
     tokens) / the arm's mean time (or tokens) to target, with a 95% CI from Welch's test on the logs.
-Statistics (eval/speedrun_stats.py): per arm vs control, tokens- and time-to-target (mean, std, Welch p, CI), the
+Statistics (eval/speedrun/stats.py): per arm vs control, tokens- and time-to-target (mean, std, Welch p, CI), the
     loss gap at equal tokens and at equal time (CI), and the decision: a switch becomes a default only where
     tokens-to-target improves with p < 0.01 and time-to-target does not get worse (not higher with p < 0.05).
 Outputs: results.jsonl (runs), speedrun.json (settings, comparisons), speedrun.md (tables), speedrun.png (curves),
     probes/ (with --probes: eval.probes on the control's and the baseline's first-seed models vs random-init twins).
 """
 
-import argparse
 import concurrent.futures
 import fcntl
 import hashlib
 import json
 import os
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -71,13 +69,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval.benchmark import BenchmarkError, build_batches, hardware, resolve_split
-from eval.speedrun_stats import BUDGET, baseline_arm, budget_share
-from eval.throughput import esm_twin  # ESM2's shape and recipe (no dropout)
-from training.collator import EVAL_MASK_RATE
+from eval.benchmark import build_batches, resolve_split
+from eval.perf.throughput import esm_twin  # ESM2's shape and recipe (no dropout)
+from eval.speedrun.stats import BUDGET, baseline_arm, budget_share
+from eval.tables import hardware
+from training.data.collator import EVAL_MASK_RATE
 from training.metrics import IGNORE_INDEX
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "default.yaml"
 RESULTS = "results.jsonl"
 EVAL_SEED = 0
@@ -195,7 +194,7 @@ class Arm:
 
 
 def parse_variant(tokens: list[str]) -> Arm:
-    """['normuon', 'train.normuon=true'] -> Arm; reserved keys: recipe=speedplm|esm2, seeds=[...]."""
+    """['normuon', 'optim.normuon=true'] -> Arm; reserved keys: recipe=speedplm|esm2, seeds=[...]."""
     import yaml
 
     if not tokens or "=" in tokens[0]:
@@ -291,7 +290,7 @@ def speedplm_overrides(
         f"train.max_steps={steps}",
         f"train.tokens_per_step={s.tokens_per_step}",
         f"train.micro_batch_tokens={s.tokens_per_step}",
-        f"train.warmup_steps={max(1, round(WARMUP_FRACTION * steps))}",
+        f"optim.warmup_steps={max(1, round(WARMUP_FRACTION * steps))}",
         f"train.save_every={save_every}",
         "train.keep_checkpoints=1000000",
         "train.log_every=1",
@@ -314,8 +313,8 @@ def share_steps(s: Settings, arm: Arm, budget_tokens: int) -> int:
 def speedplm_steps(s: Settings, arm: Arm, budget_tokens: int) -> int:
     """Optimizer steps that give this arm its share of the campaign's planned tokens (its own batch schedule, e.g.
     a warmup)."""
-    from training.batch_warmup import accumulation_steps
     from training.config import load_config
+    from training.data.batch_schedule import accumulation_steps
 
     planned = round(budget_tokens * arm.budget)
     control_steps = share_steps(s, arm, budget_tokens)
@@ -340,7 +339,7 @@ def speedplm_config(s: Settings, **model_overrides):
 
 def esm_dataset(train_dir: Path, max_length: int) -> list[dict]:
     """Whole proteins as the HF tokenizer gives them with truncation: <cls> + first max_length-2 residues + <eos>."""
-    from training.shards import ShardSet
+    from training.data.shards import ShardSet
 
     shards = ShardSet(train_dir)
     return [{"input_ids": [0, *shards.doc(i)[: max_length - 2].tolist(), 2]} for i in range(shards.num_docs)]
@@ -400,14 +399,16 @@ def calibrate_speedplm(s: Settings, train_dir: Path, config) -> float:
     fastest of the timed steps, since other load on the machine only ever slows a step down."""
     from transformers import AutoModelForMaskedLM  # knows SpeedPLMConfig: modeling_speedplm registers it
 
-    from training.collator import MLMCollator
-    from training.config import TrainSection
-    from training.loader import LoaderOptions, build_loader
-    from training.optim import build_optimizers
+    from training.config import load_config
+    from training.data.collator import MLMCollator
+    from training.data.loader import LoaderOptions, build_loader
+    from training.optim.build import build_optimizers
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa").to(device)
-    optimizers = build_optimizers(model, TrainSection())
+    optimizers = build_optimizers(
+        model, load_config(str(RECIPE)).optim
+    )  # the recipe's optimizer, as the trainer reads it
     options = LoaderOptions(max_length=s.max_length, tokens_per_micro_batch=s.tokens_per_step, seed=0)
     loader = build_loader(train_dir, MLMCollator(mask_rate=0.2, seed=0), options)
     times = []
@@ -744,110 +745,3 @@ def launch(s: Settings, out: Path, arm: Arm, seed: int) -> str | None:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-8:])
         return f"FAILED (exit {proc.returncode}); log {log_path}:\n{tail}"
     return None
-
-
-# ---------------------------------------------------------------------------------------------------- CLI
-
-
-def load_campaign(path: str) -> tuple[dict, list[Arm], str | None]:
-    """A campaign file: {settings: {...}, control: NAME, arms: [{name, recipe?, overrides?: [...], seeds?}]}."""
-    import yaml
-
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise SpeedrunError(f"--campaign {path}: {err}") from None
-    unknown = set(raw) - {"settings", "control", "arms"}
-    if unknown or not isinstance(raw.get("arms"), list):
-        raise SpeedrunError(
-            f"--campaign {path}: needs 'arms' (a list), optional 'settings', 'control'; got {sorted(raw)}"
-        )
-    arms = []
-    for i, item in enumerate(raw["arms"]):
-        if not isinstance(item, dict) or "name" not in item or set(item) - {"name", "recipe", "overrides", "seeds"}:
-            raise SpeedrunError(f"--campaign {path}: arms[{i}]: keys name, recipe, overrides, seeds; got {item!r}")
-        arms.append(
-            Arm(str(item["name"]), item.get("recipe", "speedplm"), list(item.get("overrides") or []), item.get("seeds"))
-        )
-    return raw.get("settings") or {}, arms, raw.get("control")
-
-
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(
-        prog="python -m eval.speedrun",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__,
-    )
-    p.add_argument("--out", required=True, metavar="DIR", help="campaign directory (results.jsonl, reports)")
-    p.add_argument("--variant", nargs="+", action="append", metavar="NAME key=value", help="add an arm (repeatable)")
-    p.add_argument("--campaign", metavar="FILE", help="YAML with settings, control and arms")
-    p.add_argument("--control", help="the SpeedPLM arm the switches are compared with (default: control)")
-    p.add_argument("--target", type=float, help="target validation loss (default: the tuned ESM2 mean final loss)")
-    p.add_argument("--report", action="store_true", help="only rebuild the report from results.jsonl")
-    p.add_argument("--probes", action="store_true", help="also probe the control's and the baseline's models")
-    p.add_argument("--short", action="store_true", help="tiny models, 1 seed, a few seconds per run (tests)")
-    p.add_argument("--seeds", type=int, nargs="+", help="seeds of every arm without its own (default 0 1 2 3 4)")
-    p.add_argument("--budget-s", type=float, help="training seconds per run (default 300; --short 5)")
-    p.add_argument("--shape", choices=sorted(SHAPES), help="model shape (default small; --short tiny)")
-    p.add_argument("--max-length", type=int, help="tokens per row / protein (default 256; --short 128)")
-    p.add_argument("--tokens-per-step", type=int, help="SpeedPLM batch in tokens; ESM2 gets as many real tokens")
-    p.add_argument("--evals", type=int, help="validation points per run (default 16; --short 4)")
-    p.add_argument("--eval-max-tokens", type=int, help="real tokens of the valid split scored (default: all)")
-    p.add_argument("--lanes", type=int, help="runs at a time, each its own process (default 2; --short 1)")
-    p.add_argument("--threads", type=int, help="torch threads per run (default 1)")
-    p.add_argument("--data", default="builtin", help="'builtin' or a directory with prepared train/ and valid/")
-    p.add_argument("--cache", default="data", help="where --data builtin is prepared once")
-    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one run, arm as JSON
-    p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--settings", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    out = Path(args.out)
-    try:
-        if args.worker:
-            run_one(Settings(**json.loads(args.settings)), out, Arm(**json.loads(args.worker)), args.seed)
-            return 0
-        mode = dict(MODES["short" if args.short else "full"])
-        file_settings, arms, file_control = load_campaign(args.campaign) if args.campaign else ({}, [], None)
-        unknown = set(file_settings) - set(mode)
-        if unknown:
-            raise SpeedrunError(
-                f"--campaign {args.campaign}: unknown settings {sorted(unknown)}; valid: {sorted(mode)}"
-            )
-        mode.update(file_settings)
-        for key in mode:
-            if getattr(args, key, None) is not None:
-                mode[key] = getattr(args, key)
-        s = Settings(**mode, data=args.data, cache=args.cache, calibration_steps=2 if args.short else 8)
-        if s.shape not in SHAPES:
-            raise SpeedrunError(f"shape {s.shape!r}: choose one of {sorted(SHAPES)}")
-        arms += [parse_variant(v) for v in args.variant or []]
-        if not arms and not args.report:
-            arms = [Arm("esm2", "esm2"), Arm("control")]
-        names = [a.name for a in arms]
-        if len(set(names)) != len(names):
-            raise SpeedrunError(f"arm names must be unique, got {names}")
-        for arm in arms:
-            check_arm(arm, s)
-        control = args.control or file_control or "control"
-        command = "python -m eval.speedrun " + shlex.join(argv)
-        ok = True
-        if arms and not args.report:
-            ok = run_campaign(s, arms, out)
-        from eval.speedrun_report import ReportNotReady, write_report  # the report imports this module
-
-        try:
-            write_report(s, out, control, args.target, command, probes=args.probes)
-        except ReportNotReady as why:
-            if args.report:
-                raise
-            print(f"eval.speedrun: no report yet: {why}")
-        return 0 if ok else 1
-    except (SpeedrunError, BenchmarkError, ValueError) as err:
-        print(f"eval.speedrun: error: {err}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """The judge's report: tables, plot and probes from the run records of `python -m eval.speedrun` (results.jsonl).
 
-build_report(records, control, target=None) -> dict      every number (eval/speedrun_stats.py does the statistics)
+build_report(records, control, target=None) -> dict      every number (eval/speedrun/stats.py does the statistics)
 report_markdown(report, state, settings, command) -> str
 write_report(settings, out, control, target, command, probes=False)   speedrun.md / .json / .png (+ probes/)
 """
@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval import speedrun_stats as st
-from eval.speedrun import (
+from eval.perf.throughput import esm_twin
+from eval.speedrun import stats as st
+from eval.speedrun.campaign import (
     EVAL_MASK_RATE,
     EVAL_SEED,
     SHAPES,
@@ -23,9 +24,8 @@ from eval.speedrun import (
     load_records,
     speedplm_config,
 )
-from eval.speedrun_stats import baseline_arm, current_runs, final
+from eval.speedrun.stats import baseline_arm, current_runs, final
 from eval.tables import markdown_table
-from eval.throughput import esm_twin
 
 
 class ReportNotReady(SpeedrunError):
@@ -311,7 +311,7 @@ def random_init_twins(s: Settings, twin: Path) -> tuple[str, str]:
     """Model folders (weights, config, tokenizer) of an untrained SpeedPLM and ESM2 of the campaign's shape, seed 0:
     what the probes compare trained models against (embedding composition only)."""
     from modeling_speedplm import SpeedPLMForMaskedLM, build_tokenizer
-    from training.card import write_model_folder
+    from training.publish.model_folder import write_model_folder
 
     torch.manual_seed(0)
     write_model_folder(SpeedPLMForMaskedLM(speedplm_config(s)), twin / "speedplm")  # weights + tokenizer, as a run

@@ -1,6 +1,6 @@
 """The judge's statistics: crossings of a target loss, Welch t-tests, confidence intervals, eval noise, the decision.
 
-Pure functions of run records (eval/speedrun.py writes them, one JSON object per run):
+Pure functions of run records (eval/speedrun/campaign.py writes them, one JSON object per run):
     {arm, recipe, seed, points: [{step, tokens, time, loss, ...}], final_per_protein: {loss_sum: [...], count: [...]}}
 
     reach(points, target, key) -> float | None        first time / tokens at which the curve is <= target

@@ -26,7 +26,7 @@ Masking rules
       (replace="mask" puts <mask> everywhere);
     - the random draws come from a torch.Generator seeded with mix64(seed, step, 0, micro), and the rate from
       `rate(step)`: both are functions of the arguments only, so DataLoader workers, resumed runs and repeated evals
-      produce identical masks. `micro` is the micro-batch's global slot (training/loader.py), which already tells the
+      produce identical masks. `micro` is the micro-batch's global slot (training/data/loader.py), which already tells the
       ranks apart; the 0 keeps the masks of earlier versions, which also keyed a rank that was always 0.
 """
 
@@ -36,7 +36,7 @@ import math
 import numpy as np
 import torch
 
-from training.validate import CLS, EOS, FIRST_RESIDUE, LAST_RESIDUE, LAST_STANDARD, MASK, PAD
+from .validate import CLS, EOS, FIRST_RESIDUE, LAST_RESIDUE, LAST_STANDARD, MASK, PAD
 
 TRAIN_MASK_RATE = 0.2
 REPLACEMENTS = {"80/10/10": (0.8, 0.1, 0.1), "mask": (1.0, 0.0, 0.0)}  # (mask, random residue, unchanged)

@@ -1,7 +1,7 @@
 """Downloaders for the anchors' public pretraining corpora: Hub datasets with train/valid/test splits and a
 `sequence` column, fetched whole or in part (first N shards, first N sequences), then prepared into token shards.
 
-    python -m training.corpora download omg_prot50 --out data/omg_prot50 [--splits train valid test]
+    python -m training.data.corpora download omg_prot50 --out data/omg_prot50 [--splits train valid test]
         [--max-shards N] [--max-sequences N] [--source DIR_OR_HUB_ID] [--revision REV] [--prepare SHARD_DIR]
 
 Public API
@@ -28,7 +28,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from training.sources import SourceError
+from .sources import SourceError
 
 CORPORA = {
     "omg_prot50": "Synthyra/omg_prot50",
@@ -174,7 +174,7 @@ def _rows(path: Path) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m training.corpora", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m training.data.corpora", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     d = sub.add_parser("download", help="fetch a corpus (all or part of it)")
     d.add_argument("name", help=f"one of {', '.join(CORPORA)} or a Hub dataset id")
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     d.add_argument("--revision")
     d.add_argument("--prepare", metavar="SHARD_DIR", help="also prepare token shards into SHARD_DIR/<split>")
     args = ap.parse_args(argv)
-    from training.data import DataError, prepare  # heavy imports only for the CLI path that needs them
+    from .prepare import DataError, prepare  # heavy imports only for the CLI path that needs them
 
     try:
         part = CorpusPart(tuple(args.splits), args.max_shards, args.max_sequences)

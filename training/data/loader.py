@@ -2,13 +2,13 @@
 
 Public API
     pack_best_fit(lengths, capacity, max_open=1024) -> (order, row_offsets)
-    LoaderOptions(tokens_per_micro_batch, max_length=1024, rank=0, world_size=1, seed=0, global_batch_tokens=None,
-                  batch_warmup=(0, 1.0), shuffle=True, packing=True, num_epochs=None, crop=None, fixed_mask_step=None,
+    LoaderOptions(tokens_per_micro_batch, max_length=1024, rank=0, world_size=1, seed=0, schedule=BatchSchedule(1),
+                  shuffle=True, packing=True, num_epochs=None, crop=None, fixed_mask_step=None,
                   block_docs=4096, window_blocks=16)   # frozen, keyword-only: which batches (defaults: training)
         .spec() -> LoaderSpec: the checked, resolved layout (frozen dataclass; `loader.spec`)
     WorkerOptions(num_workers=0, prefetch_factor=4, pin_memory=None)   # how batches are built, never which
     PackedLoader(shards, collator, options, workers=WorkerOptions())
-        iter(loader) -> batch dicts (see training.collator); state_dict() / load_state_dict(state) / restart()
+        iter(loader) -> batch dicts (see training.data.collator); state_dict() / load_state_dict(state) / restart()
         set_optimizer_step(step): the optimizer step the next micro-batch belongs to (the mask-rate clock)
         last_mask_rate: the mask rate the last batch handed out was built with
         batches_per_epoch(epoch=None), packing_stats(epoch=0) -> dict, grad_accum_steps, rows_per_micro_batch
@@ -34,7 +34,7 @@ How an epoch is laid out (identically in every rank and worker, from (seed, epoc
 Memory: a process holds the manifest, a block table (a few bytes per block_docs proteins) and one or two windows
 (ids, offsets, lengths, crc32s and the packing of window_blocks x block_docs proteins: ~2 MB); no array over all
 proteins. Residues are read (os.pread) per protein when its batch is built, and checked against the protein's
-crc32 (training.shards), so a start reads no residues and a corrupt protein is named with its file when read.
+crc32 (training.data.shards), so a start reads no residues and a corrupt protein is named with its file when read.
 Workers: worker w of n builds the rank's batches j with j % n == w (counted from where iteration starts); the
 DataLoader's round-robin returns them in order. Every worker packs every window (to number the rows).
 Masks: the collator is called with step = the optimizer step of the micro-batch and micro = its index within that
@@ -59,9 +59,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from training.batch_warmup import BatchSchedule
-from training.collator import mix64
-from training.shards import ShardSet
+from .batch_schedule import BatchSchedule
+from .collator import mix64
+from .shards import ShardSet
 
 STATE_VERSION = 3
 
@@ -115,7 +115,7 @@ class LoaderSpec:
     drop_last: bool  # drop the last incomplete round of world_size micro-batches of an epoch
     crop: str  # "random" | "first"
     fixed_mask_step: int | None  # eval: masks keyed by (this step, batch index)
-    accumulation: BatchSchedule  # micro-batches per optimizer step (training/batch_warmup.py)
+    accumulation: BatchSchedule  # micro-batches per optimizer step (training/data/batch_schedule.py)
     block_docs: int
     window_blocks: int
 
@@ -138,8 +138,8 @@ class LoaderOptions:
     rank: int = 0
     world_size: int = 1
     seed: int = 0
-    global_batch_tokens: int | None = None  # tokens per optimizer step over all ranks (None: no accumulation)
-    batch_warmup: tuple[int, float] = (0, 1.0)  # (train.batch_warmup_steps, train.batch_warmup_start)
+    # micro-batches per optimizer step (accumulation, and its growth during a batch warmup): the trainer's own plan
+    schedule: BatchSchedule = BatchSchedule(1)
     shuffle: bool = True
     packing: bool = True  # False: one protein per row, padded to the longest row of its batch
     num_epochs: int | None = None  # None: endless
@@ -156,17 +156,10 @@ class LoaderOptions:
                 f"need tokens_per_micro_batch >= max_length and 0 <= rank < world_size; got "
                 f"{self.tokens_per_micro_batch}, {self.max_length}, rank {self.rank}, world {self.world_size}"
             )
-        per_step = rows * self.max_length * self.world_size
-        if self.global_batch_tokens is not None and self.global_batch_tokens % per_step:
-            raise ValueError(
-                f"global_batch_tokens {self.global_batch_tokens} is not a multiple of "
-                f"rows x max_length x world_size = {per_step}"
-            )
         if self.crop not in (None, "random", "first"):
             raise ValueError(f"crop must be 'random' or 'first', got {self.crop!r}")
         if self.block_docs < 1 or self.window_blocks < 1:
             raise ValueError(f"block_docs and window_blocks must be >= 1, got {self.block_docs}, {self.window_blocks}")
-        accumulation = 1 if self.global_batch_tokens is None else self.global_batch_tokens // per_step
         return LoaderSpec(
             max_length=self.max_length,
             rows=rows,
@@ -179,7 +172,7 @@ class LoaderOptions:
             drop_last=self.num_epochs is None,
             crop=self.crop or ("random" if self.shuffle else "first"),
             fixed_mask_step=self.fixed_mask_step,
-            accumulation=BatchSchedule(accumulation, *self.batch_warmup),
+            accumulation=self.schedule,
             block_docs=self.block_docs,
             window_blocks=self.window_blocks,
         )

@@ -26,7 +26,7 @@ normalized counts, per-split counts and the policy; always accepted + len(reject
 records (an empty file, a 0-byte .gz) or cannot be read to its end (a truncated .gz) stops the run, naming the file,
 with nothing written.
 
-Parallel: this process reads the inputs in order and cuts them into pieces of whole records (training.sources:
+Parallel: this process reads the inputs in order and cuts them into pieces of whole records (training.data.sources:
 decompression included); `num_proc` worker processes parse, validate, tokenize and checksum the pieces; this process
 takes their results back in input order for what must see every record (duplicate ids and sequences, the report) and
 writes the shards. The pieces depend on the inputs alone, so the shards and report.json are byte-identical for any
@@ -49,11 +49,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from training.checksum import protein_crc32
-from training.keyindex import KeyIndex
-from training.shards import MANIFEST, ShardError, ShardSet, ShardWriter
-from training.sources import CHUNK_BYTES, Chunk, SourceError, builtin_files, chunk_records, iter_chunks
-from training.validate import ID_TO_BYTE, ValidationPolicy, validate_batch
+from .checksum import protein_crc32
+from .keyindex import KeyIndex
+from .shards import SHARD_MANIFEST, ShardError, ShardSet, ShardWriter
+from .sources import CHUNK_BYTES, Chunk, SourceError, builtin_files, chunk_records, iter_chunks
+from .validate import ID_TO_BYTE, ValidationPolicy, validate_batch
 
 SPLITS = ("train", "valid", "test")
 
@@ -113,7 +113,7 @@ class Piece(NamedTuple):
     valid: np.ndarray  # (v,) indexes of the validated records
     tokens: np.ndarray  # (sum of lengths,) uint8 residue ids of the validated records, back to back
     lengths: np.ndarray  # (v,) int64
-    crcs: np.ndarray  # (v,) uint32, training.checksum.protein_crc32
+    crcs: np.ndarray  # (v,) uint32, training.data.checksum.protein_crc32
     id_keys: np.ndarray | None  # (v, 2) uint64 blake2b of each validated record's id (None: ids not tracked)
     seq_keys: np.ndarray | None  # (v, 2) uint64 blake2b of the upper-case letters (None: not needed)
     uppercased: int
@@ -342,7 +342,7 @@ def _install(stage: Path, target: Path, overwrite: bool) -> None:
     """Move a finished split from the staging folder into place, removing old shards only with overwrite."""
     target.mkdir(parents=True, exist_ok=True)
     if overwrite:
-        for old in list(target.glob("shard-*.bin")) + [target / MANIFEST]:
+        for old in list(target.glob("shard-*.bin")) + [target / SHARD_MANIFEST]:
             old.unlink(missing_ok=True)
     for f in stage.iterdir():
         f.replace(target / f.name)
@@ -361,8 +361,8 @@ def prepare(
     if o.split_fractions is not None and len(o.split_fractions) != 3:
         raise DataError(f"split_fractions needs 3 numbers (train, valid, test), got {o.split_fractions}")
     for name in names:
-        if (out / name / MANIFEST).exists() and not overwrite:
-            raise DataError(f"{out / name / MANIFEST}: already exists (pass --overwrite to replace it)")
+        if (out / name / SHARD_MANIFEST).exists() and not overwrite:
+            raise DataError(f"{out / name / SHARD_MANIFEST}: already exists (pass --overwrite to replace it)")
     created = not out.exists()
     stage = out / ".prepare-tmp"
     shutil.rmtree(stage, ignore_errors=True)

@@ -41,14 +41,14 @@ from pathlib import Path
 
 import numpy as np
 
-from training.checksum import protein_crc32, sha256_file
-from training.validate import VOCAB, VOCAB_HASH
+from .checksum import protein_crc32, sha256_file
+from .validate import VOCAB, VOCAB_HASH
 
 MAGIC = b"SPLMTOK\x00"
 VERSION = 2
 READABLE_VERSIONS = (1, 2)
 HEADER = struct.Struct("<8sII32sQQ")  # 64 bytes
-MANIFEST = "manifest.json"
+SHARD_MANIFEST = "manifest.json"
 
 
 class ShardError(Exception):
@@ -122,7 +122,7 @@ class ShardWriter:
             shards=self.shards,
             **(extra or {}),
         )
-        (self.dir / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        (self.dir / SHARD_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         return manifest
 
 
@@ -133,7 +133,7 @@ class ShardSet:
         if verify not in ("sha256", "header"):
             raise ValueError(f"verify must be 'sha256' or 'header', got {verify!r}")
         self.dir = Path(directory)
-        path = self.dir / MANIFEST
+        path = self.dir / SHARD_MANIFEST
         if not path.exists():
             raise ShardError(f"{path}: no manifest (run `python -m training.data prepare` first)")
         try:

@@ -8,7 +8,7 @@ import torch
 from transformers.optimization import get_cosine_schedule_with_warmup, get_wsd_schedule
 
 from .cautious import CautiousAdamW
-from .config import TrainSection
+from .config import OptimSection
 from .muon import NS_VARIANTS, DistributedMuon, MuonHyperparams
 
 
@@ -29,9 +29,9 @@ def parameter_groups(model: torch.nn.Module) -> dict[str, list[torch.nn.Paramete
     return groups
 
 
-def build_optimizers(model: torch.nn.Module, cfg: TrainSection) -> list[torch.optim.Optimizer]:
+def build_optimizers(model: torch.nn.Module, cfg: OptimSection) -> list[torch.optim.Optimizer]:
     groups = parameter_groups(model)
-    # torch.optim.Muon's update, with the Newton-Schulz work split across data-parallel ranks (training/muon.py)
+    # torch.optim.Muon's update, with the Newton-Schulz work split across data-parallel ranks (training/optim/muon.py)
     hyper = MuonHyperparams(
         lr=cfg.muon_lr,
         momentum=cfg.muon_momentum_start,
@@ -60,22 +60,23 @@ def build_optimizers(model: torch.nn.Module, cfg: TrainSection) -> list[torch.op
     return [muon, adam]
 
 
-def build_schedulers(optimizers, cfg: TrainSection) -> list[torch.optim.lr_scheduler.LambdaLR]:
+def build_schedulers(optimizers, cfg: OptimSection, max_steps: int) -> list[torch.optim.lr_scheduler.LambdaLR]:
+    """One LR schedule per optimizer over the run's `max_steps` (train.max_steps)."""
     if cfg.schedule == "wsd":
-        decay = max(1, int(cfg.decay_fraction * cfg.max_steps))
+        decay = max(1, int(cfg.decay_fraction * max_steps))
         make = lambda opt: get_wsd_schedule(  # noqa: E731
             opt,
             num_warmup_steps=cfg.warmup_steps,
             num_decay_steps=decay,
-            num_training_steps=cfg.max_steps,
+            num_training_steps=max_steps,
             decay_type="linear",
         )
     else:
-        make = lambda opt: get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.max_steps)  # noqa: E731
+        make = lambda opt: get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, max_steps)  # noqa: E731
     return [make(opt) for opt in optimizers]
 
 
-def muon_momentum(step: int, cfg: TrainSection) -> float:
+def muon_momentum(step: int, cfg: OptimSection) -> float:
     """Linear warmup of Muon's momentum: low momentum early, while gradients change fast."""
     frac = min(step / max(1, cfg.muon_momentum_warmup_steps), 1.0)
     return (1 - frac) * cfg.muon_momentum_start + frac * cfg.muon_momentum_end

@@ -1,4 +1,4 @@
-"""Cautious weight decay for the Adam groups (Muon's is inside training/muon.py).
+"""Cautious weight decay for the Adam groups (Muon's is inside training/optim/muon.py).
 
 Cautious weight decay (Chen et al. 2025, "Cautious Weight Decay", arXiv:2510.12402; used by modded-nanogpt):
     p <- p - lr * (u + wd * p * [u * p >= 0])

@@ -19,7 +19,7 @@ Public API
                     ns_steps=5, adjust_lr_fn=None, normuon=False, normuon_beta2=0.95, cautious_weight_decay=False)
                         # frozen, keyword-only: the param-group defaults (torch.optim.Muon's names and defaults + v2)
     DistributedMuon(params, hyper=MuonHyperparams(), *, kernels="auto", process_group=None, ns_dtype=None, stack=None)
-    POLAR_EXPRESS_COEFFICIENTS, NS_VARIANTS (train.muon_ns -> coefficients), normuon_(...), adjusted_lr(...)
+    POLAR_EXPRESS_COEFFICIENTS, NS_VARIANTS (optim.muon_ns -> coefficients), normuon_(...), adjusted_lr(...)
 
 Recipe-v2 switches (all off by default; off, the update is exactly the one above):
     ns_coefficients=POLAR_EXPRESS_COEFFICIENTS   one quintic per Newton-Schulz iteration (Polar Express), ns_steps <= 5
@@ -59,7 +59,7 @@ _POLAR_EXPRESS_PUBLISHED = (
 )
 _a, _b, _c = _POLAR_EXPRESS_PUBLISHED[0]
 POLAR_EXPRESS_COEFFICIENTS = ((_a / 1.02, _b / 1.02**3, _c / 1.02**5), *_POLAR_EXPRESS_PUBLISHED[1:])
-NS_VARIANTS = {"jordan": NS_COEFFICIENTS, "polar_express": POLAR_EXPRESS_COEFFICIENTS}  # train.muon_ns
+NS_VARIANTS = {"jordan": NS_COEFFICIENTS, "polar_express": POLAR_EXPRESS_COEFFICIENTS}  # optim.muon_ns
 
 
 def _frozen(coefficients) -> tuple:

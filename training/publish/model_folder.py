@@ -7,7 +7,12 @@ through `write_model_folder`, so it is self-contained for AutoTokenizer, pipelin
 
 from pathlib import Path
 
+import torch
+
 from modeling_speedplm import SpeedPLMConfig, build_tokenizer
+
+WEIGHTS = "model.safetensors"  # accelerate's save_state name, also the from_pretrained one
+WEIGHT_FILES = (WEIGHTS, "model.safetensors.index.json")
 
 
 def model_card(
@@ -84,3 +89,26 @@ def write_model_folder(model, directory: Path, training_summary: str | None = No
     build_tokenizer(config.max_position_embeddings).save_pretrained(directory)
     card = model_card(config, model.num_parameters(), training_summary=training_summary)
     (Path(directory) / "README.md").write_text(card)
+
+
+def plain_model(model: torch.nn.Module, state_dict: dict | None = None) -> torch.nn.Module:
+    """A fresh instance of the model's own class holding `state_dict` (a full one), built on the meta device (no
+    second initialisation: load_state_dict assigns the given tensors); without a state dict it stays on meta (enough
+    for config, code, tokenizer and card). fully_shard swaps the module's class for a generated `FSDP<Name>`
+    subclass, and save_pretrained would ship that class (and torch's FSDP sources) as the checkpoint's remote code;
+    the plain class saves the same weights as a loadable model."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = type(model)
+    if isinstance(model, FSDPModule):
+        cls = next(base for base in cls.__bases__ if not issubclass(base, FSDPModule))
+    with torch.device("meta"):
+        plain = cls(model.config)
+    if state_dict is not None:
+        missing, unexpected = plain.load_state_dict(state_dict, strict=False, assign=True)
+        tied = set(getattr(plain, "_tied_weights_keys", None) or {})
+        if unexpected or set(missing) - tied:
+            raise ValueError(f"weights do not fit the model: missing {missing}, unexpected {unexpected}")
+        if getattr(plain.config, "tie_word_embeddings", False):
+            plain.tie_weights()  # assign=True replaced the shared tensor by two equal ones
+    return plain

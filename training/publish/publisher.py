@@ -17,10 +17,9 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from .card import write_model_folder
-from .checkpoint import WEIGHTS, plain_model
 from .config import HubSection
 from .hub import HubPusher
+from .model_folder import WEIGHTS, plain_model, write_model_folder
 
 logger = logging.getLogger("speedplm")
 
