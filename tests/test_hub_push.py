@@ -297,14 +297,14 @@ def test_publisher_pushes_a_sharded_model_from_its_checkpoint(hub, tmp_path):
     from accelerate import Accelerator
     from conftest import randomized_tiny_model
 
-    from training.checkpoint import CheckpointManager
+    from training.checkpoint import CheckpointManager, TrainerState
     from training.publish.config import HubSection
     from training.publish.publisher import ModelPublisher
 
     accelerator = Accelerator(cpu=True)
     model = accelerator.prepare(randomized_tiny_model(seed=3))
     checkpoint = CheckpointManager(tmp_path / "checkpoints", 2, accelerator).save(
-        7, model, {}, {"step": 7, "run_id": "r"}
+        model, {}, TrainerState("r", world_size=1, step=7)
     )
     gate = hub.hold("commit")  # the start commit parks: the publisher has written nothing yet on this thread
     staging = tmp_path / "run" / "hub_staging"

@@ -6,7 +6,7 @@ import json
 import pytest
 from accelerate import Accelerator
 
-from training.checkpoint import CHECKPOINT_MANIFEST, COMPLETE, CheckpointManager, sha256_file
+from training.checkpoint import CHECKPOINT_MANIFEST, COMPLETE, CheckpointManager, TrainerState, sha256_file
 from training.tracking import MetricsLog
 
 
@@ -15,7 +15,7 @@ def fake_checkpoint(root, step, run_id, corrupt=False):
     directory = root / f"step-{step:06d}"
     directory.mkdir(parents=True)
     (directory / "model.safetensors").write_bytes(bytes([step % 256]) * 64)
-    (directory / "trainer_state.json").write_text(json.dumps({"step": step, "run_id": run_id}))
+    TrainerState(run_id, world_size=1, step=step).write(directory)
     manifest = {p.name: sha256_file(p) for p in directory.iterdir()}
     (directory / CHECKPOINT_MANIFEST).write_text(json.dumps(manifest))
     (directory / COMPLETE).write_text(str(step))

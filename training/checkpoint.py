@@ -17,10 +17,12 @@ of another run, or newer, is never deleted. Assumes every rank sees the same fil
 multi-node runs).
 """
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,10 +45,51 @@ class CheckpointError(RuntimeError):
     pass
 
 
+@dataclass
+class TrainerState:
+    """trainer_state.json: which run wrote a checkpoint, on how many ranks, and the run's counters at it. `step` is
+    the run's only clock (optimizer steps taken). The one home of the file's keys: the trainer, the start planner
+    and the recipe judge read it through `read`."""
+
+    run_id: str
+    world_size: int
+    step: int = 0
+    tokens: int = 0
+    bad_steps: int = 0
+    train_seconds: float = 0.0  # time in data + train steps only (no eval, checkpoint or push): time-to-loss clock
+
+    def write(self, directory: Path) -> None:
+        (directory / TRAINER_STATE).write_text(json.dumps(dataclasses.asdict(self), indent=1))
+
+    @classmethod
+    def read(cls, directory: Path) -> "TrainerState":
+        """The checkpoint's state; ValueError naming the file and what is wrong (missing, unreadable, keys)."""
+        path = directory / TRAINER_STATE
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path}: unreadable ({err})") from None
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(raw, dict) or not {"run_id", "world_size", "step"} <= set(raw) or set(raw) - names:
+            keys = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+            raise ValueError(f"{path}: expected the keys {sorted(names)}, found {keys}")
+        state = cls(**raw)
+        if not isinstance(state.step, int) or not state.run_id:
+            raise ValueError(f"{path}: step must be an integer and run_id set, got {state.step!r}, {state.run_id!r}")
+        return state
+
+
 def step_of(directory: Path) -> int:
     """step-000100 -> 100 (-1 for a name that is not a checkpoint's)."""
     digits = directory.name.removeprefix("step-")
     return int(digits) if directory.name.startswith("step-") and digits.isdigit() else -1
+
+
+def step_dirs(root: Path) -> list[Path]:
+    """The finished (renamed) `step-*` checkpoint directories under `root`, oldest first."""
+    if not Path(root).is_dir():
+        return []
+    return sorted((p for p in Path(root).iterdir() if p.is_dir() and step_of(p) >= 0), key=step_of)
 
 
 def full_state_dict(accelerator, model) -> dict | None:
@@ -117,12 +160,11 @@ class CheckpointManager:
 
     def step_dirs(self) -> list[Path]:
         """Finished (renamed) checkpoint directories, oldest first."""
-        if not self.root.is_dir():
-            return []
-        return sorted((p for p in self.root.iterdir() if p.is_dir() and step_of(p) >= 0), key=step_of)
+        return step_dirs(self.root)
 
-    def save(self, step: int, model, loader_state: dict, trainer_state: dict, summary: str | None = None) -> Path:
-        """Every rank calls it. trainer_state must hold the run's `run_id`."""
+    def save(self, model, loader_state: dict, trainer_state: TrainerState, summary: str | None = None) -> Path:
+        """Every rank calls it; the checkpoint is named by trainer_state.step."""
+        step = trainer_state.step
         acc = self.accelerator
         final = self.root / f"step-{step:06d}"
         tmp = self.root / f".tmp-step-{step:06d}"
@@ -137,7 +179,7 @@ class CheckpointManager:
         save_pretrained(acc, model, tmp, weights=False, training_summary=summary)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
+            trainer_state.write(tmp)
             # every file, also inside the sharded (FSDP2) model/optimizer folders; keys are paths relative to tmp
             manifest = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
             (tmp / CHECKPOINT_MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -145,7 +187,7 @@ class CheckpointManager:
             shutil.rmtree(final, ignore_errors=True)  # a re-run of the same step replaces it
             os.replace(tmp, final)
             self.verified.add(final.name)
-            self.prune(trainer_state["run_id"])
+            self.prune(trainer_state.run_id)
         acc.wait_for_everyone()
         return final
 
@@ -155,8 +197,8 @@ class CheckpointManager:
         mine = {}  # directory -> recorded step, for the checkpoints of this run whose state can be read
         for directory in self.step_dirs():
             state = self.read_state(directory)
-            if state is not None and state.get("run_id") == run_id and isinstance(state.get("step"), int):
-                mine[directory] = state["step"]
+            if state is not None and state.run_id == run_id:
+                mine[directory] = state.step
         kept = sorted((step, d.name) for d, step in mine.items() if d.name in self.verified)[-self.keep :]
         deleted = []
         if len(kept) == self.keep:
@@ -169,13 +211,12 @@ class CheckpointManager:
         return deleted
 
     @staticmethod
-    def read_state(directory: Path) -> dict | None:
-        """The checkpoint's trainer_state.json, or None if it is missing or unreadable."""
+    def read_state(directory: Path) -> TrainerState | None:
+        """The checkpoint's trainer state, or None if it is missing or unreadable."""
         try:
-            state = json.loads((directory / TRAINER_STATE).read_text())
-        except (OSError, ValueError):
+            return TrainerState.read(directory)
+        except ValueError:
             return None
-        return state if isinstance(state, dict) else None
 
     def verify(self, directory: Path) -> str | None:
         """None if the checkpoint is complete and intact (and remember it as verified), else the reason, naming
@@ -206,7 +247,7 @@ class CheckpointManager:
             problems.append(f"{directory.name}: {problem}")
         return None, problems
 
-    def load(self, directory: Path, model) -> tuple[dict, dict]:
+    def load(self, directory: Path, model) -> tuple[dict, TrainerState]:
         """Restore accelerate state in place; return (this rank's loader state, trainer state). The checkpoint
         was verified and its model compared before (training/run_start.py)."""
         acc = self.accelerator
@@ -216,4 +257,4 @@ class CheckpointManager:
         if not rank_file.exists():
             raise CheckpointError(f"{rank_file} missing: the checkpoint was written with a different world size")
         loader_state = torch.load(rank_file, weights_only=False)
-        return loader_state, json.loads((directory / TRAINER_STATE).read_text())
+        return loader_state, TrainerState.read(directory)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from modeling_speedplm import SpeedPLMConfig
 
-from .checkpoint import CheckpointManager, model_config_difference, step_of
+from .checkpoint import CheckpointManager, TrainerState, model_config_difference, step_of
 from .config import TrainSection
 from .tracking import MetricsLog
 
@@ -87,21 +87,22 @@ def plan_start(train: TrainSection, run_dir: Path, checkpoints: CheckpointManage
         if problem:
             raise RunRefused(f"train.resume={train.resume}: {problem}")
 
-    state = checkpoints.read_state(directory)
-    if not state.get("run_id"):
-        raise RunRefused(f"{directory}: written by an older speedplm (no run_id); {_how_to_start_over(run_dir)}")
+    try:
+        state = TrainerState.read(directory)
+    except ValueError as err:
+        raise RunRefused(f"{err}: not a checkpoint this speedplm can resume; {_how_to_start_over(run_dir)}") from None
     changed = model_config_difference(directory, model)
     if changed:
         raise RunRefused(
             f"{directory} holds a different model: {'; '.join(changed)}. Use the checkpoint's model section, or "
             f"start a new run (train.resume=none with another train.run_name)"
         )
-    if state.get("world_size", world) != world:
+    if state.world_size != world:
         raise RunRefused(
-            f"{directory} was written by {state['world_size']} rank(s), this run has {world}: resume with the same "
+            f"{directory} was written by {state.world_size} rank(s), this run has {world}: resume with the same "
             f"number of ranks (the data position and sharded state are per rank)"
         )
-    plan = StartPlan(state["run_id"], directory, state["step"], warnings=warnings)
+    plan = StartPlan(state.run_id, directory, state.step, warnings=warnings)
 
     if directory.resolve().parent != checkpoints.root.resolve():  # another directory's checkpoint: a new history here
         if holds_run and not train.overwrite:

@@ -7,7 +7,6 @@ token — the same with 1 rank or N, with or without accumulation.
 """
 
 import contextlib
-import dataclasses
 import logging
 import os
 import shutil
@@ -26,7 +25,7 @@ from transformers import AutoModelForMaskedLM
 from modeling_speedplm import SpeedPLMForMaskedLM
 
 from .accelerate_compat import enable_cpu_fsdp2, fsdp_requested, local_world_size, use_cpu, world_size_from_env
-from .checkpoint import CheckpointError, CheckpointManager, save_pretrained
+from .checkpoint import CheckpointError, CheckpointManager, TrainerState, save_pretrained
 from .config import RunConfig, resolve_batch
 from .data_setup import build_eval_loader, build_train_loader, resolve_splits
 from .metrics import evaluate
@@ -68,16 +67,6 @@ class SignalFlag:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-@dataclass
-class Progress:
-    """The run's counters, saved in every checkpoint. `step` is the run's only clock: optimizer steps taken."""
-
-    step: int = 0
-    tokens: int = 0
-    bad_steps: int = 0
-    train_seconds: float = 0.0  # time in data + train steps only (no eval, checkpoint or push): time-to-loss clock
 
 
 @dataclass
@@ -166,7 +155,6 @@ class Trainer:
         self.progress = self._restore(start)
         self._write_run_dir(start)  # the first write of the run
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", acc.is_main_process, start.run_id)
-        self.run_id = start.run_id
         if tracker_names(config.tracking):
             acc.init_trackers(
                 config.tracking.project,
@@ -202,22 +190,22 @@ class Trainer:
         logger.info("%s", decision[0].describe())
         return decision[0]
 
-    def _restore(self, start: StartPlan) -> Progress:
+    def _restore(self, start: StartPlan) -> TrainerState:
         if start.checkpoint is None:
-            return Progress()
+            return TrainerState(start.run_id, self.accelerator.num_processes)
         problem = None
         try:
             loader_state, state = self.checkpoints.load(start.checkpoint, self.model)
             if self.config.train.resume_data_state:
                 self.train_loader.load_state_dict(loader_state)
-            self.train_loader.set_optimizer_step(state["step"])  # the mask-rate clock, data restored or not
+            self.train_loader.set_optimizer_step(state.step)  # the mask-rate clock, data restored or not
         except (ValueError, CheckpointError) as err:
             problem = f"{start.checkpoint}: {err}"
         problems = [p for p in gather_object([problem]) if p] if self.accelerator.num_processes > 1 else [problem]
         if any(problems):
             raise RunRefused(next(p for p in problems if p))
-        logger.info("resumed from %s at step %d", start.checkpoint, state["step"])
-        return Progress(**{f.name: state[f.name] for f in dataclasses.fields(Progress)})
+        logger.info("resumed from %s at step %d", start.checkpoint, state.step)
+        return state
 
     def _write_run_dir(self, start: StartPlan) -> None:
         acc = self.accelerator
@@ -392,8 +380,7 @@ class Trainer:
         is due (the push is staged from it). Returns its directory, or None."""
         t, step = self.config.train, self.progress.step
         if (t.save_every and step % t.save_every == 0) or stop_code or step == t.max_steps or self._push_due():
-            state = {**vars(self.progress), "run_id": self.run_id, "world_size": self.accelerator.num_processes}
-            return self.checkpoints.save(step, self.model, self.train_loader.state_dict(), state, self.summary())
+            return self.checkpoints.save(self.model, self.train_loader.state_dict(), self.progress, self.summary())
         return None
 
     def maybe_push(self, saved: Path | None) -> None:

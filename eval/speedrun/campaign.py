@@ -583,6 +583,7 @@ def run_speedplm(s: Settings, state: dict, arm: Arm, seed: int, batches, run_dir
     from safetensors.torch import load_file
     from transformers import AutoModelForMaskedLM
 
+    from training.checkpoint import step_dirs, step_of
     from training.config import load_config
 
     steps = speedplm_steps(s, arm, state["budget_tokens"])
@@ -616,9 +617,9 @@ def run_speedplm(s: Settings, state: dict, arm: Arm, seed: int, batches, run_dir
     model = AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")  # as the trainer builds it
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     points, final = [], None
-    checkpoints = sorted((run_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    checkpoints = step_dirs(run_dir / "checkpoints")  # the trainer's own listing of its checkpoints
     for ckpt in checkpoints:
-        step = int(ckpt.name.split("-")[1])
+        step = step_of(ckpt)
         weights = load_file(ckpt / "model.safetensors")
         model.load_state_dict(weights)  # the checkpoint holds the model's own names (compiled or not)
         result = score(model, batches, per_protein=ckpt == checkpoints[-1])
