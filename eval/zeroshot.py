@@ -9,7 +9,7 @@ per-position consensus of the sequences with each row's mutations reverted. Refu
 exit 2 and nothing written: a missing column, an unparsable mutant, a position named twice or beyond the sequence,
 a mutant letter that is not in mutated_sequence, a wild-type letter that disagrees with the inferred WT, a sequence
 differing from the WT where the mutant names no change, sequences of different lengths, a DMS_score that is not a
-finite number, letters outside the ESM2 alphabet (training.validate). --builtin adds the mavenn set prepared by
+finite number, letters outside the ESM2 alphabet (training.data.validate). --builtin adds the mavenn set prepared by
 `python -m eval.quality.dms fetch --out data/quality/dms` (GB1, TDP-43, Abeta42; prepared on first use if absent).
 
 Scoring (Meier et al. 2021, "Language models enable zero-shot prediction of the effects of mutations on protein
@@ -20,10 +20,10 @@ whatever the number of variants. --scoring wt-marginal: the same sum from unmask
 Proteins longer than the model's context: position i is scored inside a window of max_length - 2 residues centred
 on i (start = i - width // 2) and clipped to the sequence ends (as ProteinGym's ESM scoring, `get_optimal_window`);
 max_length = min(--max-length, the model's limit). Log-probabilities are over the model's whole vocabulary; ids
-are ESM2's (modeling_speedplm.ESM2_VOCAB), mapped to the model's own through eval.benchmark's VocabMap.
+are ESM2's (modeling_speedplm.ESM2_VOCAB), mapped to the model's own through eval.checkpoints' VocabMap.
 
 Any checkpoint AutoModelForMaskedLM loads with trust_remote_code (SpeedPLM, transformers' EsmForMaskedLM, Hub ids),
-loaded by eval.benchmark's inspect_model/load_model. Give a random-init twin as another --model to see the floor.
+loaded by eval.checkpoints' inspect_model/load_model. Give a random-init twin as another --model to see the floor.
 
 Outputs in DIR: zeroshot.csv (model, assay, variants, positions, spearman, ...), scores.csv (assay, mutant,
 DMS_score, one score column per model), zeroshot.md (table + commit, date, machine and the exact command).
@@ -53,10 +53,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval.benchmark import BenchmarkError, VocabMap, hardware, inspect_model, load_model, short_name
-from eval.tables import markdown_table
+from eval.checkpoints import EvalError, VocabMap, inspect_model, load_model
+from eval.tables import hardware, markdown_table, short_name
 from modeling_speedplm import ESM2_VOCAB
-from training.validate import ValidationPolicy, encode
+from training.data.validate import ValidationPolicy, encode
 
 REQUIRED = ("mutant", "mutated_sequence", "DMS_score")
 SCORINGS = ("masked-marginal", "wt-marginal")
@@ -407,7 +407,7 @@ def main(argv=None) -> int:
                 )
                 print(f"{short_name(spec.name)} {assay.name}: Spearman {rows[-1]['spearman']:.4f}", file=sys.stderr)
             del model
-    except (DmsError, BenchmarkError, ValueError) as err:
+    except (DmsError, EvalError, ValueError) as err:
         print(f"eval.zeroshot: error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)

@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import randomized_tiny_model
 
-from eval.benchmark import inspect_model, load_model
+from eval.checkpoints import inspect_model, load_model
 from eval.quality import contacts
 from eval.quality.contacts_data import (
     ContactsDataError,
@@ -157,7 +157,7 @@ def test_regression_on_an_oracle_feature_ranks_every_contact_first():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from training.card import write_model_folder
+    from training.publish.model_folder import write_model_folder
 
     model = randomized_tiny_model(seed=5).eval()
     directory = tmp_path_factory.mktemp("ckpt") / "tiny"
@@ -173,7 +173,7 @@ REMOTE = textwrap.dedent(
     ckpt, sequence, out, repo = sys.argv[1:5]
     model = AutoModelForMaskedLM.from_pretrained(ckpt, trust_remote_code=True).eval()  # before the repo is importable
     sys.path.insert(0, repo)
-    from eval.benchmark import inspect_model
+    from eval.checkpoints import inspect_model
     from eval.quality.contacts import attention_features
     np.save(out, attention_features(model, inspect_model(ckpt), sequence, 42))
     print(type(model).__module__)

@@ -15,7 +15,7 @@ import torch
 from conftest import PROTEINS, randomized_tiny_model
 from scipy.stats import spearmanr
 
-from eval.benchmark import VocabMap
+from eval.checkpoints import VocabMap
 from eval.quality.dms import DmsFetchError, check_wheel, consensus, derive_mutant
 from eval.zeroshot import DmsError, ScoreOptions, main, parse_mutant, position_log_probs, read_dms, score_assay, window
 from modeling_speedplm import ESM2_VOCAB, SpeedPLMConfig, build_tokenizer
@@ -203,7 +203,7 @@ def checkpoints(tmp_path_factory):
     with a stock EsmTokenizer; the in-memory models are returned for hand computations."""
     from transformers import EsmTokenizer
 
-    from eval.throughput import esm_twin
+    from eval.perf.throughput import esm_twin
 
     root = tmp_path_factory.mktemp("ckpt")
     speedplm = randomized_tiny_model(seed=7, max_position_embeddings=48).eval()

@@ -44,9 +44,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval.benchmark import BenchmarkError, ModelSpec, hardware, inspect_model, load_model
+from eval.checkpoints import EvalError, ModelSpec, inspect_model, load_model
 from eval.quality.contacts_data import Chains, ContactsDataError, contact_map, load_prepared
-from eval.tables import markdown_table
+from eval.tables import hardware, markdown_table
 
 RANGES = {"long": (24, None), "medium": (12, 24)}  # min <= j - i < max
 DIVISORS = (1, 2, 5)  # P@L, P@L/2, P@L/5
@@ -101,7 +101,7 @@ def prepare_attention_model(model) -> None:
 @torch.no_grad()
 def attention_features(model, spec: ModelSpec, sequence: str, max_length: int) -> np.ndarray:
     """(F, n, n) float32 APC-corrected symmetrized attention maps, F = layers x heads, n = cropped length."""
-    from training.validate import CLS, EOS, encode
+    from training.data.validate import CLS, EOS, encode
 
     n = crop_length(len(sequence), max_length)
     residues = torch.from_numpy(encode(sequence[:n]).astype(np.int64))
@@ -113,7 +113,7 @@ def attention_features(model, spec: ModelSpec, sequence: str, max_length: int) -
         output_attentions=True,
     )
     if not out.attentions or any(a is None for a in out.attentions):
-        raise BenchmarkError(f"model {spec.name}: output_attentions=True returned no attention probabilities")
+        raise EvalError(f"model {spec.name}: output_attentions=True returned no attention probabilities")
     maps = torch.stack([a[0].float() for a in out.attentions])  # (layers, heads, n + 2, n + 2)
     maps = maps[..., 1:-1, 1:-1].reshape(-1, n, n).cpu().numpy().astype(np.float64)  # drop <cls>, <eos>
     return apc(symmetrize(maps)).astype(np.float32)
@@ -382,7 +382,7 @@ def main(argv=None) -> int:
     try:
         rows = run(args.model, args.data, options)
         _, manifest = load_prepared(args.data)
-    except (BenchmarkError, ContactsDataError, ValueError) as err:
+    except (EvalError, ContactsDataError, ValueError) as err:
         print(f"eval.quality.contacts: error: {err}", file=sys.stderr)
         return 1
     command = "python -m eval.quality.contacts " + shlex.join(argv)
