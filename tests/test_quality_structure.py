@@ -135,6 +135,7 @@ def test_secondary_structure_and_fold_runs_on_a_checkpoint(checkpoint):
     )
     by = {(r["model"], r["features"], r["metric"]): r for r in ss}
     assert len(ss) == 8 and all(r["n_seeds"] == 3 and r["n_test"] == 1121 for r in ss)
+    assert list(secondary_structure.wide(ss)[0])[:4] == ["model", "features", "Q3", "Q8"]
     for metric in ("Q3", "Q8"):
         assert by[(checkpoint, "layer 4", metric)]["mean"] > by[("baseline", "majority class", metric)]["mean"]
     folds = fold.run([checkpoint], FIXTURES, fold.FoldOptions(), log=lambda *a: None)

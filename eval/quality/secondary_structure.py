@@ -173,7 +173,8 @@ def wide(rows: list[dict]) -> list[dict]:
     """One line per (model, features): Q3 and Q8 as 'mean ± std'."""
     out = {}
     for r in rows:
-        line = out.setdefault((r["model"], r["features"]), dict(model=short_name(r["model"]), features=r["features"]))
+        blank = dict(model=short_name(r["model"]), features=r["features"], Q3="", Q8="")
+        line = out.setdefault((r["model"], r["features"]), blank)
         line[r["metric"]] = f"{r['mean']:.4f} ± {r['std']:.4f}"
         line["seeds"], line["train residues"], line["test residues"] = r["n_seeds"], r["n_train"], r["n_test"]
     return list(out.values())
