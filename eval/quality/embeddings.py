@@ -66,8 +66,8 @@ def length_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
 @torch.no_grad()
 def per_residue(model, spec, tokens: list, options: EmbedOptions = EmbedOptions()) -> ResidueFeatures:
     """Hidden states at every residue of every protein (tokens: (n,) ESM2 residue ids each, as
-    training.data.validate.encode
-    returns), for the layers asked; see the module docstring for cropping and special tokens."""
+    training.data.validate.encode returns), for the layers asked; see the module docstring for cropping and special
+    tokens."""
     from training.data.validate import CLS, EOS, PAD
 
     device = next(model.parameters()).device
