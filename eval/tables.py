@@ -1,8 +1,13 @@
 """The one markdown-table helper of the benchmark scripts (every table they print or write goes through it), and
 the names and machine description that stand beside those tables."""
 
+import datetime
 import os
 import platform
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def cell(value) -> str:
@@ -44,3 +49,28 @@ def hardware(accelerator=None) -> str:
 def short_name(name: str) -> str:
     parts = [p for p in str(name).rstrip("/").split("/") if p]
     return "/".join(parts[-2:]) if parts else str(name)
+
+
+def git_commit() -> str:
+    """HEAD of the checkout that ran ("+dirty" when tracked files differ from it), or "unknown (not a git checkout)"."""
+
+    def git(*args):
+        try:
+            done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD") or "unknown (not a git checkout)"
+    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def stamp(command: str) -> list[str]:
+    """Markdown lines to stand under a published table: commit, UTC date, machine (with its load when the table
+    was made: a busy machine slows every timing) and the exact command that regenerates it."""
+    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    machine = hardware()
+    if hasattr(os, "getloadavg"):
+        machine += "; load average {:.2f} / {:.2f} / {:.2f} (1, 5, 15 min)".format(*os.getloadavg())
+    lines = [f"Commit: `{git_commit()}`", f"Date: {date}", f"Machine: {machine}", f"Command: `{command}`"]
+    return [part for line in lines for part in (line, "")]

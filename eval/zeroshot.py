@@ -40,11 +40,9 @@ Public API
 
 import argparse
 import csv
-import datetime
 import math
 import re
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -54,7 +52,7 @@ import numpy as np
 import torch
 
 from eval.checkpoints import EvalError, VocabMap, inspect_model, load_model
-from eval.tables import hardware, markdown_table, short_name
+from eval.tables import markdown_table, short_name, stamp
 from modeling_speedplm import ESM2_VOCAB
 from training.data.validate import ValidationPolicy, encode
 
@@ -275,20 +273,6 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
 # ---------------------------------------------------------------------------------------------------- outputs
 
 
-def stamp() -> dict:
-    """Commit (+dirty), UTC date and machine of this run."""
-
-    def git(*args):
-        proc = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
-        return proc.stdout.strip() if proc.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD") or "unknown (not a git checkout)"
-    if git("status", "--porcelain", "--untracked-files=no"):
-        commit += " (with uncommitted changes)"
-    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    return {"commit": commit, "date": date, "machine": hardware()}
-
-
 def write_outputs(out: Path, rows: list, assays: list, scores: dict, text: str) -> None:
     """zeroshot.csv (rows), scores.csv (assay, mutant, DMS_score, one column per model), zeroshot.md (text)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -321,15 +305,12 @@ def report(rows: list, assays: list, options: ScoreOptions, command: str) -> str
         ],
         columns,
     )
-    info = stamp()
     params = "; ".join(f"`{m}`: {next(r['parameters'] for r in rows if r['model'] == m):,} parameters" for m in models)
     return (
         f"# Zero-shot variant effects ({options.scoring})\n\n{table}\n\n"
         f"Spearman between the model score and DMS_score (sign as the assay publishes it). Scoring: "
         f"{options.scoring} (Meier et al. 2021), windows of max_length - 2 residues centred on each position where a "
-        f"protein is longer than the model's context. Models: {params}.\n\n"
-        f"- commit: {info['commit']}\n- date: {info['date']}\n- machine: {info['machine']}\n"
-        f"- command: `{command}`\n"
+        f"protein is longer than the model's context. Models: {params}.\n\n" + "\n".join(stamp(command))
     )
 
 

@@ -33,9 +33,7 @@ Outputs: contacts.md (markdown table stamped with commit, date, machine and the 
 
 import argparse
 import csv
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -46,7 +44,7 @@ import torch
 
 from eval.checkpoints import EvalError, ModelSpec, inspect_model, load_model
 from eval.quality.contacts_data import Chains, ContactsDataError, contact_map, load_prepared
-from eval.tables import hardware, markdown_table
+from eval.tables import markdown_table, stamp
 
 RANGES = {"long": (24, None), "medium": (12, 24)}  # min <= j - i < max
 DIVISORS = (1, 2, 5)  # P@L, P@L/2, P@L/5
@@ -293,19 +291,6 @@ def run(models: list, data: Path, options: ProbeOptions = ProbeOptions()) -> lis
 # ---------------------------------------------------------------------------------------------------- outputs
 
 
-def git_commit() -> str:
-    """HEAD's short hash of the code that ran (+"-dirty" when tracked files differ), or "unknown"."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=root, capture_output=True, text=True)
-    except OSError:
-        return "unknown"
-    if head.returncode != 0:
-        return "unknown"
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
 def write_outputs(rows: list, out: Path, manifest: dict, command: str) -> str:
     """contacts.csv + contacts.md; returns the markdown text."""
     out.mkdir(parents=True, exist_ok=True)
@@ -348,11 +333,7 @@ def write_outputs(rows: list, out: Path, manifest: dict, command: str) -> str:
         f"{manifest.get('version')} (ProMod3 StructureDB, PDB chains; Apache-2.0, PDB data CC0), prepared file sha256 "
         f"`{manifest.get('file_sha256')}`; contact = {manifest.get('contact_definition')}.",
         "",
-        f"Commit: {git_commit()}; date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; machine: {platform.node()}, "
-        f"{hardware()}",
-        "",
-        f"Command: `{command}`",
-        "",
+        *stamp(command),
     ]
     markdown = "\n".join(text)
     (out / "contacts.md").write_text(markdown)

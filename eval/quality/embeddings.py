@@ -14,8 +14,6 @@ of eval.probes.fit_probe, scored by accuracy), `mean_std`, `resolve_layers` and 
 machine / command lines every quality table ends with).
 """
 
-import datetime
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,21 +125,3 @@ def train_subsample(n: int, fraction: float, seed: int) -> np.ndarray:
         return np.arange(n)
     k = max(1, round(fraction * n))
     return np.sort(np.random.default_rng(seed).choice(n, k, replace=False))
-
-
-def stamp(command: str) -> list[str]:
-    """Markdown lines: commit (with '+dirty' when the tree has changes), UTC date, machine, exact command."""
-    from eval.tables import hardware
-
-    def git(*args):
-        try:
-            done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=20)
-        except (OSError, subprocess.TimeoutExpired):
-            return ""
-        return done.stdout.strip() if done.returncode == 0 else ""
-
-    commit = git("rev-parse", "HEAD") or "unknown (not a git checkout)"
-    if git("status", "--porcelain", "--untracked-files=no"):
-        commit += "+dirty"
-    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return [f"Commit: `{commit}`", "", f"Date: {date}", "", f"Machine: {hardware()}", "", f"Command: `{command}`", ""]

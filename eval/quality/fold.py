@@ -32,10 +32,10 @@ import torch
 
 from eval.checkpoints import EvalError, inspect_model, load_model
 from eval.probes import embed
-from eval.quality.embeddings import fit_accuracy, majority_accuracy, mean_std, resolve_layers, stamp, train_subsample
+from eval.quality.embeddings import fit_accuracy, majority_accuracy, mean_std, resolve_layers, train_subsample
 from eval.quality.secondary_structure import ONE_HOT_LETTERS, parser
 from eval.quality.structure_data import StructureDataError, check_splits, load
-from eval.tables import markdown_table, short_name
+from eval.tables import markdown_table, short_name, stamp
 
 TASK = "fold"
 SUBSET = "fold_subset.jsonl"

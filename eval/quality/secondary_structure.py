@@ -40,11 +40,10 @@ from eval.quality.embeddings import (
     majority_accuracy,
     mean_std,
     per_residue,
-    stamp,
     train_subsample,
 )
 from eval.quality.structure_data import DSSP8, Q3, StructureDataError, check_splits, label_ids, load, scored_mask
-from eval.tables import markdown_table, short_name
+from eval.tables import markdown_table, short_name, stamp
 
 TASK = "secondary_structure"
 SUBSET = "ss_subset.jsonl"
