@@ -24,6 +24,7 @@ Public API
     extract(deb, log=print) -> Path                  # the dataset folder holding BPO/ MFO/ CCO/
     build_corpus(db_dir, out, options, *, source=None, expected=None, log=print) -> corpus.json dict
     swissprot_corpus(out, options, *, deb_dir=None, log=print) -> corpus.json dict
+    add_arguments(parser), run(args) -> int          # the flags, for a `swissprot` subcommand of another CLI
     main(argv=None) -> int                           # 0 ok, 1 on bad input (nothing written before it is checked)
 """
 
@@ -308,8 +309,8 @@ def swissprot_corpus(out, options: CorpusOptions, *, deb_dir=None, log=print) ->
     return build_corpus(db_dir, out, options, source=source, expected=EXPECTED, log=log)
 
 
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m training.swissprot", description=__doc__.split("\n\n")[0])
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The corpus flags (also for a `swissprot` subcommand of another CLI); run them with `run(args)`."""
     ap.add_argument("--out", required=True, metavar="DIR", help="shards in DIR/{train,valid,test}, DIR/corpus.json")
     where = ap.add_mutually_exclusive_group()
     where.add_argument("--deb-dir", metavar="DIR", help=f"holds {DEB} (downloaded there if absent; default DIR/deb)")
@@ -318,11 +319,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-proteins", type=int, metavar="N", help="keep the first N unique sequences")
     ap.add_argument("--num-proc", type=int, default=1, help="prepare's worker processes (same output for any)")
     ap.add_argument("--overwrite", action="store_true", help="replace shards already in DIR")
-    return ap
 
 
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Build the corpus the parsed flags ask for; 0 ok, 1 (message on stderr) on bad input."""
     if args.max_proteins is not None and args.max_proteins < 1:
         print(f"error: --max-proteins must be >= 1, got {args.max_proteins}", file=sys.stderr)
         return 1
@@ -338,6 +338,12 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.swissprot", description=__doc__.split("\n\n")[0])
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
 
 
 if __name__ == "__main__":
