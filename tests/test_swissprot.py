@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from training.blastdb import BlastDBError, read_db, read_header, read_union
-from training.shards import ShardSet
-from training.swissprot import DBS, MEMBERS, CorpusOptions, SwissProtError, build_corpus, extract, main
-from training.validate import decode
+from training.data.blastdb import BlastDBError, read_db, read_header, read_union
+from training.data.shards import ShardSet
+from training.data.swissprot import DBS, MEMBERS, CorpusOptions, SwissProtError, build_corpus, extract, main
+from training.data.validate import decode
 
 FIX = Path(__file__).parent / "fixtures" / "blastdb"
 BASES = [FIX / db / "goasp.fasta" for db in DBS]

@@ -1,6 +1,7 @@
 """Downloaders for the anchors' public pretraining corpora: Hub datasets with train/valid/test splits and a
 `sequence` column, fetched whole or in part (first N shards, first N sequences), then prepared into token shards.
 
+    python -m training.data.corpora swissprot --out data/swissprot2014 [--exclude EVAL.fasta ...]   # offline: Debian
     python -m training.data.corpora download omg_prot50 --out data/omg_prot50 [--splits train valid test]
         [--max-shards N] [--max-sequences N] [--source DIR_OR_HUB_ID] [--revision REV] [--prepare SHARD_DIR]
 
@@ -185,7 +186,12 @@ def main(argv=None) -> int:
     d.add_argument("--source", help="local directory (same layout) or Hub id to read instead of the corpus' Hub id")
     d.add_argument("--revision")
     d.add_argument("--prepare", metavar="SHARD_DIR", help="also prepare token shards into SHARD_DIR/<split>")
+    from . import swissprot
+
+    swissprot.add_arguments(sub.add_parser("swissprot", help="Swiss-Prot 2014_01 (Debian metastudent-data) -> shards"))
     args = ap.parse_args(argv)
+    if args.command == "swissprot":
+        return swissprot.run(args)
     from .prepare import DataError, prepare  # heavy imports only for the CLI path that needs them
 
     try:

@@ -1,13 +1,13 @@
 """Swiss-Prot 2014 pretraining corpus from Debian `metastudent-data` 2.0.1-8 (UniProtKB/Swiss-Prot 2014_01 proteins,
 as three BLAST v4 protein DBs: BPO, MFO, CCO) -> one FASTA of unique sequences -> token shards via training.data.
 
-    python -m training.swissprot --out DIR [--deb-dir DIR] [--exclude FILE ...] [--max-proteins N] [--overwrite]
-    python -m training.swissprot --out DIR --db-dir DATASET_DIR ...    # DBs already extracted (DATASET_DIR/BPO/...)
+    python -m training.data.swissprot --out DIR [--deb-dir DIR] [--exclude FILE ...] [--max-proteins N] [--overwrite]
+    python -m training.data.swissprot --out DIR --db-dir DATASET_DIR ...    # DBs already extracted (DATASET_DIR/BPO/...)
 
 Steps: (1) read the --exclude files (FASTA/CSV/TSV/parquet: evaluation-set proteins) and check the output folder;
 (2) find the .deb in --deb-dir, or `apt-get download metastudent-data=2.0.1-8` into DIR/deb; check its sha256;
 (3) extract only the 9 DB files (stdlib ar + tar.xz; cached beside the .deb, so a re-run skips it); (4) read the 3
-DBs (training.blastdb: header counts checked), dedupe by accession and by sequence, check the pinned counts
+DBs (training.data.blastdb: header counts checked), dedupe by accession and by sequence, check the pinned counts
 (516,371 accessions, 435,059 sequences, 165,223,205 residues); (5) drop every sequence that is exactly one of the
 excluded proteins (upper-cased, terminal '*' stripped), keep the first --max-proteins; (6) write
 DIR/swissprot2014.fasta (`>FIRST_ACC OTHER_ACC ...`, one line per sequence) and prepare it with training.data.prepare
@@ -40,9 +40,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.blastdb import BlastDBError, read_union
-from training.shards import MANIFEST
-from training.sources import SourceError, iter_records
+from .blastdb import BlastDBError, read_union
+from .shards import SHARD_MANIFEST
+from .sources import SourceError, iter_records
 
 PACKAGE, VERSION = "metastudent-data", "2.0.1-8"
 DEB = f"{PACKAGE}_{VERSION}_all.deb"
@@ -219,8 +219,8 @@ def extract(deb, log=print) -> Path:
 
 def _check_out(out: Path, overwrite: bool) -> None:
     for split in ("train", "valid", "test"):
-        if (out / split / MANIFEST).exists() and not overwrite:
-            raise SwissProtError(f"{out / split / MANIFEST}: already exists (pass --overwrite to replace it)")
+        if (out / split / SHARD_MANIFEST).exists() and not overwrite:
+            raise SwissProtError(f"{out / split / SHARD_MANIFEST}: already exists (pass --overwrite to replace it)")
 
 
 def _write_fasta(proteins: list, path: Path) -> None:
@@ -235,7 +235,7 @@ def build_corpus(db_dir, out, options: CorpusOptions, *, source=None, expected=N
     """From db_dir/{BPO,MFO,CCO}/goasp.fasta: dedupe, exclude, write out/swissprot2014.fasta, prepare shards into
     out/{train,valid,test}, write out/corpus.json (with `source`, a dict saying where the DBs came from); `expected`
     (dict like EXPECTED) must equal the union's counts. Returns corpus.json's contents."""
-    from training.data import DataError, PrepareOptions, prepare  # torch-heavy: only when preparing
+    from .prepare import DataError, PrepareOptions, prepare  # torch-heavy: only when preparing
 
     out = Path(out)
     exclusions = read_exclusions(options.exclude)
@@ -341,7 +341,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m training.swissprot", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m training.data.swissprot", description=__doc__.split("\n\n")[0])
     add_arguments(ap)
     return run(ap.parse_args(argv))
 
