@@ -167,6 +167,7 @@ class Trainer:
         model = build_model(config)
         if t.gradient_checkpointing:  # the model's own (transformers') mechanism; under FSDP2 too (check_topology)
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            logger.info("gradient checkpointing: each block's activations are recomputed in the backward")
         rank, world = acc.process_index, acc.num_processes
         self.train_loader = build_train_loader(config, self.batch, splits["train"], rank)  # shards verified
         self.eval_loaders = {
