@@ -309,15 +309,16 @@ def test_readme_second_command_is_refused_then_extended_then_finished(tmp_path, 
     assert state_of(run / "checkpoints" / "step-000010")["recipe"]["train.max_steps"] == 10
     before = snapshot(run)
 
-    code, out = run_training(tmp_path, shards, *SECOND)  # resume=auto, same run_name: the recipe changed
+    code, out = run_training(tmp_path, shards, *SECOND, "optim.muon_lr=0.03")  # resume=auto, same run_name
+    assert code == 2, out[-3000:]
+    assert "changed: optim.muon_lr: 0.02 -> 0.03; train.max_steps: 10 -> 25." in out  # each key, old and new
+    assert "train.extend=true lets only train.max_steps change" in out
+    assert snapshot(run) == before
+
+    code, out = run_training(tmp_path, shards, *SECOND)  # the README's command itself
     assert code == 2, out[-3000:]
     assert "changed: train.max_steps: 10 -> 25." in out and "eval.every" not in out.split("changed:")[1][:80]
     assert "train.run_name=<a new name>" in out and "add train.extend=true" in out and "Traceback" not in out
-    assert snapshot(run) == before
-
-    code, out = run_training(tmp_path, shards, *SECOND, "optim.muon_lr=0.03", "train.seed=1")
-    assert code == 2, out[-3000:]
-    assert "optim.muon_lr: 0.02 -> 0.03; train.max_steps: 10 -> 25; train.seed: 0 -> 1" in out, out[-3000:]
     assert snapshot(run) == before
 
     # the newest checkpoint's LR is 0: extending it would not train; refused, naming the run's checkpoints
