@@ -6,7 +6,8 @@
 Overrides are `section.key=value` (sections: model, data, train, eval, hub, tracking). Topology and precision come
 from `accelerate launch --config_file accelerate_configs/<topology>.yaml`. Secrets (HF_TOKEN, WANDB_API_KEY) are
 read from the environment only. Exit codes: 0 done, 2 bad config or refused start (nothing written), 143/130 stopped
-by SIGTERM/SIGINT after saving a checkpoint, 1 any other failure.
+by SIGTERM/SIGINT after saving a checkpoint, 1 any other failure (a Hub push refused for good: after saving a
+checkpoint, with a message naming the push). A finished run started again with its recipe does nothing (exit 0).
 """
 
 import argparse
@@ -17,6 +18,7 @@ from pathlib import Path
 from training.accelerate_compat import die_with_launcher
 from training.config import ConfigError, load_config
 from training.data.shards import ShardError
+from training.publish.hub import HubPushError
 from training.run_start import RunRefused
 from training.trainer import Trainer, TrainingStopped
 
@@ -43,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         trainer.train()
     except TrainingStopped as stopped:
         return stopped.code
+    except HubPushError as err:  # the trainer saved a checkpoint first (a refused mid-run push) or wrote final/
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"train_accelerate.py: error: HubPushError: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

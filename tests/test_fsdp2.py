@@ -190,3 +190,14 @@ def test_fsdp2_trains_like_one_rank_resumes_exactly_and_saves_full_model(tmp_pat
     assert train_losses(tmp_path, "resumed") == fsdp  # exact float equality, every logged step
     resumed = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
     assert all(torch.equal(resumed[k], full[k]) for k in full)
+
+
+def test_normuon_under_fsdp2_is_refused_at_start(tmp_path, shards):  # noqa: F811
+    """NorMuon's per-neuron normalisation has no sharded (DTensor) path: 2 FSDP2 gloo ranks refuse it with exit 2
+    before anything is written (the optimizer is built before accelerate shards the parameters, so a check in the
+    optimizer's constructor never saw a DTensor)."""
+    code, out = run_training(tmp_path, shards, "optim.normuon=true", accelerate_config=FSDP2_CPU)
+    assert code != 0, out[-3000:]  # the launcher reports a failed rank with its own code; the ranks exit 2:
+    assert "train_accelerate.py: error: optim.normuon=true is not supported under FSDP2" in out, out[-3000:]
+    assert "Traceback" not in out.split("train_accelerate.py: error:")[0][-2000:]
+    assert list(tmp_path.iterdir()) == []

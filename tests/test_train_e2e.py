@@ -311,3 +311,17 @@ def test_compiled_blocks_train_like_eager(tmp_path, shards):
     eager, compiled = train_losses(tmp_path, "eager"), train_losses(tmp_path, "compiled")
     for step in eager:
         assert compiled[step] == pytest.approx(eager[step], rel=1e-4), step
+
+
+def test_gradient_checkpointing_trains_like_without(tmp_path, shards):
+    """train.gradient_checkpointing=true (CPU, fp32): the same losses, bit for bit, as the run without it."""
+    common = ["train.max_steps=3", "eval.every=0", "train.save_every=100"]
+    code, out = run_training(tmp_path, shards, *common, name="plain")
+    assert code == 0, out[-3000:]
+    assert "gradient checkpointing:" not in out
+    code, out = run_training(tmp_path, shards, *common, "train.gradient_checkpointing=true", name="checkpointed")
+    assert code == 0, out[-3000:]
+    assert "gradient checkpointing: each block's activations are recomputed in the backward" in out
+    plain, checkpointed = train_losses(tmp_path, "plain"), train_losses(tmp_path, "checkpointed")
+    assert plain.keys() == checkpointed.keys() == {1, 2, 3}
+    assert checkpointed == plain, (plain, checkpointed)

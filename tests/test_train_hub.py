@@ -2,7 +2,9 @@
 a failed last push exits non-zero, and the HF_TOKEN canary never leaks."""
 
 import secrets
+import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -135,3 +137,84 @@ def test_steps_go_on_while_a_push_is_held_and_the_push_is_its_checkpoint(tmp_pat
             saved = load_file(tmp_path / "run" / "checkpoints" / f"step-{step:06d}" / "model.safetensors")
             assert pushed.keys() == saved.keys() and all(torch.equal(pushed[k], saved[k]) for k in saved), step
     assert rows(tmp_path)[-1]["hub_failed"] == 0
+
+
+def test_push_refused_mid_run_saves_a_checkpoint_then_exits_naming_the_push(tmp_path, shards, canary):  # noqa: F811
+    """The token expires mid-run: the start push lands, then every commit answers 401. The run saves a checkpoint
+    at the step it learns it, and exits 1 naming the push."""
+    with HubServer(canary) as server:
+        proc = run_training(
+            tmp_path,
+            shards,
+            "train.max_steps=40",
+            "eval.every=0",
+            "train.save_every=100",
+            "train.keep_checkpoints=10",
+            "hub.push=true",
+            f"hub.model_id={REPO}",
+            "hub.push_every=2",
+            "hub.backoff_s=0.1",
+            env=hub_env(server, canary, tmp_path),
+            wait=False,
+        )
+
+        def landed() -> int:
+            try:
+                return len(server.commits(REPO))
+            except KeyError:  # the repo is not created yet
+                return 0
+
+        deadline = time.monotonic() + 120
+        while not landed() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        assert len(server.commits(REPO)) == 1  # the start push landed with the valid token
+        server.fail(401, endpoint="commit", count=1000)
+        out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out[-3000:]
+    assert f"HubPushError: hub push to {REPO} (step " in out and ": HTTP 401" in out, out[-3000:]
+    assert "training stopped during the training loop (step" in out and "Traceback" not in out
+    checkpoints = sorted((tmp_path / "run" / "checkpoints").iterdir())
+    stopped_at = max(r["step"] for r in rows(tmp_path))
+    assert stopped_at < 40 and checkpoints[-1].name == f"step-{stopped_at:06d}"  # saved at the step it stopped
+    assert (checkpoints[-1] / "COMPLETE").exists() and not (tmp_path / "run" / "final").exists()
+    assert canary not in out
+
+
+def test_hub_write_access_checked_before_anything_is_written(tmp_path, shards, canary):  # noqa: F811
+    with HubServer(canary) as server:
+        server.fail(403, endpoint="create", count=100)
+        code, out = run_training(
+            tmp_path, shards, "hub.push=true", f"hub.model_id={REPO}", env=hub_env(server, canary, tmp_path)
+        )
+        assert server.seen("commit") == 0
+    assert code == 2, out[-3000:]
+    assert f"hub.push=true: hub access check for {REPO} at {server.url}: HTTP 403" in out, out[-3000:]
+    assert "Traceback" not in out and canary not in out
+    assert not (tmp_path / "run").exists()  # no run directory, no config.yaml
+
+
+def test_sigterm_while_awaiting_the_last_push_exits_143(tmp_path, shards, canary):  # noqa: F811
+    with HubServer(canary) as server:
+        server.hold("commit", count=5)  # no commit lands: the start push holds the final one behind it
+        proc = run_training(
+            tmp_path,
+            shards,
+            "train.max_steps=3",
+            "eval.every=0",
+            "hub.push=true",
+            f"hub.model_id={REPO}",
+            env=hub_env(server, canary, tmp_path),
+            wait=False,
+        )
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "awaiting the last Hub push" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        out = "".join(lines) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143, out[-3000:]
+    assert "SIGTERM during the last Hub push: checkpoint" in out
+    run = tmp_path / "run"
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000003"]
+    assert not (run / "final").exists() and not (run / ".tmp-final").exists()

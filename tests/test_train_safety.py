@@ -68,21 +68,26 @@ def test_fresh_start_into_another_run_is_refused_unless_overwrite(tmp_path, shar
     run = copy_run(finished_run, tmp_path)
     old_id = run_id_of(run / "checkpoints" / "step-000006")
     before = snapshot(run)
-    fresh = ["train.resume=none", "train.max_steps=4", "train.save_every=2", "train.keep_checkpoints=2", "eval.every=0"]
-    code, out = run_training(tmp_path, shards, *fresh)
+    fresh = ["train.resume=none", "train.save_every=2", "eval.every=0"]
+    code, out = run_training(tmp_path, shards, *fresh, "train.max_steps=4")
     assert code == 2 and f"holds 3 checkpoint(s) and 8 metrics row(s) of run {old_id}" in out, out[-3000:]
     assert "train.overwrite=true" in out and "another train.run_name" in out
     assert snapshot(run) == before
 
-    code, out = run_training(tmp_path, shards, *fresh, "train.overwrite=true")
+    code, out = run_training(
+        tmp_path, shards, *fresh, "train.max_steps=6", "train.keep_checkpoints=3", "train.overwrite=true"
+    )
     assert code == 0, out[-3000:]
     new_id = run_id_of(run / "checkpoints" / "step-000004")
     assert new_id != old_id
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
-    assert [r["step"] for r in rows(tmp_path)] == [1, 2, 3, 4]  # one history in metrics.jsonl
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004", "step-000006"]
+    assert [r["step"] for r in rows(tmp_path)] == [1, 2, 3, 4, 5, 6]  # one history in metrics.jsonl
     assert {r["run_id"] for r in rows(tmp_path)} | {r["run_id"] for r in rows(tmp_path, split="valid")} == {new_id}
 
-    # the next resume continues the new run, and the pruner keeps its newest checkpoints
+    # a crash after step 4 (its later files gone): the next resume continues the new run, and the pruner keeps its
+    # newest checkpoints
+    shutil.rmtree(run / "checkpoints" / "step-000006")
+    shutil.rmtree(run / "final")
     code, out = run_training(tmp_path, shards, "train.max_steps=6", "train.save_every=2", "train.keep_checkpoints=2")
     assert code == 0 and "resumed from" in out and "step-000004" in out, out[-3000:]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
@@ -282,3 +287,129 @@ def test_readme_two_rank_line_with_the_default_recipe(tmp_path, shards):  # noqa
         tmp_path, run / "final", run / "checkpoints" / "step-000002", tmp_path / "resumed" / "final"
     )
     assert diffs == [0.0, 0.0, 0.0]
+
+
+# ---- #21 item 2: resume never changes a recipe silently; train.extend; a finished run does nothing
+
+QUICK = ["train.max_steps=10", "train.save_every=4", "eval.every=4"]  # the quick start, small: checkpoints 8, 10
+SECOND = ["train.max_steps=25", "eval.every=5", "train.save_every=4"]  # the README's next command (500 / 100), small
+
+
+def state_of(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / "trainer_state.json").read_text())
+
+
+def test_readme_second_command_is_refused_then_extended_then_finished(tmp_path, shards):  # noqa: F811
+    code, out = run_training(tmp_path, shards, *QUICK)
+    assert code == 0, out[-3000:]
+    run = tmp_path / "run"
+    lr_at = {r["step"]: r["lr"] for r in rows(tmp_path)}
+    # wsd over 10 steps: warmup 2, decay over the last 4: the LR at step 8 is half the peak, 0 at step 10
+    assert lr_at[5] == pytest.approx(0.02) and lr_at[8] == pytest.approx(0.01) and lr_at[10] == 0
+    assert state_of(run / "checkpoints" / "step-000010")["recipe"]["train.max_steps"] == 10
+    before = snapshot(run)
+
+    code, out = run_training(tmp_path, shards, *SECOND, "optim.muon_lr=0.03")  # resume=auto, same run_name
+    assert code == 2, out[-3000:]
+    assert "changed: optim.muon_lr: 0.02 -> 0.03; train.max_steps: 10 -> 25." in out  # each key, old and new
+    assert "train.extend=true lets only train.max_steps change" in out
+    assert snapshot(run) == before
+
+    code, out = run_training(tmp_path, shards, *SECOND)  # the README's command itself
+    assert code == 2, out[-3000:]
+    assert "changed: train.max_steps: 10 -> 25." in out and "eval.every" not in out.split("changed:")[1][:80]
+    assert "train.run_name=<a new name>" in out and "add train.extend=true" in out and "Traceback" not in out
+    assert snapshot(run) == before
+
+    # the newest checkpoint's LR is 0: extending it would not train; refused, naming the run's checkpoints
+    code, out = run_training(tmp_path, shards, *SECOND, "train.extend=true")
+    assert code == 2, out[-3000:]
+    assert "has decayed the learning rate to 0" in out and "step-000008, step-000010" in out, out[-3000:]
+    assert snapshot(run) == before
+
+    step8 = run / "checkpoints" / "step-000008"
+    extend = [*SECOND, "train.extend=true", f"train.resume={step8}", "train.overwrite=true"]
+    code, out = run_training(tmp_path, shards, *extend)
+    assert code == 0, out[-3000:]
+    assert "extending run" in out and "schedule extension from step 8: stable at 0.5 x" in out, out[-3000:]
+    steps = [r["step"] for r in rows(tmp_path)]
+    assert steps == list(range(1, 26))  # one history: steps 9 and 10 of the first future are gone
+    lr = {r["step"]: r["lr"] for r in rows(tmp_path)}
+    assert all(lr[s] == lr_at[s] for s in range(1, 9))
+    # the extension starts at the checkpoint's LR (0.01) and stays there, then decays over int(0.4 x 17) = 6 steps
+    assert [lr[s] for s in range(9, 20)] == [pytest.approx(0.01)] * 11
+    assert lr[22] == pytest.approx(0.01 * 3 / 6) and lr[25] == 0
+    last = state_of(run / "checkpoints" / "step-000025")
+    assert last["extension"] == {"from_step": 8, "lr_factor": pytest.approx(0.5), "max_steps": 25}
+    assert last["recipe"]["train.max_steps"] == 25
+    assert [r["step"] for r in rows(tmp_path, split="valid")] == [0, 4, 8, 10, 15, 20, 25]
+
+    # the same command as a plain resume now: the run is finished with this recipe -> nothing to do, nothing written
+    before = snapshot(run)
+    code, out = run_training(tmp_path, shards, *SECOND)
+    assert code == 0, out[-3000:]
+    assert "finished at step 25" in out and "nothing to do" in out
+    assert snapshot(run) == before  # metrics.jsonl not appended to, config.yaml not rewritten
+
+
+# ---- #21 item 3: every outside precondition before the first write
+
+
+def test_missing_hub_token_refuses_before_overwrite_deletes(tmp_path, shards, finished_run):  # noqa: F811
+    run = copy_run(finished_run, tmp_path)
+    before = snapshot(run)
+    hub = ["hub.push=true", "hub.model_id=speedplm-test/run", "train.resume=none", "train.overwrite=true"]
+    env = {"HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "0"}  # no HF_TOKEN, no login cache
+    code, out = run_training(tmp_path, shards, *FINISHED, *hub, env=env)
+    assert code == 2, out[-3000:]
+    assert "hub.push=true: hub push to speedplm-test/run: no Hugging Face token" in out and "Traceback" not in out
+    assert snapshot(run) == before  # train.overwrite=true deleted nothing: the check failed first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.fixture
+def no_tensorboard(tmp_path_factory):
+    """A folder that, first on PYTHONPATH, makes `tensorboard` (and tensorboardX) fail to import, installed or not."""
+    shadow = tmp_path_factory.mktemp("shadow")
+    for name in ("tensorboard", "tensorboardX"):
+        (shadow / name).mkdir()
+        (shadow / name / "__init__.py").write_text(f"raise ImportError('{name} made unimportable by the test')\n")
+    return str(shadow)
+
+
+def test_trackers_refused_before_any_write(tmp_path, shards, no_tensorboard):  # noqa: F811
+    env = {"NETRC": str(tmp_path.parent / "no-netrc"), "WANDB_API_KEY": "", "PYTHONPATH": no_tensorboard}
+    code, out = run_training(tmp_path, shards, "tracking.wandb=online", "tracking.tensorboard=true", env=env)
+    assert code == 2, out[-3000:]
+    assert "tracking.wandb=online: no wandb login (neither WANDB_API_KEY nor a netrc entry for api.wandb.ai)" in out
+    assert "tracking.tensorboard=true: tensorboard cannot be imported" in out and "Traceback" not in out
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- #21 item 4: a stop signal at any point saves what can be saved and exits 143
+
+
+@pytest.mark.parametrize(
+    "phase,where,step",
+    [
+        ("start_eval", "the step-0 evaluation", 0),
+        ("final_eval", "the final valid evaluation", 3),
+        ("final", "writing final/", 3),
+    ],
+)
+def test_sigterm_outside_the_loop_saves_and_exits_143(tmp_path, shards, phase, where, step):  # noqa: F811
+    common = ["train.max_steps=3", "train.save_every=100", "eval.every=2"]
+    code, out = run_training(tmp_path, shards, *common, f"train.inject_sigterm_at={phase}")
+    assert code == 143, out[-3000:]
+    run = tmp_path / "run"
+    assert f"SIGTERM during {where}: checkpoint" in out, out[-3000:]
+    assert [p.name for p in (run / "checkpoints").iterdir()] == [f"step-{step:06d}"]
+    assert (run / "checkpoints" / f"step-{step:06d}" / "COMPLETE").exists()
+    assert not (run / "final").exists() and not (run / ".tmp-final").exists()  # final/ only for a finished run
+    # started again: resumes there, finishes; the final evals and final/ once
+    code, out = run_training(tmp_path, shards, *common)
+    assert code == 0 and "resumed from" in out, out[-3000:]
+    assert (run / "final" / "model.safetensors").exists()
+    assert [r["step"] for r in rows(tmp_path, split="valid")] == [0, 2, 3]
+    assert [r["step"] for r in rows(tmp_path, split="test")] == [3]
+    assert [r["step"] for r in rows(tmp_path)] == [1, 2, 3]

@@ -6,7 +6,8 @@ Layout of `<run>/checkpoints/step-000100/`:
     accelerate's state: optimizer*.bin, scheduler*.bin, random_states_*.pkl (every rank's RNG); under FSDP2 the model
         and optimizers as sharded torch.distributed.checkpoint folders (pytorch_model_fsdp_0/, optimizer_*/, one file
         per rank), model.safetensors then holding the gathered full weights
-    loader_rank{r}.pt (each rank's data position), trainer_state.json (run_id, step, tokens, counters, world size),
+    loader_rank{r}.pt (each rank's data position), trainer_state.json (run_id, step, tokens, counters, world size,
+    the run's recipe and schedule extension),
     MANIFEST.json (sha256 of every file), COMPLETE (written last).
 A save goes to `.tmp-step-*` first and is renamed only once complete, so a crash mid-save leaves no half checkpoint.
 
@@ -30,7 +31,7 @@ import torch
 from modeling_speedplm import SpeedPLMConfig
 
 from .accelerate_compat import one_model_for_every_optimizer
-from .config import MODEL_FIELDS
+from .config import MODEL_FIELDS, MODEL_IMPLEMENTATION
 from .data.checksum import sha256_file
 from .publish.model_folder import WEIGHT_FILES, plain_model, write_model_folder
 
@@ -38,7 +39,7 @@ logger = logging.getLogger("speedplm")
 
 CHECKPOINT_MANIFEST, COMPLETE, TRAINER_STATE = "MANIFEST.json", "COMPLETE", "trainer_state.json"
 # How the same model is computed, not which model it is: may differ between a checkpoint and the run resuming it.
-IMPLEMENTATION_FIELDS = ("kernels",)
+IMPLEMENTATION_FIELDS = MODEL_IMPLEMENTATION
 
 
 class CheckpointError(RuntimeError):
@@ -57,6 +58,11 @@ class TrainerState:
     tokens: int = 0
     bad_steps: int = 0
     train_seconds: float = 0.0  # time in data + train steps only (no eval, checkpoint or push): time-to-loss clock
+    # RunConfig.recipe() of the run (every trajectory-relevant key): a resume compares it (training/run_start.py).
+    # None: written by a speedplm that did not record it.
+    recipe: dict | None = None
+    # train.extend=true: the schedule from `from_step` on ({"from_step", "lr_factor", "max_steps"}; ScheduleExtension)
+    extension: dict | None = None
 
     def write(self, directory: Path) -> None:
         (directory / TRAINER_STATE).write_text(json.dumps(dataclasses.asdict(self), indent=1))

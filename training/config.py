@@ -13,6 +13,7 @@ at launch (micro-batch and accumulation from the global batch) is `resolve_batch
 """
 
 import dataclasses
+import json
 import re
 import typing
 from dataclasses import dataclass
@@ -122,6 +123,14 @@ class TrainSection(Section):
     max_bad_steps: int = setting(5, ge=1)  # non-finite loss/grad steps in a row that stop the run
     peak_tflops: float | None = setting(None, gt=0)  # for MFU; None = known GPUs' bf16 dense peak, no MFU on CPU
     inject_nan_at: list[int] = setting(factory=list, ge=0)  # fault injection for tests: loss becomes NaN there
+    # fault injection for tests: the run sends itself SIGTERM as that phase starts (the step-0 eval, the final evals,
+    # writing final/)
+    inject_sigterm_at: Literal["start_eval", "final_eval", "final"] | None = None
+    # true: a resume may change train.max_steps (only it): the run continues with a fresh schedule that starts at the
+    # checkpoint's learning rate (training/run_start.py, README "Training")
+    extend: bool = False
+    # transformers' per-block activation checkpointing (non-reentrant): less memory, one more forward per block
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -181,6 +190,32 @@ class RunConfig:
         out = {"model": self.model.to_dict()}
         out.update({name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS if name != "model"})
         return out
+
+    def recipe(self) -> dict:
+        """Every key that changes the training trajectory, flat (`optim.muon_lr`), as JSON values: what a checkpoint
+        records and a resume compares (training/run_start.py). The model is every SpeedPLMConfig field, resolved."""
+        model = self.model_config()
+        flat = {f"model.{name}": getattr(model, name) for name in MODEL_FIELDS if name not in MODEL_IMPLEMENTATION}
+        for section in ("data", "train", "optim", "eval"):
+            for key, value in dataclasses.asdict(getattr(self, section)).items():
+                if f"{section}.{key}" not in NOT_RECIPE:
+                    flat[f"{section}.{key}"] = value
+        return json.loads(json.dumps(flat))  # tuples -> lists: equal to what a checkpoint reads back
+
+
+# How a run is computed, stored or watched, not which trajectory it follows: free to change on a resume. hub.* and
+# tracking.* are not part of the recipe either.
+NOT_RECIPE = {
+    *(f"train.{k}" for k in ("output_dir", "run_name", "resume", "overwrite", "log_every", "save_every")),
+    *(f"train.{k}" for k in ("keep_checkpoints", "cpu_threads", "compile", "micro_batch_tokens", "max_bad_steps")),
+    *(f"train.{k}" for k in ("peak_tflops", "inject_nan_at", "inject_sigterm_at", "extend", "resume_data_state")),
+    "train.gradient_checkpointing",
+    "data.num_workers",
+    "data.cache_dir",
+    "eval.every",
+    "eval.test_at_end",
+}
+MODEL_IMPLEMENTATION = ("kernels",)  # the model's implementation choice (also free on resume: training/checkpoint.py)
 
 
 @dataclass(frozen=True)

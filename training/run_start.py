@@ -12,16 +12,21 @@ trainer_state.json and every metrics.jsonl row. The rules:
 - Resume refuses a checkpoint of a different model (any SpeedPLMConfig field but the implementation choices), of
   another world size, of an older speedplm without a run id, and a metrics.jsonl with another run's rows; a torn
   last metrics line (a write cut short by a crash) is dropped with a warning.
+- Resume never changes the recipe: every trajectory-relevant key (RunConfig.recipe(), recorded in each checkpoint's
+  trainer_state.json) must equal the checkpoint's, or the start is refused naming each changed key, old and new
+  value. The one explicit change is train.extend=true with a larger train.max_steps: the run goes on with a fresh
+  schedule that starts at the checkpoint's learning rate (ScheduleExtension), recorded in its later checkpoints.
+- A finished run (its newest checkpoint at train.max_steps, final/ written) started again with its recipe does
+  nothing (StartPlan.finished).
 """
 
+import math
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modeling_speedplm import SpeedPLMConfig
-
 from .checkpoint import CheckpointManager, TrainerState, model_config_difference, step_of
-from .config import TrainSection
+from .config import RunConfig
 from .tracking import MetricsLog
 
 
@@ -37,8 +42,18 @@ class StartPlan:
     delete: list[Path] = field(default_factory=list)  # removed before the first write (train.overwrite=true)
     metrics_rows: list[dict] | None = None  # the history kept in metrics.jsonl (resume); None: a new file
     warnings: list[str] = field(default_factory=list)
+    finished: bool = False  # the run is complete with this recipe: nothing to do, nothing written
+    extension: dict | None = None  # the checkpoint's schedule extension, carried on (TrainerState.extension)
+    extend_to: int | None = None  # train.extend=true: a new extension to this train.max_steps, from the checkpoint
 
     def describe(self) -> str:
+        if self.finished:
+            return f"run {self.run_id} finished at step {self.step} ({self.checkpoint}; final/ written): nothing to do"
+        if self.extend_to is not None:
+            return (
+                f"extending run {self.run_id} from {self.checkpoint} at step {self.step} to train.max_steps="
+                f"{self.extend_to} (train.extend=true)"
+            )
         if self.checkpoint is None:
             deleted = " (train.overwrite=true: the old run is deleted)" if self.delete else ""
             return f"fresh start of run {self.run_id}{deleted}"
@@ -52,8 +67,57 @@ def _how_to_start_over(run_dir: Path) -> str:
     )
 
 
-def plan_start(train: TrainSection, run_dir: Path, checkpoints: CheckpointManager, model: SpeedPLMConfig, world: int):
+@dataclass(frozen=True)
+class ScheduleExtension:
+    """The learning-rate schedule of an extended run (train.extend=true), from the checkpoint's step `from_step` to the
+    new train.max_steps, as a multiple of each group's peak LR. It starts at `lr_factor`, the multiple the checkpoint's
+    schedule had reached at `from_step` (its LR), with no new warmup:
+      wsd:    stable at lr_factor, then a linear decay to 0 over the last optim.decay_fraction of the new steps
+              (max(1, int(decay_fraction * (max_steps - from_step))) steps), ending at 0 at max_steps;
+      cosine: a half cosine from lr_factor at from_step to 0 at max_steps."""
+
+    from_step: int
+    lr_factor: float
+    max_steps: int
+
+    def factor(self, step: int, schedule: str, decay_fraction: float) -> float:
+        span = self.max_steps - self.from_step
+        if schedule == "cosine":
+            progress = min(max(step - self.from_step, 0) / span, 1.0)
+            return self.lr_factor * 0.5 * (1 + math.cos(math.pi * progress))
+        decay = max(1, int(decay_fraction * span))
+        return self.lr_factor * min(1.0, max(0.0, (self.max_steps - step) / decay))
+
+
+def recipe_difference(saved: dict, current: dict) -> list[str]:
+    """'key: old -> new' for every recipe key that differs (the model is compared by model_config_difference)."""
+    unset = "<not recorded>"
+    keys = sorted(k for k in set(saved) | set(current) if not k.startswith("model."))
+    return [
+        f"{k}: {saved.get(k, unset)!r} -> {current.get(k, unset)!r}"
+        for k in keys
+        if saved.get(k, unset) != current.get(k, unset)
+    ]
+
+
+def _recipe_refusal(directory: Path, step: int, changed: list[str], run_dir: Path) -> str:
+    only_steps = all(c.startswith("train.max_steps:") for c in changed)
+    extend = (
+        "to train this run longer, add train.extend=true (a fresh decay from the checkpoint's learning rate; "
+        'README "Training")'
+        if only_steps
+        else "train.extend=true lets only train.max_steps change"
+    )
+    return (
+        f"{directory} (step {step}) was trained with another recipe; changed: {'; '.join(changed)}. A resume "
+        f"continues the recorded recipe, so nothing was started. Ways forward: set those keys back to resume the run "
+        f"as it was; train.run_name=<a new name> to start a new run with this recipe (beside {run_dir}); or {extend}"
+    )
+
+
+def plan_start(config: RunConfig, checkpoints: CheckpointManager, world: int) -> "StartPlan":
     """The StartPlan for this run directory, or RunRefused. Reads files only."""
+    train, run_dir, model = config.train, config.run_dir, config.model_config()
     metrics_path = run_dir / "metrics.jsonl"
     try:
         rows, torn = MetricsLog.read(metrics_path)
@@ -102,7 +166,21 @@ def plan_start(train: TrainSection, run_dir: Path, checkpoints: CheckpointManage
             f"{directory} was written by {state.world_size} rank(s), this run has {world}: resume with the same "
             f"number of ranks (the data position and sharded state are per rank)"
         )
-    plan = StartPlan(state.run_id, directory, state.step, warnings=warnings)
+    plan = StartPlan(state.run_id, directory, state.step, warnings=warnings, extension=state.extension)
+    if state.recipe is None:
+        plan.warnings.append(f"{directory} records no recipe (an older speedplm): the recipe is not compared")
+        changed = []
+    else:
+        changed = recipe_difference(state.recipe, config.recipe())
+    if changed and train.extend and all(c.startswith("train.max_steps:") for c in changed):
+        if train.max_steps <= state.step:
+            raise RunRefused(
+                f"train.extend=true: train.max_steps={train.max_steps} must be larger than the step of {directory} "
+                f"({state.step})"
+            )
+        plan.extend_to, changed = train.max_steps, []
+    if changed:
+        raise RunRefused(_recipe_refusal(directory, state.step, changed, run_dir))
 
     if directory.resolve().parent != checkpoints.root.resolve():  # another directory's checkpoint: a new history here
         if holds_run and not train.overwrite:
@@ -120,7 +198,7 @@ def plan_start(train: TrainSection, run_dir: Path, checkpoints: CheckpointManage
                 f"continuing from {directory.name} would give it two futures. Add train.overwrite=true to delete "
                 f"them, or resume into another train.run_name"
             )
-        plan.delete = newer
+        plan.delete = newer + [p for p in (run_dir / "final",) if p.exists()]  # final/ belongs to that future
     foreign = sorted({str(r.get("run_id")) for r in rows} - {plan.run_id})
     if foreign:
         raise RunRefused(
@@ -129,5 +207,15 @@ def plan_start(train: TrainSection, run_dir: Path, checkpoints: CheckpointManage
         )
     if torn:
         plan.warnings.append(f"{metrics_path}:{torn}: torn last line (a write cut short by a crash) dropped")
-    plan.metrics_rows = [r for r in rows if r.get("step", 0) <= plan.step]
+    newest = directory.resolve() == checkpoints.step_dirs()[-1].resolve()
+    if plan.step == train.max_steps and newest and not plan.delete and (run_dir / "final").is_dir():
+        plan.finished = True
+        return plan
+    # the history up to the checkpoint; at train.max_steps without final/ the final evals run again: theirs go
+    plan.metrics_rows = [
+        r
+        for r in rows
+        if r.get("step", 0) < plan.step
+        or (r.get("step") == plan.step and not (plan.step == train.max_steps and "split" in r))
+    ]
     return plan

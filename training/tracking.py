@@ -4,10 +4,14 @@ Only the main process writes. Secrets never pass through here: the logged config
 no token (tokens come from the environment only).
 """
 
+import importlib
 import importlib.util
 import json
 import math
+import netrc
+import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .config import TrackingSection
 
@@ -16,9 +20,52 @@ def tracker_names(cfg: TrackingSection) -> list[str]:
     names = []
     if cfg.wandb != "disabled":
         names.append("wandb")
-    if cfg.tensorboard and (importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")):
+    if cfg.tensorboard:  # importable: checked at start (tracking_problems)
         names.append("tensorboard")
     return names
+
+
+def tracking_problems(cfg: TrackingSection) -> list[str]:
+    """What keeps the configured trackers from starting, one message per key, checked before the run writes
+    anything: wandb installed (and, for online, logged in: an API key in WANDB_API_KEY or wandb's netrc entry; no
+    network needed), tensorboard importable. Never reads out or logs the key itself."""
+    problems = []
+    if cfg.wandb != "disabled" and importlib.util.find_spec("wandb") is None:
+        problems.append(
+            f"tracking.wandb={cfg.wandb}: wandb is not installed (pip install wandb, or tracking.wandb=disabled)"
+        )
+    elif cfg.wandb == "online" and not _wandb_logged_in():
+        host = _wandb_host()
+        problems.append(
+            f"tracking.wandb=online: no wandb login (neither WANDB_API_KEY nor a netrc entry for {host}); run "
+            f"`wandb login`, or use tracking.wandb=offline (no network; `wandb sync` uploads later)"
+        )
+    if cfg.tensorboard:
+        try:  # what accelerate's TensorBoardTracker imports
+            importlib.import_module("torch.utils.tensorboard")
+        except ImportError as err:
+            try:
+                importlib.import_module("tensorboardX")
+            except ImportError:
+                problems.append(
+                    f"tracking.tensorboard=true: tensorboard cannot be imported ({err}); pip install tensorboard, "
+                    f"or tracking.tensorboard=false"
+                )
+    return problems
+
+
+def _wandb_host() -> str:
+    return urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+
+
+def _wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY", "").strip():
+        return True
+    path = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
+    try:
+        return netrc.netrc(str(path)).authenticators(_wandb_host()) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def tracker_init_kwargs(cfg: TrackingSection, run_dir: Path, run_name: str) -> dict:

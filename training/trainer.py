@@ -26,14 +26,15 @@ from modeling_speedplm import SpeedPLMForMaskedLM
 
 from .accelerate_compat import enable_cpu_fsdp2, fsdp_requested, local_world_size, use_cpu, world_size_from_env
 from .checkpoint import CheckpointError, CheckpointManager, TrainerState, save_pretrained
-from .config import RunConfig, resolve_batch
+from .config import ConfigError, RunConfig, resolve_batch
 from .data_setup import build_eval_loader, build_train_loader, resolve_splits
 from .metrics import evaluate
 from .optim.build import build_optimizers, build_schedulers, muon_momentum, set_muon_momentum
-from .publish.publisher import ModelPublisher
-from .run_start import RunRefused, StartPlan, plan_start
+from .publish.hub import HubPushError
+from .publish.publisher import ModelPublisher, check_hub
+from .run_start import RunRefused, ScheduleExtension, StartPlan, plan_start
 from .throughput import flops_per_token, mean_context, peak_flops
-from .tracking import MetricsLog, tracker_init_kwargs, tracker_names
+from .tracking import MetricsLog, tracker_init_kwargs, tracker_names, tracking_problems
 
 logger = logging.getLogger("speedplm")
 
@@ -51,7 +52,9 @@ class NonFiniteLosses(RuntimeError):
 
 
 class SignalFlag:
-    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and exits 143/130."""
+    """SIGTERM/SIGINT set a flag, for the whole of Trainer.train(): the step-0 eval, the loop, the final evals, final/
+    and the last push each finish what they are doing (a push is cancelled), the run saves what it can and exits
+    143/130."""
 
     def __init__(self):
         self.signum, self._previous = 0, {}
@@ -89,6 +92,24 @@ def build_accelerator(config: RunConfig) -> Accelerator:
     return accelerator
 
 
+def check_topology(config: RunConfig, accelerator: Accelerator) -> None:
+    """Switches the launch's topology cannot run, refused (ConfigError, exit 2) before anything is built."""
+    if not accelerator.is_fsdp2:
+        return
+    if config.optim.normuon:
+        raise ConfigError(
+            "optim.normuon=true is not supported under FSDP2 (a launch with accelerate_configs/fsdp2*.yaml): "
+            "NorMuon's per-neuron normalisation is not implemented for sharded (DTensor) matrices. Set "
+            "optim.normuon=false, or launch with DDP (accelerate_configs/cpu_2ranks.yaml, multi_gpu.yaml)"
+        )
+    if accelerator.state.fsdp_plugin.activation_checkpointing:
+        raise ConfigError(
+            "fsdp_activation_checkpointing: true in the accelerate launch config: use train.gradient_checkpointing="
+            "true instead (the same per-block, non-reentrant recomputation, applied by the model before sharding) "
+            "and set fsdp_activation_checkpointing: false"
+        )
+
+
 def build_model(config: RunConfig) -> SpeedPLMForMaskedLM:
     requested = config.model.attn_implementation
     attn_implementation = requested or ("flex_attention" if torch.cuda.is_available() else "sdpa")
@@ -102,9 +123,11 @@ class Trainer:
 
         Trainer(config)        check and build, in this order, writing nothing until all of it succeeded: batch
                                arithmetic for the launch's world size -> accelerator -> data directories -> start
-                               plan (fresh or resume: ownership, intact checkpoint, same model, metrics history;
-                               training/run_start.py) -> model, loaders (shards verified), optimizers -> restored
-                               state; only then the run directory (config.yaml, metrics.jsonl) is written
+                               plan (fresh or resume: ownership, intact checkpoint, same model and recipe, metrics
+                               history; training/run_start.py) -> external preconditions (output dir writable,
+                               trackers, Hub token and write access) -> model, loaders (shards verified), optimizers
+                               -> restored state; only then the run directory is written (train.overwrite=true
+                               deletes the old run there first). A finished run stops after the plan, writing nothing
         train()                steps until train.max_steps or a stop signal (save, TrainingStopped), then finish()
         train_step(batches)    one optimizer step over the step's micro-batches -> StepResult
         log(result)            a metrics row every train.log_every steps, at the last step and on a skipped step
@@ -125,6 +148,7 @@ class Trainer:
             raise RuntimeError(
                 f"launcher environment said {self.batch.world_size} rank(s), accelerate has {acc.num_processes}"
             )
+        check_topology(config, acc)
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
         logger.setLevel(logging.INFO if acc.is_main_process else logging.WARNING)
         if acc.device.type == "cpu":
@@ -135,8 +159,15 @@ class Trainer:
         splits = resolve_splits(config.data, acc)  # the directories exist ("builtin": prepared once, data cache)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", t.keep_checkpoints, acc)
         start = self._plan_start()  # fresh or resume, from the files: refused here, nothing is built or written
+        self.start, self.finished = start, start.finished
+        if start.finished:
+            return  # train() says so and returns: nothing is built or written
+        self._decide(self._external_problems)  # every outside precondition, before the first write
         set_seed(t.seed)  # right before the model's initialisation, whatever the data preparation drew
         model = build_model(config)
+        if t.gradient_checkpointing:  # the model's own (transformers') mechanism; under FSDP2 too (check_topology)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            logger.info("gradient checkpointing: each block's activations are recomputed in the backward")
         rank, world = acc.process_index, acc.num_processes
         self.train_loader = build_train_loader(config, self.batch, splits["train"], rank)  # shards verified
         self.eval_loaders = {
@@ -153,6 +184,8 @@ class Trainer:
         self.model, *self.optimizers = acc.prepare(model, *optimizers)
         acc.register_for_checkpointing(*self.schedulers)
         self.progress = self._restore(start)
+        self._extend_schedule()
+        self.progress.recipe = config.recipe()  # what this run's checkpoints record (extended: the new max_steps)
         self._write_run_dir(start)  # the first write of the run
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", acc.is_main_process, start.run_id)
         if tracker_names(config.tracking):
@@ -167,28 +200,48 @@ class Trainer:
         self.flops_per_token = None  # from the first step's real protein lengths and mask rate
         self.peak = peak_flops(acc.device, t.peak_tflops)
         self.bad_in_row, self._step_started, self.bar = 0, 0.0, None
+        self.stop = SignalFlag()
         self.window = {"time": time.perf_counter(), "tokens": 0, "data_wait": 0.0}
 
     # ---- start: decide, restore, then write ----
 
-    def _plan_start(self) -> StartPlan:
-        """The main process decides from the files; every rank gets the same plan or the same refusal."""
+    def _decide(self, decide):
+        """The main process runs `decide()`; every rank gets its result or the same exception."""
         acc, decision = self.accelerator, [None]
         if acc.is_main_process:
             try:
-                decision[0] = plan_start(
-                    self.config.train, self.run_dir, self.checkpoints, self.config.model_config(), acc.num_processes
-                )
+                decision[0] = decide()
             except Exception as err:  # every rank must leave the broadcast, refused or not
                 decision[0] = err
         if acc.num_processes > 1:
             broadcast_object_list(decision)
         if isinstance(decision[0], Exception):
             raise decision[0]
-        for warning in decision[0].warnings:
-            logger.warning("%s", warning)
-        logger.info("%s", decision[0].describe())
         return decision[0]
+
+    def _plan_start(self) -> StartPlan:
+        """The main process decides from the files; every rank gets the same plan or the same refusal."""
+        plan = self._decide(lambda: plan_start(self.config, self.checkpoints, self.accelerator.num_processes))
+        for warning in plan.warnings:
+            logger.warning("%s", warning)
+        logger.info("%s", plan.describe())
+        return plan
+
+    def _external_problems(self) -> None:
+        """RunRefused naming every outside precondition that fails: the output directory writable, the trackers
+        (wandb login for online, tensorboard importable), the Hub (token, write access to hub.model_id)."""
+        problems = []
+        existing = next(p for p in (self.run_dir.absolute(), *self.run_dir.absolute().parents) if p.exists())
+        if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+            problems.append(f"train.output_dir={self.config.train.output_dir}: {existing} is not a writable directory")
+        problems += tracking_problems(self.config.tracking)
+        if self.config.hub.push:
+            try:
+                check_hub(self.config.hub)
+            except HubPushError as err:
+                problems.append(f"hub.push=true: {err}")
+        if problems:
+            raise RunRefused("the run cannot start, nothing was written: " + "; ".join(problems))
 
     def _restore(self, start: StartPlan) -> TrainerState:
         if start.checkpoint is None:
@@ -199,6 +252,18 @@ class Trainer:
             if self.config.train.resume_data_state:
                 self.train_loader.load_state_dict(loader_state)
             self.train_loader.set_optimizer_step(state.step)  # the mask-rate clock, data restored or not
+            if start.extend_to is not None:  # the checkpoint's LR: where its (restored) schedule stands
+                factors = [lr / base for s in self.schedulers for lr, base in zip(s.get_last_lr(), s.base_lrs) if base]
+                factor = factors[0] if factors else 0.0
+                state.extension = {"from_step": state.step, "lr_factor": factor, "max_steps": start.extend_to}
+                if not factor > 0:
+                    problem = (
+                        f"train.extend=true: at step {state.step} the schedule of {start.checkpoint} has decayed the "
+                        f"learning rate to 0, so an extension from it would not train. Extend from a checkpoint of "
+                        f"the run before the decay ended: train.resume=<checkpoint> train.overwrite=true "
+                        f"train.extend=true train.max_steps={start.extend_to} (the run's checkpoints: "
+                        f"{', '.join(d.name for d in self.checkpoints.step_dirs())}; train.keep_checkpoints keeps more)"
+                    )
         except (ValueError, CheckpointError) as err:
             problem = f"{start.checkpoint}: {err}"
         problems = [p for p in gather_object([problem]) if p] if self.accelerator.num_processes > 1 else [problem]
@@ -206,6 +271,28 @@ class Trainer:
             raise RunRefused(next(p for p in problems if p))
         logger.info("resumed from %s at step %d", start.checkpoint, state.step)
         return state
+
+    def _extend_schedule(self) -> None:
+        """An extended run (train.extend=true, now or in the checkpoint) follows its ScheduleExtension from here on;
+        the restored scheduler state keeps counting the steps."""
+        extension = self.progress.extension
+        if extension is None:
+            return
+        schedule = ScheduleExtension(**extension)
+        optim = self.config.optim
+
+        def factor(step: int) -> float:
+            return schedule.factor(step, optim.schedule, optim.decay_fraction)
+
+        for scheduler in self.schedulers:
+            scheduler.lr_lambdas = [factor] * len(scheduler.base_lrs)
+        logger.info(
+            "schedule extension from step %d: %s at %.4g x each group's peak LR, to 0 at step %d",
+            schedule.from_step,
+            "stable" if optim.schedule == "wsd" else "cosine",
+            schedule.lr_factor,
+            schedule.max_steps,
+        )
 
     def _write_run_dir(self, start: StartPlan) -> None:
         acc = self.accelerator
@@ -226,41 +313,87 @@ class Trainer:
     # ---- the loop ----
 
     def train(self) -> None:
+        if self.finished:
+            logger.warning("%s", self.start.describe())
+            return
         try:
-            self._loop()
-            self.finish()
+            with self.stop:
+                self._loop()
+                self.finish()
         except BaseException:
             if self.publisher is not None:  # crash or stop: drop queued pushes (a clean stop awaited its own)
                 self.publisher.abort()
             raise
         self.accelerator.end_training()
 
+    def _inject_sigterm(self, phase: str) -> None:
+        if self.config.train.inject_sigterm_at == phase:  # fault injection (tests): a real signal to this process
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def _signals(self) -> tuple[int, bool]:
+        """(exit code of a stop signal on any rank or 0, whether a push failed for good): one collective, so every
+        rank takes the same branch."""
+        acc = self.accelerator
+        code = 128 + self.stop.signum if self.stop.signum else 0
+        push_failed = self.publisher is not None and self.publisher.fatal() is not None
+        flags = torch.tensor([code, int(push_failed)], device=acc.device)
+        if acc.num_processes > 1:
+            flags = acc.reduce(flags, "max")
+        return int(flags[0]), bool(flags[1])
+
+    def _stop_if_asked(self, where: str) -> None:
+        """Outside the step loop: on a stop signal (or a push refused for good), save the current step's checkpoint
+        unless it is on disk, then TrainingStopped (HubPushError)."""
+        code, push_failed = self._signals()
+        if code or push_failed:
+            self._stop(code, push_failed, where, self._save_once())
+
+    def _save_once(self) -> Path:
+        step = self.progress.step
+        existing = self.checkpoints.root / f"step-{step:06d}"
+        if (existing / "COMPLETE").exists() and existing.name in self.checkpoints.verified:
+            return existing
+        return self.checkpoints.save(self.model, self.train_loader.state_dict(), self.progress, self.summary())
+
+    def _stop(self, code: int, push_failed: bool, where: str, saved: Path) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if push_failed:
+            message = self.publisher.fatal() if self.publisher is not None else None
+            raise HubPushError(
+                f"{message or 'a Hub push (on the main process) failed for good'}; training stopped during {where} "
+                f"at step {self.progress.step}, checkpoint {saved} saved: fix the token (HF_TOKEN) or hub.model_id "
+                f"and start the run again to resume it"
+            )
+        name = signal.Signals(code - 128).name
+        logger.warning("%s during %s: checkpoint %s saved, exit %d", name, where, saved, code)
+        raise TrainingStopped(code)
+
     def _loop(self) -> None:
         t = self.config.train
-        if self.progress.step == 0 and "valid" in self.eval_loaders and self.config.eval.every:
+        if self.start.checkpoint is None and "valid" in self.eval_loaders and self.config.eval.every:
+            self._inject_sigterm("start_eval")
             self.evaluate("valid")  # the untrained baseline
+            self._stop_if_asked("the step-0 evaluation")
         self.bar = _progress_bar(self.accelerator.is_main_process, self.progress.step, t.max_steps)
         batches = iter(self.train_loader)
-        with SignalFlag() as stop:
-            while self.progress.step < t.max_steps:
-                result = self.train_step(self._next_batches(batches))
-                self.bar.update(1)
-                self.log(result)
-                if self.bad_in_row >= t.max_bad_steps:
-                    raise NonFiniteLosses(
-                        f"{self.bad_in_row} non-finite steps in a row (train.max_bad_steps); stopping at step "
-                        f"{self.progress.step}"
-                    )
-                self.maybe_eval()
-                stop_code = 128 + stop.signum if stop.signum else 0
-                stop_code = int(self.accelerator.reduce(torch.tensor(stop_code, device=self.accelerator.device), "max"))
-                saved = self.maybe_save(stop_code)
-                self.maybe_push(saved)
-                if stop_code:
-                    self.bar.close()
-                    if self.publisher is not None:
-                        self.publisher.finish()
-                    raise TrainingStopped(stop_code)
+        while self.progress.step < t.max_steps:
+            result = self.train_step(self._next_batches(batches))
+            self.bar.update(1)
+            self.log(result)
+            if self.bad_in_row >= t.max_bad_steps:
+                raise NonFiniteLosses(
+                    f"{self.bad_in_row} non-finite steps in a row (train.max_bad_steps); stopping at step "
+                    f"{self.progress.step}"
+                )
+            self.maybe_eval()
+            stop_code, push_failed = self._signals()
+            saved = self.maybe_save(stop_code or push_failed)
+            self.maybe_push(saved)
+            if stop_code or push_failed:
+                if stop_code and not push_failed and self.publisher is not None:
+                    self.publisher.finish()  # a clean stop awaits the pushes already queued
+                self._stop(stop_code, push_failed, f"the training loop (step {self.progress.step})", saved)
         self.bar.close()
 
     def _next_batches(self, batches) -> list[dict]:
@@ -358,8 +491,7 @@ class Trainer:
             "bad_steps": self.progress.bad_steps,
             "train_seconds": self.progress.train_seconds,
         }
-        if self.publisher is not None:
-            self.publisher.check()
+        if self.publisher is not None:  # a push refused for good stops the loop after this step (_signals)
             row.update({f"hub_{k}": v for k, v in self.publisher.status().items()})
         self.metrics.write(row)
         self.accelerator.log({f"train/{k}": v for k, v in row.items() if v is not None and k != "step"}, step=step)
@@ -406,16 +538,48 @@ class Trainer:
         return result
 
     def finish(self) -> None:
+        """Final evals, then final/ (written as .tmp-final/, renamed once the last push is awaited: final/ exists only
+        for a finished run). A stop signal at any point: the last step's checkpoint is on disk, exit 143/130, and a
+        restart resumes at train.max_steps and redoes this."""
+        self._stop_if_asked("the last training step")
+        self._inject_sigterm("final_eval")
         for split in ("valid", "test"):
             if split in self.eval_loaders and (split == "valid" or self.config.eval.test_at_end):
                 self.evaluate(split)
+                self._stop_if_asked(f"the final {split} evaluation")
         acc = self.accelerator
+        final, tmp = self.run_dir / "final", self.run_dir / ".tmp-final"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
-        save_pretrained(acc, self.model, self.run_dir / "final", training_summary=self.summary())
+        self._inject_sigterm("final")
+        logger.info("writing %s", final)
+        save_pretrained(acc, self.model, tmp, training_summary=self.summary())
         acc.wait_for_everyone()
-        if self.publisher is not None:
-            self.publisher.push_final(self.run_dir / "final", self.progress.step)
-            self.publisher.finish()
+        try:
+            self._stop_if_asked("writing final/")
+            pushed = True
+            if self.publisher is not None:
+                self.publisher.push_final(tmp, self.progress.step)
+                logger.info("awaiting the last Hub push")
+                try:
+                    pushed = self.publisher.finish(stop=lambda: bool(self.stop.signum))
+                except HubPushError:
+                    self._rename_final(tmp, final)  # the local model is complete; the run exits non-zero
+                    raise
+            if not pushed:  # cancelled by a stop signal on the main process; the others learn it here
+                logger.warning("the last Hub push was cancelled")
+            self._stop_if_asked("the last Hub push")
+        except BaseException:
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._rename_final(tmp, final)
+
+    def _rename_final(self, tmp: Path, final: Path) -> None:
+        if self.accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
 
     def summary(self) -> str:
         """One sentence for the model card."""

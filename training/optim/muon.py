@@ -198,6 +198,10 @@ class DistributedMuon(torch.optim.Optimizer):
                     # zeros_like of a DTensor gradient is a DTensor with the parameter's placements: sharded state
                     state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
                 buf = state["momentum_buffer"]
+                if isinstance(p, DTensor) and group["normuon"]:
+                    # here, not in __init__: accelerate swaps the parameters for DTensors after the optimizer is
+                    # built (the trainer refuses the combination at start: training/trainer.py check_topology)
+                    raise ValueError("DistributedMuon: normuon is not supported with FSDP2-sharded parameters yet")
                 buf.lerp_(grad, 1 - mu)  # every rank: identical state everywhere
                 if isinstance(p, DTensor):
                     sharded.append(self._gather_sharded(p, grad, buf, group, index))

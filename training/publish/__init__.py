@@ -6,8 +6,8 @@ import importlib
 
 _FACE = {
     "model_folder": ("write_model_folder", "model_card", "plain_model", "WEIGHTS", "WEIGHT_FILES"),
-    "publisher": ("ModelPublisher",),
-    "hub": ("HubPusher", "HubPushError"),
+    "publisher": ("ModelPublisher", "check_hub"),
+    "hub": ("HubPusher", "HubPushError", "check_access"),
     "config": ("HubSection",),
 }
 _HOME = {name: module for module, names in _FACE.items() for name in names}

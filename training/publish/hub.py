@@ -37,6 +37,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,46 @@ def _retry_hint(err: BaseException) -> tuple[bool, float | None]:
     return False, None
 
 
+def _token(model_id: str) -> str:
+    if constants.is_offline_mode():
+        raise HubPushError(f"hub push to {model_id}: HF_HUB_OFFLINE is set; unset it or turn hub.push off")
+    token = get_token()
+    if not token:
+        raise HubPushError(f"hub push to {model_id}: no Hugging Face token; set HF_TOKEN or run `hf auth login`")
+    return token
+
+
+def check_access(model_id: str, private: bool = False, max_retries: int = 8, backoff_s: float = 2.0) -> None:
+    """Before a run writes anything: a token is there and may write `model_id` — the repo is created now
+    (exist_ok: an existing one is kept), at HF_ENDPOINT. Transient failures (5xx, 408, 429, network) are retried
+    like a push; HubPushError (naming the repo and the HTTP status, never the token) on anything else or when the
+    retries run out."""
+    token = _token(model_id)
+    endpoint = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    api = HfApi(endpoint=endpoint, library_name="speedplm")
+    attempt = 0
+    while True:
+        try:
+            api.create_repo(model_id, private=private, exist_ok=True, repo_type="model")
+            return
+        except (HfHubHTTPError, httpx2.HTTPError) as err:
+            transient, server_wait = _retry_hint(err)
+            status = _http_status(err)
+            what = f"HTTP {status}" if status is not None else type(err).__name__
+            detail = " ".join(str(err).replace(token, "<token>").split())
+            message = f"hub access check for {model_id} at {endpoint}: {what}: {detail}"
+            if not transient or attempt >= max_retries:
+                hint = (
+                    " (the token cannot write there: a new HF_TOKEN, or another hub.model_id)"
+                    if status in (401, 403)
+                    else ""
+                )
+                raise HubPushError(message + hint) from None
+            log.warning("%s; retry %d/%d", message, attempt + 1, max_retries)
+            time.sleep(max(min(_MAX_BACKOFF_S, backoff_s * 2**attempt), min(server_wait or 0.0, _MAX_RETRY_AFTER_S)))
+            attempt += 1
+
+
 class HubPusher:
     """Pushes folders to ``model_id`` in the background, one commit per push, newest pending push per folder wins.
 
@@ -123,11 +164,7 @@ class HubPusher:
         backoff_s: float = 2.0,
         tmp_dir: str | os.PathLike | None = None,
     ):
-        if constants.is_offline_mode():
-            raise HubPushError(f"hub push to {model_id}: HF_HUB_OFFLINE is set; unset it or turn hub.push off")
-        token = get_token()
-        if not token:
-            raise HubPushError(f"hub push to {model_id}: no Hugging Face token; set HF_TOKEN or run `hf auth login`")
+        token = _token(model_id)
         self._secret = token  # kept only to scrub messages; never passed on, logged or stored on disk
         self.model_id = model_id
         self.private = private
@@ -205,6 +242,15 @@ class HubPusher:
             c = self._counts
             pending = c["queued"] - c["done"] - c["failed"] - c["dropped"]
             return {**c, "pending": pending, "last_error": self._last_error, "last_commit": self._last_commit}
+
+    def idle(self) -> bool:
+        """No push is queued or running."""
+        with self._lock:
+            return all(j.state == "dropped" or j.future.done() for j in self._latest.values())
+
+    def fatal(self) -> str | None:
+        """The message of a failure no retry can fix (401/403: no later push can succeed), or None."""
+        return self._fatal
 
     def check(self) -> None:
         """Raise ``HubPushError`` now if a push failed in a way no retry can fix (e.g. 401/403)."""

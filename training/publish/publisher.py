@@ -13,12 +13,14 @@ import logging
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from safetensors.torch import load_file
 
 from .config import HubSection
-from .hub import HubPusher
+from .hub import HubPusher, check_access
 from .model_folder import WEIGHTS, plain_model, write_model_folder
 
 logger = logging.getLogger("speedplm")
@@ -34,6 +36,11 @@ def link_weights(checkpoint: Path, target: Path) -> Path:
     except OSError:  # another filesystem: a copy (on the step path only in that case)
         shutil.copy2(src, dst)
     return dst
+
+
+def check_hub(hub: HubSection) -> None:
+    """The run's start check (before anything is written): a token that may write hub.model_id. HubPushError."""
+    check_access(hub.model_id, private=hub.private, max_retries=hub.max_retries, backoff_s=hub.backoff_s)
 
 
 class ModelPublisher:
@@ -63,9 +70,8 @@ class ModelPublisher:
 
     def push_checkpoint(self, step: int, checkpoint: Path, summary: str | None = None) -> None:
         """Queue a push of the model saved in `checkpoint` (a finished checkpoint directory of step `step`)."""
-        if self.pusher is None:
+        if self.pusher is None or self.pusher.fatal():  # no push can land (the loop stops on fatal(), all ranks)
             return
-        self.pusher.check()  # fail early on a bad token or missing write access
         weights = Path(tempfile.mkdtemp(prefix=f"weights-{step}-", dir=self.pusher.tmp_root))
         linked = link_weights(Path(checkpoint), weights)
 
@@ -96,19 +102,31 @@ class ModelPublisher:
         if self.pusher is not None:
             self.pusher.check()
 
+    def fatal(self) -> str | None:
+        """A push failure no retry can fix (401/403), or None; always None off the main process."""
+        return self.pusher.fatal() if self.pusher is not None else None
+
     def status(self) -> dict:
         if self.pusher is None:
             return {}
         status = self.pusher.status()
         return {key: status[key] for key in ("done", "failed", "retries", "dropped", "pending")}
 
-    def finish(self, timeout: float | None = None) -> None:
-        """Await the last push; raises HubPushError (the run then exits non-zero) if it failed."""
-        if self.pusher is not None:
-            try:
-                self.pusher.wait(timeout=timeout)
-            finally:
-                self.pusher.close()
+    def finish(self, stop: Callable[[], bool] | None = None, poll_s: float = 0.1) -> bool:
+        """Await the last push; raises HubPushError (the run then exits non-zero) if it failed. With `stop`, polled
+        while waiting: once it is true the queued pushes are cancelled and False returned."""
+        if self.pusher is None:
+            return True
+        try:
+            while stop is not None and not self.pusher.idle():
+                if stop():
+                    self.pusher.close(cancel=True)
+                    return False
+                time.sleep(poll_s)
+            self.pusher.wait()
+        finally:
+            self.pusher.close()
+        return True
 
     def abort(self) -> None:
         if self.pusher is not None:
