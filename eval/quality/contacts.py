@@ -349,7 +349,9 @@ def main(argv=None) -> int:
         epilog=__doc__,
     )
     defaults = ProbeOptions()
-    p.add_argument("--model", action="append", required=True, metavar="CKPT", help="repeat for several models")
+    p.add_argument(
+        "--model", nargs="+", action="extend", required=True, metavar="CKPT", help="model folders or Hub ids"
+    )
     p.add_argument("--data", required=True, type=Path, help="prepared folder (eval.quality.contacts_data fetch)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--seeds", type=int, nargs="+", default=list(defaults.seeds))

@@ -211,7 +211,9 @@ def parser(prog: str, doc: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc
     )
-    p.add_argument("--model", nargs="+", required=True, metavar="CKPT", help="model folders or Hub ids")
+    p.add_argument(
+        "--model", nargs="+", action="extend", required=True, metavar="CKPT", help="model folders or Hub ids"
+    )
     p.add_argument("--data", required=True, metavar="DIR", help="prepared by eval.quality.structure_data fetch")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--layers", nargs="+", type=int, default=[-1], help="hidden states (0 = embedding, -1 = last)")

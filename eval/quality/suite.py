@@ -88,27 +88,30 @@ def make_twin(checkpoint: str, out: Path) -> str:
 # ---------------------------------------------------------------------------------------------------- running
 
 
-def _commands(models: list[str], data: Path, out: Path) -> dict:
+def _commands(models: list[str], data: Path, train_chains: int) -> dict:
     """Yardstick -> (its main, its argv): the same command a user would type, one output folder each."""
     from eval import zeroshot
     from eval.quality import contacts, fold, secondary_structure
 
-    model_args = [arg for m in models for arg in ("--model", m)]
+    model_args = ["--model", *models]  # one flag, every model: each yardstick CLI takes nargs="+"
     return {
         "zeroshot": (zeroshot.main, [*model_args, "--builtin", "--builtin-dir", str(data / "dms")]),
         "ss": (secondary_structure.main, [*model_args, "--data", str(data / "sidechainnet")]),
         "fold": (fold.main, [*model_args, "--data", str(data / "sidechainnet")]),
-        "contacts": (contacts.main, [*model_args, "--data", str(data / "promod3")]),
+        "contacts": (
+            contacts.main,
+            [*model_args, "--data", str(data / "promod3"), "--train-chains", str(train_chains)],
+        ),
     }
 
 
-def run_yardsticks(models: list[str], data: Path, out: Path, only: tuple) -> dict[str, float]:
+def run_yardsticks(models: list[str], data: Path, out: Path, only: tuple, train_chains: int = 20) -> dict[str, float]:
     """Run the chosen yardsticks; returns their wall seconds. Every one's data is checked before any starts."""
     missing = [f"{data / DATA[y]} (for {y})" for y in only if not (data / DATA[y] / "manifest.json").exists()]
     if missing:
         raise QualityError(f"not prepared: {', '.join(missing)}; run `python -m eval.quality fetch --data {data}`")
     seconds = {}
-    for name, (main, argv) in _commands(models, data, out).items():
+    for name, (main, argv) in _commands(models, data, train_chains).items():
         if name not in only:
             continue
         start = time.perf_counter()
@@ -206,6 +209,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--data", default="data/quality", type=Path)
     r.add_argument("--twin", default="auto", help="auto (build it), none, or a model folder")
     r.add_argument("--only", nargs="+", choices=YARDSTICKS, default=list(YARDSTICKS))
+    r.add_argument("--contacts-train-chains", type=int, default=20, help="structures the contact regression fits on")
     return p
 
 
@@ -227,7 +231,7 @@ def main(argv=None) -> int:
         if twin == "auto":
             twin = make_twin(args.model, args.out / "twin")
         models = [args.model, *([twin] if twin else [])]
-        seconds = run_yardsticks(models, args.data, args.out, tuple(args.only))
+        seconds = run_yardsticks(models, args.data, args.out, tuple(args.only), args.contacts_train_chains)
         rows = summary_rows(args.out, args.model, twin)
         print(write_summary(args.out, rows, seconds, "python -m eval.quality " + shlex.join(argv)))
         return 0
