@@ -7,7 +7,8 @@ Tasks: the aaanalysis benchmark TSVs of those names (columns sequence, label; fo
 training.data.sources.builtin_files(); BSD-3, see training.data.builtin_attribution). All three are binary: SEQ_SOLUBLE
 (soluble vs insoluble), SEQ_DISULFIDE (has a disulfide bridge), SEQ_CAPSID (viral capsid protein). SEQ_LOCATION is
 not a default task: its sequences are an alphabet-reduced encoding (14 letters, no E F I L P Q), not proteins, and the
-validation policy's composition rule rejects them (training/data/validate.py). NB: the built-in pretraining set holds these sequences (never the labels), so a
+validation policy's composition rule rejects them (training/data/validate.py).
+NB: the built-in pretraining set holds these sequences (never the labels), so a
 model trained on it has seen the unlabelled test proteins; compare models trained on the same data.
 
 Protocol, per task (identical for every model)

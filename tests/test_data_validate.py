@@ -151,7 +151,9 @@ def test_composition_rule_thresholds():
 
 
 def test_mixed_case_annotation_marks_are_rejected_not_upper_cased():
-    marked = {r["entry"]: r["sequence"] for r in builtin_rows("SEQ_DISULFIDE") if r["sequence"] != r["sequence"].upper()}
+    marked = {
+        r["entry"]: r["sequence"] for r in builtin_rows("SEQ_DISULFIDE") if r["sequence"] != r["sequence"].upper()
+    }
     assert sorted(marked) == ["DISULFIDE_1902", "DISULFIDE_1997", "DISULFIDE_2126", "DISULFIDE_2238"]
     res = validate_batch([s.encode() for s in marked.values()], ValidationPolicy())
     assert res.reasons == [
