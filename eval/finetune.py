@@ -4,7 +4,7 @@ a linear probe of the same checkpoint and with the same recipe from random weigh
     python -m eval.finetune --model runs/default/final --task SEQ_CAPSID --out finetune/ [--lora]
         [--max-per-task 2000] [--epochs 3] [--lr LR] [--batch-size 16] [--save-steps 50] [--max-length 1024] [--seed 0]
 
-Tasks: the aaanalysis protein-level sets of eval.probes (SEQ_SOLUBLE, SEQ_LOCATION, SEQ_DISULFIDE, SEQ_CAPSID), with
+Tasks: the aaanalysis protein-level sets of eval.probes (SEQ_SOLUBLE, SEQ_DISULFIDE, SEQ_CAPSID), with
 its protocol: sequences validated like training data, duplicates dropped, a stratified subsample of --max-per-task,
 a stratified held-out split (--test-fraction, seed --seed). Proteins longer than the model keep their first
 max_length - 2 residues (the tokenizer's explicit `truncation=True` crop).

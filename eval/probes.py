@@ -1,12 +1,14 @@
 """Linear probes of every layer's mean-pooled embeddings on labelled protein tasks.
 
     python -m eval.probes --models runs/default/final facebook/esm2_t6_8M_UR50D \\
-        --tasks SEQ_SOLUBLE SEQ_LOCATION SEQ_DISULFIDE SEQ_CAPSID --out probes/ [--max-per-task N]
+        --tasks SEQ_SOLUBLE SEQ_DISULFIDE SEQ_CAPSID --out probes/ [--max-per-task N]
 
 Tasks: the aaanalysis benchmark TSVs of those names (columns sequence, label; found with
-training.data.sources.builtin_files(); BSD-3, see training.data.builtin_attribution). All four are binary: SEQ_SOLUBLE
-(soluble vs insoluble), SEQ_LOCATION (cytoplasm vs plasma membrane), SEQ_DISULFIDE (has a disulfide bridge),
-SEQ_CAPSID (viral capsid protein). NB: the built-in pretraining set holds these sequences (never the labels), so a
+training.data.sources.builtin_files(); BSD-3, see training.data.builtin_attribution). All three are binary: SEQ_SOLUBLE
+(soluble vs insoluble), SEQ_DISULFIDE (has a disulfide bridge), SEQ_CAPSID (viral capsid protein). SEQ_LOCATION is
+not a default task: its sequences are an alphabet-reduced encoding (14 letters, no E F I L P Q), not proteins, and the
+validation policy's composition rule rejects them (training/data/validate.py).
+NB: the built-in pretraining set holds these sequences (never the labels), so a
 model trained on it has seen the unlabelled test proteins; compare models trained on the same data.
 
 Protocol, per task (identical for every model)
@@ -41,7 +43,8 @@ import torch
 from eval.checkpoints import EvalError, ModelSpec, inspect_model, load_model
 from eval.tables import hardware, markdown_table, short_name
 
-TASKS = ("SEQ_SOLUBLE", "SEQ_LOCATION", "SEQ_DISULFIDE", "SEQ_CAPSID")
+TASKS = ("SEQ_SOLUBLE", "SEQ_DISULFIDE", "SEQ_CAPSID")
+MAX_INVALID_SHARE = 0.5  # a task whose sequences the validation policy mostly rejects is refused, with the reason
 CSV_COLUMNS = ("model", "task", "layer", "accuracy", "mcc", "n_train", "n_test", "dim")
 
 
@@ -65,13 +68,14 @@ def load_task(name: str, max_per_task: int | None = 2000, test_fraction: float =
     files = {p.stem: p for p in builtin_files()}
     if name not in files:
         raise EvalError(f"task {name!r}: no such aaanalysis TSV; available: {sorted(files)}")
-    tokens, labels, seen, invalid, duplicate = [], [], set(), 0, 0
+    tokens, labels, seen, invalid, duplicate, reasons = [], [], set(), 0, 0, []
     with open(files[name], encoding="utf-8-sig", newline="") as f:
         for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
             try:
                 ids = encode(row["sequence"].strip())
-            except ValueError:
+            except ValueError as err:
                 invalid += 1
+                reasons.append(f"{row.get('entry', '?')}: {err}")
                 continue
             key = ids.tobytes()
             if key in seen:
@@ -80,6 +84,11 @@ def load_task(name: str, max_per_task: int | None = 2000, test_fraction: float =
             seen.add(key)
             tokens.append(ids)
             labels.append(int(row["label"]))
+    if invalid > MAX_INVALID_SHARE * (invalid + duplicate + len(tokens)):
+        raise EvalError(
+            f"task {name!r}: the validation policy rejects {invalid} of its {invalid + duplicate + len(tokens)} "
+            f"sequences (first: {reasons[0]})"
+        )
     labels = np.asarray(labels)
     keep = np.arange(len(tokens))
     if max_per_task and len(keep) > max_per_task:

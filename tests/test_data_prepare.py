@@ -12,6 +12,7 @@ import pytest
 
 from training.data.prepare import PrepareOptions, builtin_attribution, hash_bucket, main, prepare, prepare_builtin
 from training.data.shards import ShardError, ShardSet
+from training.data.sources import builtin_files
 from training.data.validate import UNK, ValidationPolicy, decode
 
 FIX = Path(__file__).parent / "fixtures"
@@ -189,14 +190,51 @@ def test_cli_subprocess_prints_summary(tmp_path):
     assert "letter_J" in proc.stdout and (tmp_path / "report.json").exists() and (tmp_path / "manifest.json").exists()
 
 
+# The built-in set, pinned (README "Built-in proteins"): (read, accepted, rejected by reason) per aaanalysis file.
+BUILTIN_FILES = {
+    "AA_CASPASE3": (233, 233, {}),
+    "AA_FURIN": (71, 69, {"duplicate_sequence": 2}),
+    "AA_LDR": (342, 338, {"duplicate_sequence": 4}),
+    "AA_MMP2": (573, 536, {"duplicate_sequence": 37}),
+    "AA_RNABIND": (221, 214, {"duplicate_sequence": 7}),
+    "AA_SA": (233, 0, {"duplicate_sequence": 233}),  # the AA_CASPASE3 proteins again
+    "DOM_GSEC": (126, 124, {"duplicate_sequence": 2}),
+    "DOM_GSEC_PU": (694, 571, {"duplicate_sequence": 123}),
+    "SEQ_AMYLO": (1414, 1411, {"duplicate_sequence": 3}),
+    "SEQ_CAPSID": (7935, 7650, {"duplicate_sequence": 283, "composition": 2}),
+    "SEQ_DISULFIDE": (2547, 2497, {"invalid_character": 10, "duplicate_sequence": 36, "mixed_case": 4}),
+    "SEQ_LOCATION": (1835, 25, {"composition": 1810}),  # 14-letter encoding; the 25 kept are < 50 residues
+    "SEQ_SOLUBLE": (17408, 17094, {"duplicate_sequence": 307, "composition": 7}),
+    "SEQ_TAIL": (6668, 3177, {"duplicate_sequence": 3491}),
+}
+
+
 def test_builtin_proteins(tmp_path, capsys):
     report = prepare_builtin(tmp_path)
     printed = capsys.readouterr().out
     splits = report["splits"]
-    assert report["accepted"] + len(report["rejected"]) == report["read"]
-    assert sum(s["sequences"] for s in splits.values()) == report["accepted"] > 35000
-    assert f"train: {splits['train']['sequences']} sequences" in printed
-    assert 0.005 < splits["valid"]["sequences"] / report["accepted"] < 0.015
+    assert (report["read"], report["accepted"], len(report["rejected"])) == (40300, 33939, 6361)
+    assert report["rejected_by_reason"] == {
+        "composition": 1819,
+        "duplicate_sequence": 4528,
+        "invalid_character": 10,
+        "mixed_case": 4,
+    }
+    files = {Path(f).stem: (c["read"], c["accepted"], c["rejected"]) for f, c in report["files"].items()}
+    assert files == BUILTIN_FILES
+    assert splits == {
+        "train": {"sequences": 33284, "residues": 10450854},
+        "valid": {"sequences": 322, "residues": 94295},
+        "test": {"sequences": 333, "residues": 101291},
+    }
+    assert report["normalized"] == {"uppercased": 0, "terminal_stop_stripped": 0} and report["cropped"] == 862
+    assert "rejected composition: 1819" in printed and f"train: {splits['train']['sequences']} sequences" in printed
+    location = [r for r in report["rejected"] if r["file"].endswith("SEQ_LOCATION.tsv")]
+    assert location[0]["reason"].startswith("composition: 6 of the 15 common amino acids absent (E F I L P Q) in ")
+    marks = [r["id"] for r in report["rejected"] if r["reason"].startswith("mixed_case: 1 lowercase letter(s)")]
+    assert marks == ["DISULFIDE_1902", "DISULFIDE_1997", "DISULFIDE_2126", "DISULFIDE_2238"]
+    bangs = [r for r in report["rejected"] if r["reason"].startswith("invalid_character")]
+    assert {r["reason"] for r in bangs} == {"invalid_character: '!' at residue 990"}
     valid = all_docs(tmp_path / "valid")
     assert all(9800 <= hash_bucket(s.encode()) < 9900 for s in valid)  # the documented split rule
     test = set(all_docs(tmp_path / "test"))
@@ -204,6 +242,30 @@ def test_builtin_proteins(tmp_path, capsys):
     text = builtin_attribution()
     assert all(word in text for word in ("BSD-3", "aaanalysis", "Breimann", "UniProt"))
     assert report["attribution"] == text
+    # verify on the prepared parent folder checks each split (it used to fail: no manifest in the parent)
+    cmd = [sys.executable, "-m", "training.data", "verify", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        f"{tmp_path / 'train'}: ok, 1 shards, 33284 proteins, 10450854 residues",
+        f"{tmp_path / 'valid'}: ok, 1 shards, 322 proteins, 94295 residues",
+        f"{tmp_path / 'test'}: ok, 1 shards, 333 proteins, 101291 residues",
+    ]
+    (tmp_path / "valid" / "manifest.json").unlink()  # a broken split still fails, naming it
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=120)
+    assert proc.returncode == 1 and str(tmp_path / "valid") in proc.stderr
+
+
+def test_no_composition_check_keeps_the_encoded_sequences(tmp_path):
+    location = next(f for f in builtin_files() if f.stem == "SEQ_LOCATION")
+    args = ["prepare", "--input", str(location), "--id-column", "entry"]
+    assert main([*args, "--out", str(tmp_path / "default")]) == 0
+    assert main([*args, "--out", str(tmp_path / "off"), "--no-composition-check"]) == 0
+    default = json.loads((tmp_path / "default" / "report.json").read_text())
+    off = json.loads((tmp_path / "off" / "report.json").read_text())
+    assert (default["accepted"], default["rejected_by_reason"]) == (25, {"composition": 1810})
+    assert (off["accepted"], off["rejected_by_reason"]) == (1835, {})
+    assert default["policy"]["composition_check"] is True and off["policy"]["composition_check"] is False
 
 
 def test_fasta_edge_cases(tmp_path):

@@ -9,6 +9,7 @@ from training.data.validate import (
     VOCAB,
     ValidationPolicy,
     build_lut,
+    composition_problem,
     decode,
     encode,
     validate_batch,
@@ -102,3 +103,71 @@ def test_batch_equals_one_by_one_and_drops_rejected_bytes():
 def test_reason_names_position():
     with pytest.raises(ValueError, match="at residue 21"):
         encode(UBIQUITIN[:20] + "J")
+
+
+def builtin_rows(stem: str) -> list[dict]:
+    import csv
+
+    from training.data.sources import builtin_dir
+
+    with open(builtin_dir() / f"{stem}.tsv", encoding="utf-8") as f:
+        return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+
+
+def test_composition_rule_takes_the_alphabet_reduced_set_and_keeps_real_proteins():
+    location = [r["sequence"].encode() for r in builtin_rows("SEQ_LOCATION")]
+    res = validate_batch(list(location), ValidationPolicy())
+    reasons = [code(r) if r else None for r in res.reasons]
+    assert reasons.count("composition") == 1810 and reasons.count(None) == 25
+    assert max(len(s) for s, r in zip(location, reasons) if r is None) == 47  # only short ones (< 50) pass
+    assert set(b"".join(location)) == set(b"ACDGHKMNRSTVWY")  # the 14 letters
+    off = validate_batch(list(location), ValidationPolicy(composition_check=False))
+    assert off.reasons.count(None) == 1835
+    # real proteins of the other sequence-level sets: 9 of 28,157 distinct ones are taken (short repeat proteins)
+    real = {r["sequence"].encode() for stem in ("SEQ_SOLUBLE", "SEQ_CAPSID", "SEQ_TAIL") for r in builtin_rows(stem)}
+    res = validate_batch(sorted(real), ValidationPolicy())
+    assert len(real) == 28157 and sum(r is not None and code(r) == "composition" for r in res.reasons) == 9
+    assert composition_problem(UBIQUITIN.encode()) is None and composition_problem(FXYD3.encode()) is None
+
+
+def test_composition_rule_thresholds():
+    common = "ADEFGIKLNPQRSTV"
+    four_absent = (common[4:] * 5)[:60]  # A D E F absent: allowed
+    assert composition_problem(four_absent.encode()) is None
+    reason = composition_problem((common[5:] * 6)[:60].encode())  # A D E F G absent
+    assert reason.startswith("composition: 5 of the 15 common amino acids absent (A D E F G) in 60 residues")
+    assert composition_problem((common[5:] * 6)[:49].encode()) is None  # under 50 residues: not judged
+    assert composition_problem(b"X" * 50).startswith("composition: 15 of the 15")
+    dna = b"ATGGCCATTGTAATGGGCCGCTGAAAGGGTGCCCGATAG"  # 39 nt
+    assert composition_problem(dna) == (
+        "composition: nucleotide-like, 100% A/C/G/T/U/N in 39 residues; "
+        "composition_check=False (--no-composition-check) accepts it"
+    )
+    assert composition_problem(dna[:19]) is None  # under 20: not judged
+    assert composition_problem(b"AAT" * 10 + b"A") is None  # an AAT-repeat protein: 2 nucleotide letters only
+    assert composition_problem(b"A" * 40) is None  # poly-Ala peptide (< 50 residues)
+    with pytest.raises(ValueError, match="in 60 residues"):
+        encode((common[5:] * 6)[:60])
+
+
+def test_mixed_case_annotation_marks_are_rejected_not_upper_cased():
+    marked = {
+        r["entry"]: r["sequence"] for r in builtin_rows("SEQ_DISULFIDE") if r["sequence"] != r["sequence"].upper()
+    }
+    assert sorted(marked) == ["DISULFIDE_1902", "DISULFIDE_1997", "DISULFIDE_2126", "DISULFIDE_2238"]
+    res = validate_batch([s.encode() for s in marked.values()], ValidationPolicy())
+    assert res.reasons == [
+        "mixed_case: 1 lowercase letter(s) among upper-case ones, first 'i' at residue 232 "
+        "(annotation marks? mixed_case='upper' / --mixed-case upper upper-cases them)",
+        "mixed_case: 1 lowercase letter(s) among upper-case ones, first 'c' at residue 145 "
+        "(annotation marks? mixed_case='upper' / --mixed-case upper upper-cases them)",
+        "mixed_case: 1 lowercase letter(s) among upper-case ones, first 'c' at residue 98 "
+        "(annotation marks? mixed_case='upper' / --mixed-case upper upper-cases them)",
+        "mixed_case: 1 lowercase letter(s) among upper-case ones, first 'a' at residue 14 "
+        "(annotation marks? mixed_case='upper' / --mixed-case upper upper-cases them)",
+    ]
+    upper = validate_batch([s.encode() for s in marked.values()], ValidationPolicy(mixed_case="upper"))
+    assert upper.reasons == [None] * 4 and upper.uppercased == 4
+    assert decode(encode(FXYD3.lower())) == FXYD3  # an all-lowercase sequence is still upper-cased
+    with pytest.raises(ValueError, match="mixed_case must be"):
+        ValidationPolicy(mixed_case="drop")

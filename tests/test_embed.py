@@ -50,9 +50,9 @@ REFERENCE = textwrap.dedent(
 
 
 def real_proteins(n: int = 36) -> list[str]:
-    """The conftest proteins + aaanalysis SEQ_LOCATION proteins of 20..TINY_LIMIT residues, in file order."""
+    """The conftest proteins + aaanalysis SEQ_DISULFIDE proteins of 20..TINY_LIMIT residues, in file order."""
     seqs = list(PROTEINS)
-    location = next(f for f in builtin_files() if f.stem == "SEQ_LOCATION")
+    location = next(f for f in builtin_files() if f.stem == "SEQ_DISULFIDE")
     for rec in iter_records(location):
         try:
             seq = decode(encode(rec.seq))

@@ -266,10 +266,10 @@ def test_probes_give_a_row_per_hidden_state(checkpoints, tmp_path):
     from eval import probes
 
     models = [str(checkpoints["speedplm"]), str(checkpoints["esm"])]
-    rows, tasks = probes.run(models, ["SEQ_DISULFIDE", "SEQ_LOCATION"], max_per_task=60, log=lambda *a: None)
+    rows, tasks = probes.run(models, ["SEQ_DISULFIDE", "SEQ_CAPSID"], max_per_task=60, log=lambda *a: None)
     layers = SpeedPLMConfig.from_preset("tiny").num_hidden_layers
     for model in models:
-        for task in ("SEQ_DISULFIDE", "SEQ_LOCATION"):
+        for task in ("SEQ_DISULFIDE", "SEQ_CAPSID"):
             mine = [r for r in rows if r["model"] == model and r["task"] == task]
             assert [r["layer"] for r in mine] == list(range(layers + 1))
             assert all(0.0 <= r["accuracy"] <= 1.0 and -1.0 <= r["mcc"] <= 1.0 for r in mine)
@@ -292,3 +292,14 @@ def test_probe_features_do_not_depend_on_batching_or_padding(checkpoints):
     together = probes.embed(model, spec, task.tokens, 64, batch_tokens=4096, device="cpu")  # padded batches
     assert alone.shape == (5, 12, 64)
     np.testing.assert_allclose(alone, together, atol=2e-5)
+
+
+def test_probe_tasks_are_real_proteins():
+    from eval import probes
+    from eval.checkpoints import EvalError
+
+    assert probes.TASKS == ("SEQ_SOLUBLE", "SEQ_DISULFIDE", "SEQ_CAPSID")
+    with pytest.raises(EvalError, match=r"rejects 1810 of its 1835 sequences \(first: LOCATION_1: composition: 6 of"):
+        probes.load_task("SEQ_LOCATION")
+    task = probes.load_task("SEQ_DISULFIDE", max_per_task=0)  # 10 '!' marks and 4 lowercase marks dropped
+    assert (task.dropped_invalid, task.dropped_duplicate, len(task.labels)) == (14, 19, 2514)

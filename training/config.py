@@ -97,6 +97,16 @@ class DataSection(Section):
     mask_schedule_steps: int = setting(0, ge=0)  # ... this many steps (0 = no schedule)
     replacement: Literal["80/10/10", "mask"] = "80/10/10"  # "mask": every selected token becomes <mask>
 
+    def check(self) -> None:
+        end, steps = self.mask_rate_end, self.mask_schedule_steps
+        if (end is None) != (steps == 0):  # a schedule needs both keys; one alone would be ignored
+            given = f"data.mask_rate_end={end}" if end is not None else f"data.mask_schedule_steps={steps}"
+            missing = "data.mask_schedule_steps (> 0)" if end is not None else "data.mask_rate_end"
+            raise ConfigError(
+                f"{given} without {missing}: a mask-rate schedule needs both data.mask_rate_end and "
+                f"data.mask_schedule_steps (data.mask_rate -> data.mask_rate_end over that many steps)"
+            )
+
 
 @dataclass
 class TrainSection(Section):
@@ -139,7 +149,9 @@ class EvalSection(Section):
     every: int = setting(100, ge=0)  # steps; 0 = only at the end
     mask_rate: float = setting(0.15, gt=0, lt=1)  # ESM2's evaluation protocol
     seed: int = setting(1234, ge=0)  # fixed: every eval scores the same masked positions
-    max_tokens: int | None = setting(200_000, ge=1)  # cap per split (None = whole split)
+    # cap per split on the SCORED tokens (masked positions, all ranks; ~mask_rate of the residues): whole batches are
+    # evaluated until this many have been scored (None = the whole split); metrics' `tokens` is the exact count
+    max_tokens: int | None = setting(30_000, ge=1)
     test_at_end: bool = True
 
 

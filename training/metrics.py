@@ -122,18 +122,21 @@ class MaskedLMAccumulator:
 @torch.no_grad()
 def evaluate(model, loader, accelerator, max_tokens: int | None = None) -> dict:
     """`loader` yields the same masked batches every time (fixed seed, one pass, rank-disjoint). `max_tokens` caps
-    the tokens scored per split (over all ranks), always on the same leading batches."""
+    the tokens scored per split (masked positions, summed over all ranks): whole batches, always the same leading
+    ones, until at least `max_tokens` have been scored (the result's `tokens` says how many exactly)."""
     was_training = model.training
     model.eval()
     vocab_size = accelerator.unwrap_model(model).config.vocab_size
     accumulator = MaskedLMAccumulator(vocab_size, device=accelerator.device)
-    per_batch = loader.rows_per_micro_batch * loader.spec.max_length * accelerator.num_processes
-    max_batches = math.ceil(max_tokens / per_batch) if max_tokens else None
+    scored = 0  # masked positions so far, all ranks: every rank sees the same sum, so all stop at the same batch
     # Always from the first batch: an earlier eval that stopped at max_tokens left the loader mid-pass.
     loader.restart()
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
+    for batch in loader:
+        if max_tokens and scored >= max_tokens:
             break
+        if max_tokens:
+            count = (batch["labels"] != IGNORE_INDEX).sum().reshape(1).to(accelerator.device)
+            scored += int(accelerator.reduce(count, reduction="sum") if accelerator.num_processes > 1 else count)
         batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
         with accelerator.autocast():
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits

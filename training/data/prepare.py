@@ -3,6 +3,7 @@
     python -m training.data prepare --input PATH [PATH ...] --out DIR [--num-proc N] [options]
     python -m training.data prepare --builtin --out DIR          # DIR/train, DIR/valid, DIR/test (98/1/1)
     python -m training.data verify DIR                           # every shard's header, size and sha256
+                                                                 # (of each split, for a prepared parent DIR)
 
 Public API
     PrepareOptions(policy=ValidationPolicy(), split=None, sequence_column="sequence", id_column=None, dedup=False,
@@ -20,7 +21,8 @@ Public API
     .report(inputs, extra); rejection_lines(report, report_path); add_policy_arguments(parser),
     policy_from_args(args) -> ValidationPolicy
 
-report.json holds read, accepted, rejected (list of {file, line, id, reason}), cropped (accepted proteins longer
+report.json holds read, accepted, rejected (list of {file, line, id, reason}), files ({file: {read, accepted,
+rejected: {code: n}}}), cropped (accepted proteins longer
 than max_length - 2 residues: kept whole in the shards, cropped by the loader), rejected_by_reason, duplicate_ids,
 normalized counts, per-split counts and the policy; always accepted + len(rejected) == read. An input that yields no
 records (an empty file, a 0-byte .gz) or cannot be read to its end (a truncated .gz) stops the run, naming the file,
@@ -200,6 +202,7 @@ class PrepareRun:
         self.ids = KeyIndex() if policy.duplicate_ids != "ignore" else None  # id -> place of its first record
         self.seen = KeyIndex() if dedup else None  # sequence -> place of its first record
         self.records_in: collections.Counter = collections.Counter()  # records per input file
+        self.accepted_in: collections.Counter = collections.Counter()  # accepted records per input file
         self.split_counts = {name: dict(sequences=0, residues=0) for name in writers}
 
     @property
@@ -248,6 +251,7 @@ class PrepareRun:
             if m.any():
                 tokens = piece.tokens if m.all() else piece.tokens[np.repeat(m, piece.lengths)]
                 self._add(name, tokens, piece.lengths[m], piece.crcs[m])
+        self.accepted_in[piece.file] += int(keep.sum())
         if piece.last and not self.records_in[piece.file]:
             gz = piece.file.lower().endswith(".gz") and Path(piece.file).stat().st_size == 0
             raise SourceError(
@@ -305,6 +309,11 @@ class PrepareRun:
     def report(self, inputs: list, extra: dict) -> dict:
         assert self.accepted + len(self.rejected) == self.read, "record accounting is broken"
         by_reason = collections.Counter(r["reason"].split(":", 1)[0] for r in self.rejected)
+        per_file = {f: dict(read=self.records_in[f], accepted=self.accepted_in[f], rejected={}) for f in self.files}
+        for r in self.rejected:
+            counts = per_file[r["file"]]["rejected"]
+            code = r["reason"].split(":", 1)[0]
+            counts[code] = counts.get(code, 0) + 1
         return dict(
             inputs=[str(i) for i in inputs],
             read=self.read,
@@ -313,6 +322,7 @@ class PrepareRun:
             cropped=self.cropped,
             max_length=self.max_length,
             rejected_by_reason=dict(sorted(by_reason.items())),
+            files=per_file,
             duplicate_ids=self.duplicate_ids,
             normalized=dict(uppercased=self.uppercased, terminal_stop_stripped=self.stops),
             splits=self.split_counts,
@@ -452,6 +462,18 @@ def add_policy_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-length", type=int, default=1)
     p.add_argument("--reject-longer-than", type=int)
     p.add_argument("--duplicate-ids", choices=("report", "reject", "ignore"), default="report")
+    p.add_argument(
+        "--mixed-case",
+        choices=("reject", "upper"),
+        default="reject",
+        help="lowercase letters inside an upper-case sequence (annotation marks): reject (default) or upper-case",
+    )
+    p.add_argument(
+        "--no-composition-check",
+        action="store_true",
+        help="accept sequences that are not natural proteins (>= 50 residues lacking >= 5 of the 15 common amino "
+        "acids, or nucleotide-like); see training/data/validate.py",
+    )
 
 
 def policy_from_args(args: argparse.Namespace) -> ValidationPolicy:
@@ -463,6 +485,8 @@ def policy_from_args(args: argparse.Namespace) -> ValidationPolicy:
         min_length=args.min_length,
         reject_longer_than=args.reject_longer_than,
         duplicate_ids=args.duplicate_ids,
+        mixed_case=args.mixed_case,
+        composition_check=not args.no_composition_check,
     )
 
 
@@ -495,15 +519,27 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def verify(directory) -> int:
+    """`verify DIR`: every shard's header, size and sha256; a prepared parent folder (DIR/train, DIR/valid,
+    DIR/test, as `prepare --builtin` or `--split-fractions` write it) is verified split by split."""
+    root = Path(directory)
+    splits = [name for name in SPLITS if (root / name).is_dir()]
+    if (root / SHARD_MANIFEST).is_file() or not splits:
+        splits = [""]  # a shard directory itself (or nothing there: ShardSet names what is missing)
+    for name in splits:
+        shards = ShardSet(root / name, verify="sha256")
+        print(
+            f"{root / name if name else root}: ok, {len(shards.files)} shards, {shards.num_docs} proteins, "
+            f"{shards.num_tokens} residues"
+        )
+    return 0
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "verify":
-            shards = ShardSet(args.dir, verify="sha256")
-            print(
-                f"{args.dir}: ok, {len(shards.files)} shards, {shards.num_docs} proteins, {shards.num_tokens} residues"
-            )
-            return 0
+            return verify(args.dir)
         policy = policy_from_args(args)
         if args.builtin:
             prepare_builtin(args.out, policy=policy, max_length=args.max_length, overwrite=args.overwrite)

@@ -6,15 +6,33 @@ Tokenization is a 256-entry byte lookup table applied to a whole batch of record
 
 Public API
     ValidationPolicy(lowercase="upper", strip_terminal_stop=True, allow_gaps=False, allow_ambiguous=True,
-                     min_length=1, reject_longer_than=None, duplicate_ids="report")
+                     min_length=1, reject_longer_than=None, duplicate_ids="report", mixed_case="reject",
+                     composition_check=True)
     validate_batch(seqs: list[bytes], policy) -> BatchResult(tokens, lengths, reasons, uppercased, stops_stripped)
     encode(sequence: str | bytes, policy=None) -> np.ndarray   # (n,) uint8 residue ids; ValueError(reason) if bad
     decode(tokens) -> str                                       # residue ids -> letters
+    composition_problem(letters: bytes) -> str | None   # the composition rule on one upper-case sequence
     REASONS: dict[code, meaning]; a rejection reason reads "<code>: <detail>"
     VOCAB, VOCAB_HASH, CLS, PAD, EOS, UNK, MASK, FIRST_RESIDUE (4), LAST_STANDARD (23), LAST_RESIDUE (30)
 
 Policy (defaults suit pretraining)
     lowercase letters        upper-cased ("upper") or rejected ("reject")
+    mixed case               a sequence with both upper- and lowercase letters is rejected ("mixed_case"): in curated
+                             sets lowercase letters inside an upper-case sequence are annotation marks (aaanalysis
+                             SEQ_DISULFIDE has single 'a', 'c', 'i' in four sequences; aaanalysis itself drops them
+                             as non-canonical), not residues to upper-case silently; mixed_case="upper" upper-cases
+                             them (soft-masked low-complexity regions, say)
+    composition              a sequence that is not a natural protein (rejected, code "composition"; turned off
+                             with composition_check=False / --no-composition-check):
+                               - >= 50 residues with >= 5 of the 15 common amino acids A D E F G I K L N P Q R S T V
+                                 absent (each >= 3.5% of UniProtKB/Swiss-Prot): an alphabet-reduced encoding such as
+                                 aaanalysis SEQ_LOCATION (14 letters, no E F I L P Q), or a run of X;
+                               - >= 20 residues, >= 90% of them A C G T U N, with >= 3 of A C G T U present:
+                                 nucleotides.
+                             Measured (README, Data): it takes 1,794 of SEQ_LOCATION's 1,819 distinct sequences
+                             (the other 25 are < 50 residues), 9 distinct sequences of the other built-in files
+                             (7 SEQ_SOLUBLE, 2 SEQ_CAPSID), 376 of Swiss-Prot 2014's 435,059 (0.09%: mostly short
+                             coiled-coil, metallothionein-like and repeat proteins), no nucleotide-like one.
     one terminal `*`         stripped (a translation stop); any other `*` is rejected (internal stop)
     digits, `J`, non-ASCII, `<...>` text, other symbols   rejected
     gaps `-` `.`             rejected unless allow_gaps=True (then they map to their own ids, 30 and 29)
@@ -62,7 +80,17 @@ REASONS = {
     "too_long": "more residues than reject_longer_than",
     "duplicate_id": "an id seen before (policy duplicate_ids='reject')",
     "duplicate_sequence": "a sequence seen before (deduplication on)",
+    "mixed_case": "lowercase letters inside an upper-case sequence: annotation marks (policy mixed_case='reject')",
+    "composition": "not a natural protein: many common amino acids absent, or nucleotide letters (composition_check)",
 }
+
+# The composition rule (module docstring; thresholds measured on real proteins, README "Data").
+COMMON_RESIDUES = "ADEFGIKLNPQRSTV"  # each >= 3.5% of UniProtKB/Swiss-Prot residues; C H M W Y are rarer
+COMPOSITION_MIN_LENGTH = 50  # residues: below this, natural proteins lack common letters too often
+COMPOSITION_MAX_ABSENT = 4  # common residues a protein may lack; one more is rejected
+NUCLEOTIDE_MIN_LENGTH = 20
+NUCLEOTIDE_FRACTION = 0.9  # share of A C G T U N
+NUCLEOTIDE_MIN_DISTINCT = 3  # of A C G T U present (poly-A and AAT repeats are proteins)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,12 +104,16 @@ class ValidationPolicy:
     min_length: int = 1
     reject_longer_than: int | None = None
     duplicate_ids: str = "report"  # "report" | "reject" | "ignore" (no id index: corpora with unique ids)
+    mixed_case: str = "reject"  # "reject" | "upper": lowercase letters inside an upper-case sequence
+    composition_check: bool = True  # reject sequences that are not natural proteins (see the module docstring)
 
     def __post_init__(self):
         if self.lowercase not in ("upper", "reject"):
             raise ValueError(f"lowercase must be 'upper' or 'reject', got {self.lowercase!r}")
         if self.duplicate_ids not in ("report", "reject", "ignore"):
             raise ValueError(f"duplicate_ids must be 'report', 'reject' or 'ignore', got {self.duplicate_ids!r}")
+        if self.mixed_case not in ("reject", "upper"):
+            raise ValueError(f"mixed_case must be 'reject' or 'upper', got {self.mixed_case!r}")
         if self.min_length < 1:
             raise ValueError(f"min_length must be >= 1, got {self.min_length}")
 
@@ -100,6 +132,12 @@ def build_lut(policy: ValidationPolicy) -> np.ndarray:
 _LUT_CACHE: dict[ValidationPolicy, np.ndarray] = {}
 _IS_LOWER = np.zeros(256, dtype=bool)
 _IS_LOWER[ord("a") : ord("z") + 1] = True
+_IS_UPPER = np.zeros(256, dtype=bool)
+_IS_UPPER[ord("A") : ord("Z") + 1] = True
+# the composition rule works on "letters present" masks: residue id i (4..30) is bit 1 << i
+_COMMON_BITS = [(ch, 1 << VOCAB.index(ch)) for ch in COMMON_RESIDUES]
+_NUCLEOTIDE_MASK = sum(1 << VOCAB.index(ch) for ch in "ACGTUN")
+_NUCLEOTIDE_BITS = [1 << VOCAB.index(ch) for ch in "ACGTU"]
 # residue id -> ASCII letter (0 for non-residues), to rebuild normalized sequences for hashing and display
 ID_TO_BYTE = np.zeros(256, dtype=np.uint8)
 for _i, _tok in enumerate(VOCAB):
@@ -148,6 +186,53 @@ def explain(seq: bytes, policy: ValidationPolicy) -> str:
     return f"invalid_character: {ch!r} {at}"
 
 
+def _composition(tokens: np.ndarray, lengths: np.ndarray) -> list:
+    """(k, reason) of the records (residue ids back to back, `lengths` >= 1 each) that fail the composition rule."""
+    if not len(lengths):
+        return []
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))  # (n,)
+    ids = tokens.astype(np.uint32)  # (total,) residue ids 4..30
+    present = np.bitwise_or.reduceat(np.left_shift(np.uint32(1), ids), starts)  # (n,) bit i: residue id i present
+    absent = sum(((present & bit) == 0).astype(np.int64) for _, bit in _COMMON_BITS)  # (n,) common letters absent
+    is_nucleotide = np.right_shift(np.uint32(_NUCLEOTIDE_MASK), ids) & np.uint32(1)  # (total,) 0/1
+    nucleotides = np.add.reduceat(is_nucleotide, starts).astype(np.int64)  # (n,)
+    distinct = sum(((present & bit) != 0).astype(np.int64) for bit in _NUCLEOTIDE_BITS)  # (n,) of A C G T U
+    reduced = (lengths >= COMPOSITION_MIN_LENGTH) & (absent > COMPOSITION_MAX_ABSENT)
+    nucleic = (lengths >= NUCLEOTIDE_MIN_LENGTH) & (nucleotides >= NUCLEOTIDE_FRACTION * lengths)
+    nucleic &= distinct >= NUCLEOTIDE_MIN_DISTINCT
+    out = []
+    for k in np.flatnonzero(reduced | nucleic).tolist():
+        n = int(lengths[k])
+        if reduced[k]:
+            missing = " ".join(ch for ch, bit in _COMMON_BITS if not int(present[k]) & bit)
+            what = (
+                f"{int(absent[k])} of the {len(COMMON_RESIDUES)} common amino acids absent ({missing}) in {n} "
+                "residues: not a natural protein (an alphabet-reduced encoding?)"
+            )
+        else:
+            what = f"nucleotide-like, {100 * int(nucleotides[k]) / n:.0f}% A/C/G/T/U/N in {n} residues"
+        out.append((k, f"composition: {what}; composition_check=False (--no-composition-check) accepts it"))
+    return out
+
+
+def composition_problem(letters: bytes) -> str | None:
+    """The composition rule's reason for one sequence of upper-case residue letters, or None if it passes."""
+    tokens = build_lut(ValidationPolicy())[np.frombuffer(letters, dtype=np.uint8)]
+    if not len(tokens) or (tokens == BAD).any():
+        raise ValueError("composition_problem() takes upper-case residue letters only")
+    found = _composition(tokens, np.array([len(tokens)]))
+    return found[0][1] if found else None
+
+
+def _mixed_case(seq: bytes) -> str:
+    lower = np.flatnonzero(_IS_LOWER[np.frombuffer(seq, dtype=np.uint8)])
+    i = int(lower[0])
+    return (
+        f"mixed_case: {len(lower)} lowercase letter(s) among upper-case ones, first {chr(seq[i])!r} at residue "
+        f"{i + 1} (annotation marks? mixed_case='upper' / --mixed-case upper upper-cases them)"
+    )
+
+
 class BatchResult(NamedTuple):
     tokens: np.ndarray  # (sum of accepted lengths,) uint8 residue ids, accepted records back to back
     lengths: np.ndarray  # (n,) int64 residues per record; -1 where rejected
@@ -182,12 +267,20 @@ def validate_batch(seqs: list[bytes], policy: ValidationPolicy) -> BatchResult:
         for k in np.flatnonzero(lengths > policy.reject_longer_than):
             limit = policy.reject_longer_than
             reasons[k] = reasons[k] or f"too_long: {lengths[k]} residues > reject_longer_than {limit}"
-    rejected = np.array([r is not None for r in reasons], dtype=bool)  # (n,)
-    uppercased = 0
     lower_pos = np.flatnonzero(_IS_LOWER[buf])
-    if lower_pos.size:
-        lower_recs = np.unique(np.searchsorted(ends, lower_pos, side="right"))
-        uppercased = int((~rejected[lower_recs]).sum())
+    lower_recs = np.unique(np.searchsorted(ends, lower_pos, side="right")) if lower_pos.size else lower_pos
+    if lower_recs.size and policy.mixed_case == "reject":
+        upper_recs = np.unique(np.searchsorted(ends, np.flatnonzero(_IS_UPPER[buf]), side="right"))
+        for k in np.intersect1d(lower_recs, upper_recs).tolist():
+            reasons[k] = reasons[k] or _mixed_case(seqs[k])
+    rejected = np.array([r is not None for r in reasons], dtype=bool)  # (n,)
+    if policy.composition_check:  # on the records that passed every other check
+        ok = np.flatnonzero(~rejected)
+        checked = tokens[np.repeat(~rejected, lengths)] if rejected.any() else tokens
+        for j, reason in _composition(checked, lengths[ok]):
+            reasons[ok[j]] = reason
+            rejected[ok[j]] = True
+    uppercased = int((~rejected[lower_recs]).sum()) if lower_recs.size else 0
     if rejected.any():
         tokens = tokens[np.repeat(~rejected, lengths)]  # drop rejected records' bytes
         lengths = np.where(rejected, -1, lengths)
