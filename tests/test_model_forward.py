@@ -164,7 +164,7 @@ def test_hidden_states_cover_every_layer(tokenizer):
         assert len(base.layers) == 4 and base.skip_weights.shape == (2,)
         w = base.skip_weights
         block_inputs = [hidden[0], hidden[1], hidden[2] + w[0] * hidden[2], hidden[3] + w[1] * hidden[1]]
-        x = x0
+        x, outputs = x0, []
         for i, block in enumerate(base.layers):
             table = base.value_table_of_layer[i]
             ve = base.value_embeds[table](batch["input_ids"]) if table is not None else None
@@ -172,9 +172,9 @@ def test_hidden_states_cover_every_layer(tokenizer):
             expected = rms_norm(expected, eps) if i == 3 else expected
             torch.testing.assert_close(hidden[i + 1], expected, atol=1e-6, rtol=0, msg=f"hidden state {i + 1}")
             # and chained from x0 alone, without the recorded states: the same wiring end to end
-            skip = {2: "out1", 3: "out0"}.get(i)
-            x = block(x if skip is None else x + w[i - 2] * chained[skip], x0, ve, cos, sin, mask)
-            chained = {**(chained if i else {}), f"out{i}": x}
+            skip = {2: outputs[1], 3: outputs[0]}[i] if i >= 2 else None  # block 2 <- block 1, block 3 <- block 0
+            x = block(x if skip is None else x + w[i - 2] * skip, x0, ve, cos, sin, mask)
+            outputs.append(x)
         torch.testing.assert_close(out.last_hidden_state, rms_norm(x, eps), atol=1e-5, rtol=0)
 
 

@@ -27,7 +27,7 @@ REGENERATE = "if the change is intended, regenerate in the same commit: python t
 @pytest.fixture(scope="module")
 def golden():
     with safe_open(GOLDEN / "golden.safetensors", "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
 
 
 @pytest.fixture(scope="module")

@@ -65,7 +65,8 @@ report = {"class": type(tokenizer).__name__, "added": tokenizer.add_tokens(["<ne
 model.resize_token_embeddings(len(tokenizer))
 report["ids"] = tokenizer("mKT<new>AYIAK<mask>")["input_ids"]
 with torch.no_grad():
-    report["logits"] = list(model(**tokenizer(["MKT<new>AYIAK", "MKTAYIAK"], padding=True, return_tensors="pt")).logits.shape)
+    batch = tokenizer(["MKT<new>AYIAK", "MKTAYIAK"], padding=True, return_tensors="pt")
+    report["logits"] = list(model(**batch).logits.shape)
 errors = {}
 for text in ("MKT<old>AYIAK", "MKT<NEW>AYIAK", "MK<cls>T", "MKT<new"):
     try:
