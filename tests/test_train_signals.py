@@ -87,8 +87,10 @@ def test_sigterm_to_one_of_two_ranks_stops_both_with_one_checkpoint(two_rank_sig
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["step"] >= 2, state
     assert max(r["step"] for r in rows(run.parent)) == state["step"]  # both ranks stopped at the same step
-    # every rank left with 143 (torchrun reports non-zero worker exits; the launcher itself exits non-zero)
-    assert code != 0 and "143" in out and "Traceback" not in out.split("ChildFailedError")[0], out[-3000:]
+    # rank 0 leaves with 143 after the save; torchrun then reports the stop (and may SIGTERM a rank that is still
+    # exiting: its exit reads -15); the launcher itself exits non-zero
+    assert code != 0 and "exitcode  : 143" in out, out[-3000:]
+    assert "TrainingStopped" not in out and "NonFiniteLosses" not in out
     assert not (run / "final").exists()
 
 
