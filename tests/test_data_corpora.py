@@ -45,12 +45,27 @@ def saved_dataset(tmp_path_factory, proteins):
     return root
 
 
-def test_known_corpora():
-    assert CORPORA == {
-        "omg_prot50": "Synthyra/omg_prot50",
-        "uniref50": "Synthyra/uniref50",
-        "og_prot90": "Synthyra/og_prot90",
-    }
+def test_known_corpora_fetch_their_hub_repo(tmp_path, hub_layout, monkeypatch):
+    """Each short name, without `source`, reads the Hub dataset repo the README names (the filesystem is redirected
+    to a local copy: no network) and records that id in corpus.json."""
+    from training.data import corpora
+
+    opened = []
+    real_filesystem = corpora._filesystem
+
+    def hub_as_local(source, revision):
+        opened.append(source)
+        return real_filesystem(str(hub_layout), revision)
+
+    monkeypatch.setattr(corpora, "_filesystem", hub_as_local)
+    expected = {"omg_prot50": "Synthyra/omg_prot50", "uniref50": "Synthyra/uniref50", "og_prot90": "Synthyra/og_prot90"}
+    assert set(CORPORA) == set(expected)
+    for name, hub_id in expected.items():
+        opened.clear()
+        out = tmp_path / name
+        download_corpus(name, out, CorpusPart(splits=("valid",), max_shards=1), log=lambda *a: None)
+        assert opened == [hub_id]
+        assert json.loads((out / "corpus.json").read_text())["hub_id"] == hub_id
 
 
 def test_download_everything_then_prepare(tmp_path, hub_layout, proteins):

@@ -10,6 +10,7 @@ With CUDA the same tests run compiled on the GPU, plus the full-size `gpu` tests
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -35,9 +36,32 @@ def _interpreter_or_subprocess(request):
         pytest.skip("triton imported before TRITON_INTERPRET=1: runs in test_in_fresh_interpreter's subprocess")
 
 
+LATE_INTERPRETER = """
+import os, torch, triton  # triton first, without the variable: its @jit library is compiled-mode
+os.environ["TRITON_INTERPRET"] = "1"  # too late for triton
+from modeling_speedplm import kernels_speedplm as K
+assert not K.INTERPRET, "INTERPRET claims the interpreter although triton was imported before the variable"
+try:
+    K.xxt(torch.randn(4, 8))
+except RuntimeError as err:
+    print("refused:", err)
+"""
+
+
 def test_in_fresh_interpreter():
+    """The kernels run under the interpreter only if TRITON_INTERPRET=1 came before triton's import: a process that
+    set it too late must not claim the interpreter and refuses CPU kernels with that reason (checked in a fresh
+    interpreter, every run). If this process is such a one (REEXEC), the module re-runs itself in a fresh one."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    late = subprocess.run(
+        [sys.executable, "-c", LATE_INTERPRETER], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert late.returncode == 0, late.stderr[-3000:]
+    assert "refused: Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is imported" in late.stdout
     if not REEXEC:
-        pytest.skip("the kernels run in this process")
+        assert DEVICE == "cuda" or (K.INTERPRET and triton.knobs.runtime.interpret)  # the kernels run right here
+        return
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],

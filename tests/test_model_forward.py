@@ -158,14 +158,41 @@ def test_hidden_states_cover_every_layer(tokenizer):
         mask = dense_attention_mask(documents, None)
         x0 = rms_norm(base.embed_tokens(batch["input_ids"]), eps)
         torch.testing.assert_close(hidden[0], x0, atol=0, rtol=0)
-        n, half = len(base.layers), len(base.layers) // 2
+        # The U-Net wiring written out for the 4-block tiny preset (not re-derived from the model's own indexing):
+        # the encoder half (blocks 0, 1) keeps its outputs; the decoder half adds them back in mirror order, block 2
+        # the output of block 1 (hidden[2]), block 3 the output of block 0 (hidden[1]), each times its skip weight.
+        assert len(base.layers) == 4 and base.skip_weights.shape == (2,)
+        w = base.skip_weights
+        block_inputs = [hidden[0], hidden[1], hidden[2] + w[0] * hidden[2], hidden[3] + w[1] * hidden[1]]
+        x, outputs = x0, []
         for i, block in enumerate(base.layers):
-            x = hidden[i] if i < half else hidden[i] + base.skip_weights[i - half] * hidden[n - i]
             table = base.value_table_of_layer[i]
             ve = base.value_embeds[table](batch["input_ids"]) if table is not None else None
-            expected = block(x, x0, ve, cos, sin, mask)
-            expected = rms_norm(expected, eps) if i == n - 1 else expected
+            expected = block(block_inputs[i], x0, ve, cos, sin, mask)
+            expected = rms_norm(expected, eps) if i == 3 else expected
             torch.testing.assert_close(hidden[i + 1], expected, atol=1e-6, rtol=0, msg=f"hidden state {i + 1}")
+            # and chained from x0 alone, without the recorded states: the same wiring end to end
+            skip = {2: outputs[1], 3: outputs[0]}[i] if i >= 2 else None  # block 2 <- block 1, block 3 <- block 0
+            x = block(x if skip is None else x + w[i - 2] * skip, x0, ve, cos, sin, mask)
+            outputs.append(x)
+        torch.testing.assert_close(out.last_hidden_state, rms_norm(x, eps), atol=1e-5, rtol=0)
+
+
+def test_unet_skips_start_at_one_and_carry_signal(tokenizer):
+    """A freshly initialised model starts with every U-Net skip weight at 1 (the skips carry the encoder outputs
+    from step 0), and the skips change the outputs (zeroing them moves last_hidden_state)."""
+    from modeling_speedplm import SpeedPLMConfig, SpeedPLMForMaskedLM
+
+    torch.manual_seed(0)
+    fresh = SpeedPLMForMaskedLM(SpeedPLMConfig.from_preset("tiny"))
+    assert torch.equal(fresh.model.skip_weights, torch.ones(2))
+    model = randomized_tiny_model().eval()
+    batch = tokenizer(PROTEINS[:2], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        before = model.model(**batch).last_hidden_state
+        model.model.skip_weights.zero_()
+        after = model.model(**batch).last_hidden_state
+    assert (before - after).abs().max() > 1e-2
 
 
 def test_zero_initialised_projections():

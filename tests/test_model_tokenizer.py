@@ -51,3 +51,75 @@ def test_too_long_is_an_error_unless_cropped():
     assert tokenizer("M" * 10)["input_ids"][-1] == tokenizer.eos_token_id
     cropped = tokenizer(["M" * 40, "MK"], truncation=True, padding=True)["input_ids"]
     assert [len(row) for row in cropped] == [12, 12] and cropped[0][-1] == tokenizer.eos_token_id
+
+
+ADDED_TOKENS = r"""
+import json, sys
+import torch
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+ckpt, saved = sys.argv[1], sys.argv[2]
+tokenizer = AutoTokenizer.from_pretrained(ckpt, trust_remote_code=True)
+model = AutoModelForMaskedLM.from_pretrained(ckpt, trust_remote_code=True).eval()
+report = {"class": type(tokenizer).__name__, "added": tokenizer.add_tokens(["<new>"])}
+model.resize_token_embeddings(len(tokenizer))
+report["ids"] = tokenizer("mKT<new>AYIAK<mask>")["input_ids"]
+with torch.no_grad():
+    batch = tokenizer(["MKT<new>AYIAK", "MKTAYIAK"], padding=True, return_tensors="pt")
+    report["logits"] = list(model(**batch).logits.shape)
+errors = {}
+for text in ("MKT<old>AYIAK", "MKT<NEW>AYIAK", "MK<cls>T", "MKT<new"):
+    try:
+        tokenizer(text)
+    except ValueError as err:
+        errors[text] = str(err)
+report["errors"] = errors
+tokenizer.save_pretrained(saved)
+again = AutoTokenizer.from_pretrained(saved, trust_remote_code=True)
+report["reloaded_class"] = type(again).__name__
+report["reloaded_ids"] = again("MKT<new>AYIAK")["input_ids"]
+try:
+    again("MKT<old>AYIAK")
+except ValueError as err:
+    report["reloaded_error"] = str(err)
+print(json.dumps(report))
+"""
+
+
+def test_added_tokens_through_a_checkpoint(tmp_path):
+    """A user's `add_tokens` + `resize_token_embeddings` on a checkpoint loaded from disk with trust_remote_code:
+    the added token is accepted (and kept through the tokenizer's save/reload), unknown `<...>` text still refused."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import randomized_tiny_model
+
+    from training.publish.model_folder import write_model_folder
+
+    write_model_folder(randomized_tiny_model(), tmp_path / "ckpt")
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    args = [sys.executable, "-c", ADDED_TOKENS, str(tmp_path / "ckpt"), str(tmp_path / "saved")]
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["class"] == report["reloaded_class"] == "SpeedPLMTokenizer" and report["added"] == 1
+    tokenizer = build_tokenizer()
+    mkt, ayiak = encode("MKT").tolist(), encode("AYIAK").tolist()
+    assert report["ids"] == [0, *mkt, 33, *ayiak, tokenizer.mask_token_id, 2]  # residues upper-cased, <new> = 33
+    assert report["reloaded_ids"] == [0, *mkt, 33, *ayiak, 2]
+    assert report["logits"] == [2, 11, 34]  # the resized head scores the new token
+    assert set(report["errors"]) == {"MKT<old>AYIAK", "MKT<NEW>AYIAK", "MK<cls>T", "MKT<new"}
+    assert "'<' at position 4 of 'MKT<old>AYIAK': special-token text" in report["errors"]["MKT<old>AYIAK"]
+    assert "the added tokens ['<new>']" in report["errors"]["MKT<old>AYIAK"]
+    assert "'<' at position 4" in report["reloaded_error"]
+
+
+def test_added_tokens_in_process():
+    tokenizer = build_tokenizer()
+    with pytest.raises(ValueError, match="special-token text"):
+        tokenizer("MKT<new>AYIAK")  # before add_tokens: unknown text
+    tokenizer.add_tokens(["<new>", "<newer>"])
+    assert tokenizer("MKT<newer>A<new>")["input_ids"] == [0, *encode("MKT").tolist(), 34, *encode("A").tolist(), 33, 2]
+    with pytest.raises(ValueError, match="'<' at position 2"):
+        tokenizer("M<ne>K")

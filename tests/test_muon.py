@@ -54,9 +54,17 @@ def test_cpu_default_orthogonalizes_in_fp32_close_to_bf16():
     fp32, bf16 = make_params(), make_params()
     got = run(fp32, DistributedMuon(fp32, kernels="torch"))
     ref = run(bf16, DistributedMuon(bf16, kernels="torch", ns_dtype=torch.bfloat16))
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, rtol=0, atol=2e-2 * b.abs().max().item())
+    assert_same_updates(got, ref, rel=5e-2)  # bf16 rounding: measured 1.6% of the update (3 steps move ~2e-3)
     assert any(not torch.equal(a, b) for a, b in zip(got, ref))
+
+
+def assert_same_updates(got, want, rel):
+    """Compare the UPDATES (parameters minus their start), relative to the update's own size: the parameters are
+    O(1) and 3 steps move them by ~0.05, so a tolerance on the parameters would pass with no update at all."""
+    for a, b, p0 in zip(got, want, make_params(SHAPES if len(got) == len(SHAPES) else REPEATED)):
+        moved = (b - p0).abs().max().item()
+        assert moved > 1e-4, "the reference run did not move the parameters"
+        torch.testing.assert_close(a - p0, b - p0, rtol=0, atol=rel * moved)
 
 
 @pytest.mark.parametrize(
@@ -70,7 +78,7 @@ def test_kernels_setting_is_the_model_configs(kernels, use_triton):
         DistributedMuon([torch.nn.Parameter(torch.zeros(2, 2))], kernels="nope")
 
 
-@pytest.mark.parametrize("ns_dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("ns_dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 def test_stacked_newton_schulz_matches_one_at_a_time(ns_dtype, tol, monkeypatch):
     """Same-shape matrices orthogonalised as one stack give the per-matrix result (up to the batched products'
     rounding), and the stacked path really runs (the CPU default is unstacked)."""
@@ -83,8 +91,7 @@ def test_stacked_newton_schulz_matches_one_at_a_time(ns_dtype, tol, monkeypatch)
     assert calls[:4] == [(3, 32, 32), (2, 48, 16), (16, 40), (24, 8)]  # one call per shape, in first-seen order
     monkeypatch.undo()
     want = run(single, DistributedMuon(single, kernels="torch", ns_dtype=ns_dtype, stack=False))
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=0, atol=tol * b.abs().max().item())
+    assert_same_updates(got, want, rel=tol)
 
 
 def test_rejects_non_matrices():

@@ -65,10 +65,12 @@ def test_push_survives_faults_and_lands_identical(tmp_path, shards, canary):  # 
         expected = {p.name: p.read_bytes() for p in final.iterdir() if p.is_file()}
         assert server.files(REPO) == expected  # byte-identical, the newest commit holds the final model
         assert "model.safetensors" not in server.files(REPO, revision=commits[0].oid)  # start push: no weights
-        last = rows(tmp_path)[-1]
-        assert last["hub_retries"] >= 0 and last["hub_failed"] == 0
         retried = [r.status for r in server.requests if r.endpoint in ("create", "commit") and r.status >= 400]
         assert {503, 429} <= set(retried)
+        # each refused create/commit is retried by the pusher (the library does not retry these POSTs), and the
+        # training log counts every retry (refused connections add more)
+        last = rows(tmp_path)[-1]
+        assert last["hub_retries"] >= len(retried) >= 3 and last["hub_failed"] == 0
         for request in server.requests:
             for name, value in request.headers.items():
                 assert canary not in value or name == "authorization"
