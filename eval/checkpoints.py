@@ -6,6 +6,7 @@ Public API (eval.benchmark, probes, finetune, embed, zeroshot and quality all lo
     inspect_model(name) -> ModelSpec                # config + tokenizer only (cheap): check every model first
     load_model(spec, device) -> model (eval mode)   # AutoModelForMaskedLM, trust_remote_code=True
     VocabMap.identity(), vocab_map(name, tokenizer, logits_width) -> VocabMap
+    esm_twin(speedplm_config) -> EsmForMaskedLM     # ESM2 of the same shape (the baseline every comparison uses)
 """
 
 from dataclasses import dataclass
@@ -108,3 +109,31 @@ def load_model(spec: ModelSpec, device) -> torch.nn.Module:
     except (OSError, ValueError) as err:
         raise EvalError(f"model {spec.name}: cannot load weights: {err}") from err
     return model.to(device).eval()
+
+
+def esm_twin(config):
+    """The EsmForMaskedLM of a SpeedPLMConfig's shape, ESM2's own architecture: what SpeedPLM is compared with."""
+    from transformers import EsmConfig, EsmForMaskedLM
+
+    from training.data.validate import MASK, PAD
+
+    """ESM2 at the same hidden size, depth and MLP width (ESM2-8M: 320 x 6, 20 heads, MLP 1280)."""
+    heads = 20 if config.hidden_size % 20 == 0 else config.num_attention_heads
+    return EsmForMaskedLM(
+        EsmConfig(
+            vocab_size=len(ESM2_VOCAB),
+            hidden_size=config.hidden_size,
+            num_hidden_layers=config.num_hidden_layers,
+            num_attention_heads=heads,
+            intermediate_size=config.intermediate_size,
+            max_position_embeddings=1026,
+            position_embedding_type="rotary",
+            pad_token_id=PAD,
+            mask_token_id=MASK,
+            token_dropout=False,
+            emb_layer_norm_before=False,
+            attn_implementation="sdpa",
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,  # as the released ESM2 configs
+        )
+    )

@@ -41,7 +41,7 @@ def prepared(tmp_path_factory):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """A tiny SpeedPLM (save_pretrained) and a tiny random EsmForMaskedLM + EsmTokenizer of the same shape."""
-    from eval.perf.throughput import esm_twin
+    from eval.checkpoints import esm_twin
 
     root = tmp_path_factory.mktemp("ckpt")
     speedplm = randomized_tiny_model(seed=1)

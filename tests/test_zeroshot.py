@@ -203,7 +203,7 @@ def checkpoints(tmp_path_factory):
     with a stock EsmTokenizer; the in-memory models are returned for hand computations."""
     from transformers import EsmTokenizer
 
-    from eval.perf.throughput import esm_twin
+    from eval.checkpoints import esm_twin
 
     root = tmp_path_factory.mktemp("ckpt")
     speedplm = randomized_tiny_model(seed=7, max_position_embeddings=48).eval()

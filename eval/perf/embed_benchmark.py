@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from eval.checkpoints import esm_twin
 from eval.embed import embed_to_parquet, load_embedder, resolve_dtype
-from eval.perf.throughput import esm_twin
 from eval.tables import hardware, markdown_table
 from modeling_speedplm import SpeedPLMConfig, SpeedPLMForMaskedLM, build_tokenizer
 from training.data.sources import builtin_files, iter_records

@@ -18,37 +18,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from transformers import EsmConfig, EsmForMaskedLM
 
+from eval.checkpoints import esm_twin
 from eval.tables import markdown_table
-from modeling_speedplm import ESM2_VOCAB, SpeedPLMConfig, SpeedPLMForMaskedLM
+from modeling_speedplm import SpeedPLMConfig, SpeedPLMForMaskedLM
 from training.data.collator import EVAL_MASK_RATE, MLMCollator
 from training.data.loader import LoaderOptions, build_loader
-from training.data.validate import MASK, PAD
 from training.data_setup import builtin_root
-
-
-def esm_twin(config: SpeedPLMConfig) -> EsmForMaskedLM:
-    """ESM2 at the same hidden size, depth and MLP width (ESM2-8M: 320 x 6, 20 heads, MLP 1280)."""
-    heads = 20 if config.hidden_size % 20 == 0 else config.num_attention_heads
-    return EsmForMaskedLM(
-        EsmConfig(
-            vocab_size=len(ESM2_VOCAB),
-            hidden_size=config.hidden_size,
-            num_hidden_layers=config.num_hidden_layers,
-            num_attention_heads=heads,
-            intermediate_size=config.intermediate_size,
-            max_position_embeddings=1026,
-            position_embedding_type="rotary",
-            pad_token_id=PAD,
-            mask_token_id=MASK,
-            token_dropout=False,
-            emb_layer_norm_before=False,
-            attn_implementation="sdpa",
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,  # as the released ESM2 configs
-        )
-    )
 
 
 def builtin_train_dir(cache: Path) -> Path:

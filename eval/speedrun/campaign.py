@@ -70,7 +70,7 @@ import numpy as np
 import torch
 
 from eval.benchmark import build_batches, resolve_split
-from eval.perf.throughput import esm_twin  # ESM2's shape and recipe (no dropout)
+from eval.checkpoints import esm_twin  # ESM2's shape and recipe (no dropout)
 from eval.speedrun.stats import BUDGET, baseline_arm, budget_share
 from eval.tables import hardware
 from training.data.collator import EVAL_MASK_RATE

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval.perf.throughput import esm_twin
+from eval.checkpoints import esm_twin
 from eval.speedrun import stats as st
 from eval.speedrun.campaign import (
     EVAL_MASK_RATE,
