@@ -49,7 +49,8 @@ def first_contact(out: Path, data: Path, *extra: str, timeout: float = 900) -> s
 def part_rows(summary: str) -> dict[str, str]:
     """part name -> status, from summary.md's parts table."""
     rows = {}
-    for line in summary.splitlines():
+    section = summary.split("## Parts", 1)[1].split("\n## ", 1)[0]
+    for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 6 and cells[0] and cells[0][0] in "abcde" and cells[0] != "part":
             rows[cells[0]] = cells[2]
@@ -189,3 +190,19 @@ def test_peak_table_by_device_name(name, sku, tflops):
 def test_peak_override_and_cpu():
     assert peak_flops(torch.device("cpu"), None) is None  # no MFU on CPU
     assert peak_flops(torch.device("cpu"), 500.0) == 500e12  # train.peak_tflops wins everywhere
+
+
+def test_cuda_refuses_fp32_unless_asked():
+    """A plain `python train_accelerate.py` on CUDA would train in fp32: refused (exit 2 via ConfigError)."""
+    from types import SimpleNamespace
+
+    from training.config import ConfigError, load_config
+    from training.trainer import refuse_silent_fp32
+
+    cuda_fp32 = SimpleNamespace(device=torch.device("cuda"), mixed_precision="no")  # what Accelerator() reports
+    with pytest.raises(ConfigError, match="train.allow_fp32=true"):
+        refuse_silent_fp32(cuda_fp32, allow_fp32=False)
+    refuse_silent_fp32(cuda_fp32, allow_fp32=True)
+    refuse_silent_fp32(SimpleNamespace(device=torch.device("cuda"), mixed_precision="bf16"), allow_fp32=False)
+    refuse_silent_fp32(SimpleNamespace(device=torch.device("cpu"), mixed_precision="no"), allow_fp32=False)
+    assert load_config(None, ["train.allow_fp32=true"]).train.allow_fp32 is True
