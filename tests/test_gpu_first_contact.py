@@ -75,6 +75,8 @@ def test_dry_run_end_to_end(tmp_path, builtin_data):
     assert len(losses) == 1, losses  # same data, seed and model: the kernels change speed, not the numbers
     assert (out / "d" / "metrics.jsonl").exists() and "| 4 | valid |" in (out / "d.md").read_text()
     assert "Decision" in summary and "AUTO_KERNELS" in summary and "FP8" in summary
+    decision = summary.split("## Decision", 1)[1].split("\n## ", 1)[0]
+    assert "CHECK" not in decision, decision  # parity ok for every kernel, the all-on set included
     pre = (out / "a.md").read_text()
     assert "flex mixed dtypes" in pre and "all bfloat16" in pre and "FAILED" not in pre
 

@@ -52,6 +52,7 @@ DEFAULT_BUDGET = {"a": 60, "b": 60, "c": 240, "d": 120, "e": 60}  # e gets what 
 # The decision needs each kernel alone against torch first; newton_schulz leaves the model graph as torch compiled it
 # (inductor's on-disk cache hits); "triton" (all on) last.
 VARIANTS = ("torch", "linear_relu2", "newton_schulz", "qk_norm_rotary", "triton")
+KERNELS = ("linear_relu2", "qk_norm_rotary", "newton_schulz")  # configuration_speedplm.TRITON_KERNELS (no torch here)
 PAYS = 1.02  # a kernel "pays" at >= 2% more tokens/s than kernels=torch in the same run (and parity ok)
 MIN_PART_S = 5.0
 # Optional packages the first contact must not need (issue #23): reported by pre-flight, never imported.
@@ -436,7 +437,7 @@ class Runner:
         table, paying = [], []
         for variant in ("triton", *[v for v in VARIANTS if v not in ("torch", "triton")]):
             row = rows.get(variant)
-            names = [n for n in variant.split("+") if n in VARIANTS] if variant != "triton" else list(VARIANTS[2:])
+            names = KERNELS if variant == "triton" else [n for n in variant.split("+") if n in KERNELS]
             ok = all(parity.get(n) for n in names) if parity else None
             if row is None:
                 table.append([variant, _yes(ok), "not measured", "", "", "unknown: keep it out of auto"])
