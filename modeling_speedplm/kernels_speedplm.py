@@ -669,9 +669,12 @@ def newton_schulz_reference(
     return X.T if tall else X
 
 
-# "auto" on CUDA uses these: the kernels that paid end to end in `python -m eval.perf.gpu_benchmark` (README, "GPU fast
-# path"); the others stay available by name (TRITON_KERNELS, configuration_speedplm.py).
-AUTO_KERNELS = TRITON_KERNELS
+# "auto" on CUDA uses these: only kernels that a measured table showed paying END TO END in the trainer's real step
+# (`python -m eval.perf.gpu_first_contact`, part (c): tokens/s with the kernel alone vs kernels=torch, parity ok).
+# None has been measured on a GPU yet, so "auto" is torch everywhere (inductor already fuses ReLU^2 and norm + rotary
+# inside the compiled blocks); the first-contact summary names what to put here. Every kernel stays available by name
+# (model.kernels=triton or a "+"-joined subset of TRITON_KERNELS, configuration_speedplm.py).
+AUTO_KERNELS: tuple[str, ...] = ()
 
 
 def triton_auto(device) -> bool:

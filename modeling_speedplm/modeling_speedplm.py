@@ -103,14 +103,18 @@ class SpeedPLMAttention(nn.Module):
     def forward(self, x, value_embedding, cos, sin, attention_mask, **kwargs):
         """x (B, L, hidden) -> (B, L, hidden), attention probabilities (B, H, L, L) on the eager backend else None."""
         batch, length, _ = x.shape
-        q, k, v = self.qkv_proj(x).view(batch, length, 3, self.num_heads, self.head_dim).unbind(2)  # (B, L, H, D)
+        qkv = self.qkv_proj(x)  # under autocast: the autocast dtype
+        q, k, v = qkv.view(batch, length, 3, self.num_heads, self.head_dim).unbind(2)  # (B, L, H, D)
         if self.qk_norm:  # bounds attention logits, which lets Muon use larger learning rates
             q, k = self.kernels.qk_norm_rotary(q, k, cos, sin, self.eps)  # fused RMSNorm + rotary
         else:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.value_mix is not None:
             v = self.value_mix[0] * v + self.value_mix[1] * value_embedding.view_as(v)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
+        # One dtype into the backend, the projection's: under bf16 autocast the torch twin's RMSNorm and the fp32
+        # rotary tables make q, k fp32 and the fp32 value-embedding table makes v fp32. Backends differ on mixed
+        # inputs (flex may raise or silently run in fp32, sdpa raises); a no-op when they already agree.
+        q, k, v = (t.to(qkv.dtype).transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
         backend = attention_backend(self.config._attn_implementation, x.device, kwargs.get("output_attentions", False))
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(backend, eager_attention_forward)
         out, probs = attention_interface(self, q, k, v, attention_mask, scaling=self.scaling, dropout=0.0, **kwargs)

@@ -388,9 +388,10 @@ def test_model_with_triton_kernels_matches_torch_kernels():
     doc = torch.tensor([[0] * 11 + [1] * 6 + [-1] * 2], dtype=torch.int32)
     labels = torch.full_like(ids, -100)
     labels[0, [3, 8, 14]] = ids[0, [3, 8, 14]]
+    ids, doc, labels = ids.to(DEVICE), doc.to(DEVICE), labels.to(DEVICE)  # with CUDA, Triton on CUDA tensors only
     results = {}
     for choice in ("torch", "triton"):
-        model = randomized_tiny_model(seed=5, kernels=choice)  # the kernel set is resolved when the model is built
+        model = randomized_tiny_model(seed=5, kernels=choice).to(DEVICE)  # the kernel set is resolved when built
         assert model.model.kernels.name == choice
         out = model(ids, document_ids=doc, labels=labels)
         out.loss.backward()

@@ -131,7 +131,8 @@ class TrainSection(Section):
     overwrite: bool = False  # true: a start that would mix two histories deletes the other one (training/run_start.py)
     resume_data_state: bool = True  # false: restore weights/optimizer but start the data from the top (new data)
     max_bad_steps: int = setting(5, ge=1)  # non-finite loss/grad steps in a row that stop the run
-    peak_tflops: float | None = setting(None, gt=0)  # for MFU; None = known GPUs' bf16 dense peak, no MFU on CPU
+    peak_tflops: float | None = setting(None, gt=0)  # for MFU; None = the SKU's peak (training/throughput.py)
+    allow_fp32: bool = False  # CUDA without bf16/fp16 mixed precision is refused unless this is true
     inject_nan_at: list[int] = setting(factory=list, ge=0)  # fault injection for tests: loss becomes NaN there
     # fault injection for tests: the run sends itself SIGTERM as that phase starts (the step-0 eval, the final evals,
     # writing final/)

@@ -18,15 +18,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from sklearn.metrics import accuracy_score, matthews_corrcoef, precision_recall_fscore_support
 
 from modeling_speedplm import ESM2_VOCAB
 
-IGNORE_INDEX = -100  # label of unscored positions (the Hugging Face / PyTorch cross-entropy convention)
+from .data.collator import IGNORE_INDEX  # noqa: F401  (re-exported: its home is where labels are made)
 
 
 def classification_metrics(y_true, y_pred, sample_weight=None):
     """Accuracy, P/R/F1 (weighted, macro), MCC, per-class accuracy. `sample_weight`: counts, e.g. of confusion cells."""
+    # scikit-learn only here: the training step (and a GPU node's image) must not need it (issue #23)
+    from sklearn.metrics import accuracy_score, matthews_corrcoef, precision_recall_fscore_support
+
     # Classes = ids present in references. Restricting `labels` keeps ids that are only ever predicted (e.g. a
     # special token) from adding an all-zero class to the macro average, while still counting those predictions
     # as misses of their true class.

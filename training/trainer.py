@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoModelForMaskedLM
 
 from modeling_speedplm import SpeedPLMForMaskedLM
+from modeling_speedplm.kernels_speedplm import select_kernels
 
 from .accelerate_compat import enable_cpu_fsdp2, fsdp_requested, local_world_size, use_cpu, world_size_from_env
 from .checkpoint import CheckpointError, CheckpointManager, TrainerState, save_pretrained
@@ -151,6 +152,7 @@ class Trainer:
         check_topology(config, acc)
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
         logger.setLevel(logging.INFO if acc.is_main_process else logging.WARNING)
+        refuse_silent_fp32(acc, t.allow_fp32)
         if acc.device.type == "cpu":
             # `accelerate launch` without a config file exports OMP_NUM_THREADS=1, which halves a 2-core CPU run.
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -179,6 +181,7 @@ class Trainer:
             # data-dependent shape that would make a whole-model graph recompile or break every step.
             for block in model.model.layers:
                 block.compile()
+        log_precision_and_kernels(acc, model, t.compile is True or (t.compile == "auto" and acc.device.type == "cuda"))
         optimizers = build_optimizers(model, config.optim)
         self.schedulers = build_schedulers(optimizers, config.optim, t.max_steps)
         self.model, *self.optimizers = acc.prepare(model, *optimizers)
@@ -590,6 +593,35 @@ class Trainer:
             f"Trained with speedplm for {self.progress.step} steps ({self.progress.tokens:,} tokens) on {data}, "
             f"max length {self.config.data.max_length}."
         )
+
+
+def refuse_silent_fp32(accelerator: Accelerator, allow_fp32: bool) -> None:
+    """On CUDA, fp32 (no mixed precision) is ~10x slower than bf16 and is never what a plain `python
+    train_accelerate.py` meant: refuse it unless asked for (issue #23)."""
+    if accelerator.device.type == "cuda" and accelerator.mixed_precision == "no" and not allow_fp32:
+        raise ConfigError(
+            "CUDA device with mixed_precision 'no' (fp32): launch with `accelerate launch --mixed_precision bf16` "
+            "(or a config file from accelerate_configs/, or ACCELERATE_MIXED_PRECISION=bf16), or pass "
+            "train.allow_fp32=true to train in fp32 on purpose"
+        )
+
+
+def log_precision_and_kernels(accelerator: Accelerator, model, compiled: bool) -> None:
+    """One start line with what really runs: precision, attention backend, Triton kernels (the "auto" choice
+    resolved for this device), compile."""
+    precision = accelerator.mixed_precision
+    precision = "fp32" if precision == "no" else f"{precision} autocast (fp32 weights)"
+    choice = model.config.kernels
+    kernels = select_kernels(choice, accelerator.device).name
+    logger.info(
+        "precision %s; attention %s; kernels %s%s; torch.compile of each block %s; device %s",
+        precision,
+        model.config._attn_implementation,
+        f"{choice} -> {kernels}" if choice != kernels else kernels,
+        "" if kernels == "torch" else " (Triton)",
+        "on" if compiled else "off",
+        torch.cuda.get_device_name(accelerator.device) if accelerator.device.type == "cuda" else accelerator.device,
+    )
 
 
 def to_device(batch: dict, device) -> dict:

@@ -42,9 +42,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from eval.tables import markdown_table  # noqa: E402
 from modeling_speedplm import kernels_speedplm as K  # noqa: E402
-from training.data.collator import EVAL_MASK_RATE  # noqa: E402
+from training.data.collator import EVAL_MASK_RATE, IGNORE_INDEX  # noqa: E402
 from training.data.validate import FIRST_RESIDUE, LAST_STANDARD, MASK  # noqa: E402
-from training.metrics import IGNORE_INDEX  # noqa: E402
 from training.throughput import peak_flops  # noqa: E402
 
 CUDA = torch.cuda.is_available()

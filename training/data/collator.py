@@ -8,6 +8,7 @@ Public API
     REPLACEMENTS = {"80/10/10": (0.8, 0.1, 0.1), "mask": (1.0, 0.0, 0.0)}   # data.replacement, --replacement
     mix64(*ints) -> int   # 63-bit seed from several integers (splitmix64 chain)
     TRAIN_MASK_RATE = 0.2, EVAL_MASK_RATE = 0.15 (ESM2's evaluation protocol)
+    IGNORE_INDEX = -100   # the label of unscored positions
 
 `rows` is a list of rows; a row is a list of proteins, each an (n,) uint8 array of residue ids (validate.encode, or a
 shard view). Every protein becomes <cls> residues <eos>. With `length` the rows are padded to that many tokens
@@ -37,6 +38,8 @@ import numpy as np
 import torch
 
 from .validate import CLS, EOS, FIRST_RESIDUE, LAST_RESIDUE, LAST_STANDARD, MASK, PAD
+
+IGNORE_INDEX = -100  # label of unscored positions (the Hugging Face / PyTorch cross-entropy convention)
 
 TRAIN_MASK_RATE = 0.2
 REPLACEMENTS = {"80/10/10": (0.8, 0.1, 0.1), "mask": (1.0, 0.0, 0.0)}  # (mask, random residue, unchanged)
@@ -145,7 +148,7 @@ class MLMCollator:
         ranked = scores.topk(max(int(k.max()), 1), dim=1, largest=False).values  # (B, max k), ascending
         threshold = ranked.gather(1, (k - 1).clamp(min=0).unsqueeze(1))  # (B, 1)
         masked = maskable & (scores <= threshold) & (k > 0).unsqueeze(1)  # (B, L)
-        labels = torch.where(masked, ids, torch.full_like(ids, -100))
+        labels = torch.where(masked, ids, torch.full_like(ids, IGNORE_INDEX))
         p_mask, p_rand, _ = self.replace
         u = torch.rand((B, L), generator=g)
         random_ids = torch.randint(FIRST_RESIDUE, LAST_STANDARD + 1, (B, L), generator=g)
