@@ -61,7 +61,9 @@ SCORINGS = ("masked-marginal", "wt-marginal")
 CLS, EOS, MASK = (ESM2_VOCAB.index(t) for t in ("<cls>", "<eos>", "<mask>"))
 MUTATION = re.compile(r"([A-Z])([1-9][0-9]*)([A-Z])")
 # DMS sequences are stored uppercase and never carry a stop; anything else is a data error, not something to fix
-POLICY = ValidationPolicy(lowercase="reject", strip_terminal_stop=False)
+# Variant scoring takes any real protein: the training-data composition rule is not a property of a protein to score
+# (TDP-43 290-373, a ProteinGym assay, lacks 5 of the 15 common residues).
+POLICY = ValidationPolicy(lowercase="reject", strip_terminal_stop=False, composition_check=False)
 ROOT = Path(__file__).resolve().parents[1]
 
 

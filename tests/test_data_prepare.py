@@ -201,10 +201,10 @@ BUILTIN_FILES = {
     "DOM_GSEC": (126, 124, {"duplicate_sequence": 2}),
     "DOM_GSEC_PU": (694, 571, {"duplicate_sequence": 123}),
     "SEQ_AMYLO": (1414, 1411, {"duplicate_sequence": 3}),
-    "SEQ_CAPSID": (7935, 7650, {"duplicate_sequence": 283, "composition": 2}),
+    "SEQ_CAPSID": (7935, 7651, {"duplicate_sequence": 283, "composition": 1}),
     "SEQ_DISULFIDE": (2547, 2497, {"invalid_character": 10, "duplicate_sequence": 36, "mixed_case": 4}),
     "SEQ_LOCATION": (1835, 25, {"composition": 1810}),  # 14-letter encoding; the 25 kept are < 50 residues
-    "SEQ_SOLUBLE": (17408, 17094, {"duplicate_sequence": 307, "composition": 7}),
+    "SEQ_SOLUBLE": (17408, 17097, {"duplicate_sequence": 307, "composition": 4}),
     "SEQ_TAIL": (6668, 3177, {"duplicate_sequence": 3491}),
 }
 
@@ -213,9 +213,9 @@ def test_builtin_proteins(tmp_path, capsys):
     report = prepare_builtin(tmp_path)
     printed = capsys.readouterr().out
     splits = report["splits"]
-    assert (report["read"], report["accepted"], len(report["rejected"])) == (40300, 33939, 6361)
+    assert (report["read"], report["accepted"], len(report["rejected"])) == (40300, 33943, 6357)
     assert report["rejected_by_reason"] == {
-        "composition": 1819,
+        "composition": 1815,
         "duplicate_sequence": 4528,
         "invalid_character": 10,
         "mixed_case": 4,
@@ -223,12 +223,12 @@ def test_builtin_proteins(tmp_path, capsys):
     files = {Path(f).stem: (c["read"], c["accepted"], c["rejected"]) for f, c in report["files"].items()}
     assert files == BUILTIN_FILES
     assert splits == {
-        "train": {"sequences": 33284, "residues": 10450854},
+        "train": {"sequences": 33287, "residues": 10451114},
         "valid": {"sequences": 322, "residues": 94295},
-        "test": {"sequences": 333, "residues": 101291},
+        "test": {"sequences": 334, "residues": 101359},
     }
     assert report["normalized"] == {"uppercased": 0, "terminal_stop_stripped": 0} and report["cropped"] == 862
-    assert "rejected composition: 1819" in printed and f"train: {splits['train']['sequences']} sequences" in printed
+    assert "rejected composition: 1815" in printed and f"train: {splits['train']['sequences']} sequences" in printed
     location = [r for r in report["rejected"] if r["file"].endswith("SEQ_LOCATION.tsv")]
     assert location[0]["reason"].startswith("composition: 6 of the 15 common amino acids absent (E F I L P Q) in ")
     marks = [r["id"] for r in report["rejected"] if r["reason"].startswith("mixed_case: 1 lowercase letter(s)")]
@@ -247,9 +247,9 @@ def test_builtin_proteins(tmp_path, capsys):
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [
-        f"{tmp_path / 'train'}: ok, 1 shards, 33284 proteins, 10450854 residues",
+        f"{tmp_path / 'train'}: ok, 1 shards, 33287 proteins, 10451114 residues",
         f"{tmp_path / 'valid'}: ok, 1 shards, 322 proteins, 94295 residues",
-        f"{tmp_path / 'test'}: ok, 1 shards, 333 proteins, 101291 residues",
+        f"{tmp_path / 'test'}: ok, 1 shards, 334 proteins, 101359 residues",
     ]
     (tmp_path / "valid" / "manifest.json").unlink()  # a broken split still fails, naming it
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=120)

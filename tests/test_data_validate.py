@@ -1,5 +1,7 @@
 """Validation policy and the vectorised byte-LUT tokenizer (training/data/validate.py)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -123,20 +125,25 @@ def test_composition_rule_takes_the_alphabet_reduced_set_and_keeps_real_proteins
     assert set(b"".join(location)) == set(b"ACDGHKMNRSTVWY")  # the 14 letters
     off = validate_batch(list(location), ValidationPolicy(composition_check=False))
     assert off.reasons.count(None) == 1835
-    # real proteins of the other sequence-level sets: 9 of 28,157 distinct ones are taken (short repeat proteins)
+    # real proteins of the other sequence-level sets: 5 of 28,157 distinct ones are taken (short repeat proteins)
     real = {r["sequence"].encode() for stem in ("SEQ_SOLUBLE", "SEQ_CAPSID", "SEQ_TAIL") for r in builtin_rows(stem)}
     res = validate_batch(sorted(real), ValidationPolicy())
-    assert len(real) == 28157 and sum(r is not None and code(r) == "composition" for r in res.reasons) == 9
+    assert len(real) == 28157 and sum(r is not None and code(r) == "composition" for r in res.reasons) == 5
     assert composition_problem(UBIQUITIN.encode()) is None and composition_problem(FXYD3.encode()) is None
+
+
+TDP43 = Path(__file__).parent / "fixtures" / "dms" / "tdp43.csv"
 
 
 def test_composition_rule_thresholds():
     common = "ADEFGIKLNPQRSTV"
-    four_absent = (common[4:] * 5)[:60]  # A D E F absent: allowed
-    assert composition_problem(four_absent.encode()) is None
-    reason = composition_problem((common[5:] * 6)[:60].encode())  # A D E F G absent
-    assert reason.startswith("composition: 5 of the 15 common amino acids absent (A D E F G) in 60 residues")
-    assert composition_problem((common[5:] * 6)[:49].encode()) is None  # under 50 residues: not judged
+    five_absent = (common[5:] * 6)[:60]  # A D E F G absent: allowed (TDP-43 290-373 lacks five)
+    assert composition_problem(five_absent.encode()) is None
+    reason = composition_problem((common[6:] * 7)[:60].encode())  # A D E F G I absent
+    assert reason.startswith("composition: 6 of the 15 common amino acids absent (A D E F G I) in 60 residues")
+    assert composition_problem((common[6:] * 7)[:49].encode()) is None  # under 50 residues: not judged
+    tdp43 = next(line.split(",")[1] for line in TDP43.read_text().splitlines()[1:2])  # a real assayed variant
+    assert composition_problem(tdp43.encode()) is None
     assert composition_problem(b"X" * 50).startswith("composition: 15 of the 15")
     dna = b"ATGGCCATTGTAATGGGCCGCTGAAAGGGTGCCCGATAG"  # 39 nt
     assert composition_problem(dna) == (
@@ -147,7 +154,7 @@ def test_composition_rule_thresholds():
     assert composition_problem(b"AAT" * 10 + b"A") is None  # an AAT-repeat protein: 2 nucleotide letters only
     assert composition_problem(b"A" * 40) is None  # poly-Ala peptide (< 50 residues)
     with pytest.raises(ValueError, match="in 60 residues"):
-        encode((common[5:] * 6)[:60])
+        encode((common[6:] * 7)[:60])
 
 
 def test_mixed_case_annotation_marks_are_rejected_not_upper_cased():
