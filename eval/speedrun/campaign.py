@@ -71,7 +71,7 @@ import torch
 
 from eval.benchmark import build_batches, resolve_split
 from eval.perf.throughput import esm_twin  # ESM2's shape and recipe (no dropout)
-from eval.speedrun.stats import BUDGET, baseline_arm, budget_share
+from eval.speedrun.stats import BUDGET, baseline_arm, budget_share, current_runs, esm2_sides
 from eval.tables import hardware
 from training.data.collator import EVAL_MASK_RATE
 from training.metrics import IGNORE_INDEX
@@ -166,6 +166,7 @@ class Arm:
     overrides: list = field(default_factory=list)  # "section.key=value" (SpeedPLM) or "esm.key=value" (ESM2)
     seeds: list | None = None  # None: the campaign's seeds
     template: list | None = None  # the overrides as written, where "esm.lr=best" was resolved into `overrides`
+    confirms: str | None = None  # a confirmation arm (--confirm): the selected arm it repeats on fresh seeds
 
     @property
     def key(self) -> str:
@@ -668,6 +669,8 @@ def run_one(s: Settings, out: Path, arm: Arm, seed: int) -> dict:
     runner = run_esm if arm.recipe == "esm2" else run_speedplm
     record = dict(arm=arm.name, key=arm.key, recipe=arm.recipe, overrides=arm.overrides, seed=seed)
     record["template"] = arm.template or arm.overrides
+    if arm.confirms:
+        record["confirms"] = arm.confirms  # kept out of the selection's tables, reported on its own
     record.update(runner(s, state, arm, seed, batches, run_dir))
     record.update(wall_s=time.time() - started, lanes=s.lanes, threads=s.threads, model_dir=str(run_dir / "final"))
     append_record(out / RESULTS, record)
@@ -701,6 +704,37 @@ def resolve_best(arm: Arm, records: list[dict]) -> Arm:
     lr = Arm(best["arm"], "esm2", best["overrides"]).esm()["esm.lr"]
     resolved = [f"esm.lr={lr:g}" if o == "esm.lr=best" else o for o in arm.overrides]
     return Arm(arm.name, arm.recipe, resolved, arm.seeds, template=arm.overrides)
+
+
+CONFIRM_SEEDS = [5, 6, 7, 8, 9]
+CONFIRM_SUFFIX = "-confirm"
+
+
+def confirmation_arms(records: list[dict], kept: list[str], seeds: list[int]) -> list[Arm]:
+    """--confirm: a choice made after seeing results on seeds 0-4 is a claim only once it holds on fresh seeds.
+    Arms `<name>-confirm` that repeat each kept SpeedPLM arm and the ESM2 side of the comparison (the tuned
+    full-budget arm that sets the target, and the ESM2 arm that sets the tokens / time to it, where another) with
+    their exact definitions (a resolved `esm.lr=best` included) on `seeds`, which none of them may have used.
+    Their records carry `confirms`: the report keeps them out of the selection and judges them on their own (the
+    target too is re-measured on the fresh seeds)."""
+    selection = [r for r in records if not r.get("confirms")]
+    runs = current_runs(selection)
+    base, sides = baseline_arm(selection), esm2_sides(selection, draws=2)
+    if base is None or sides is None:
+        raise SpeedrunError("--confirm needs the selection's finished runs: a full-budget ESM2 arm (the target)")
+    names = list(dict.fromkeys([*kept, base["arm"], sides["tokens"]["setter"], sides["time"]["setter"]]))
+    arms = []
+    for name in names:
+        if name not in runs:
+            raise SpeedrunError(f"--confirm {name}: no finished runs of that arm (arms: {sorted(runs)})")
+        first = runs[name][0]
+        if name in kept and first["recipe"] != "speedplm":
+            raise SpeedrunError(f"--confirm {name}: a SpeedPLM arm (the ESM2 side is confirmed with it)")
+        used = sorted({r["seed"] for r in runs[name]} & set(seeds))
+        if used:
+            raise SpeedrunError(f"--confirm: {name} already ran seeds {used}: confirm on fresh ones (--confirm-seeds)")
+        arms.append(Arm(name + CONFIRM_SUFFIX, first["recipe"], list(first["overrides"]), list(seeds), confirms=name))
+    return arms
 
 
 def run_campaign(s: Settings, arms: list[Arm], out: Path, log=print) -> bool:
