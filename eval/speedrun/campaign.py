@@ -5,6 +5,7 @@
     python -m eval.speedrun --out runs/abl --campaign eval/speedrun/campaigns/ablations-cpu.yaml  # every arm
     python -m eval.speedrun --out runs/abl --report [--probes]           # tables (and probes) from what has run
     python -m eval.speedrun --short --out /tmp/speedrun                  # tiny models, 1 seed, ~1 minute (tests)
+    python -m eval.speedrun --campaign FILE --out runs/abl --confirm len-30   # kept arm + ESM2 again, seeds 5-9
 
 Arms. An arm is a recipe plus overrides; `--variant NAME key=value ...` (repeatable) adds one:
     SpeedPLM arms take any run-config override (`optim.normuon=true`, `data.mask_rate=0.3`, `model.mlm_head=...`)
@@ -23,8 +24,8 @@ Arms. An arm is a recipe plus overrides; `--variant NAME key=value ...` (repeata
     `budget=F` (0 < F <= 1, the judge's own key, kept among the overrides so it is part of the arm's identity) runs
         the arm for that share of the campaign budget, its whole schedule (warmup, decay) fitted to the shorter run:
         a speedrun's recipe includes its length, sized so that the run ends at the target rather than crossing it
-        mid-schedule (modded-nanogpt's records fix the step count the same way). The tuned baseline and so the target
-        come only from ESM2 arms on the full budget.
+        mid-schedule (modded-nanogpt's records fix the step count the same way). The target comes only from the tuned
+        full-budget ESM2 arm; ESM2 arms with `budget=F` compete for the ESM2 tokens / time to it (the same fitting).
     The report compares every SpeedPLM arm with the control arm (`--control`, default "control") and with the
     tuned baseline: the ESM2 arm of lowest mean final validation loss.
 Budget: the step times of both recipes are measured once per campaign (the fastest of 8 steps each, so a passing
@@ -44,8 +45,14 @@ Clocks: training time only (evaluation and checkpoints excluded): the trainer's 
     input tokens. Timings are only comparable between runs made on the same machine with the same --lanes/--threads.
 Target: the tuned ESM2 arm's mean final validation loss (`--target LOSS` to fix one). Its runs reach it at about the
     end of their budget, where the loss still falls (linear decay to 0); a SpeedPLM run's tokens / time to target
-    is the first crossing of its piecewise-linear validation curve. Speedup = the baseline's mean final time (or
-    tokens) / the arm's mean time (or tokens) to target, with a 95% CI from Welch's test on the logs.
+    is the first crossing of its piecewise-linear validation curve. Speedup = the ESM2 side's mean time (or tokens)
+    to target (the best of the target arm's end and every ESM2 arm, any budget share, whose runs all reach it) / the
+    arm's, with a 95% interval from a bootstrap over the seeds of both sides that redraws the target too
+    (eval/speedrun/stats.py says why and how).
+Confirmation: arms are chosen after seeing seeds 0-4, so a kept arm's numbers are a claim only once they hold on
+    fresh seeds: `--confirm ARM [ARM ...]` (with the campaign's settings) runs those arms and the ESM2 side again on
+    `--confirm-seeds` (default 5-9) as `<arm>-confirm` arms, and the report judges them apart (fresh target) and
+    labels every other number "selected on seeds 0-4, not confirmed".
 Statistics (eval/speedrun/stats.py): per arm vs control, tokens- and time-to-target (mean, std, Welch p, CI), the
     loss gap at equal tokens and at equal time (CI), and the decision: a switch becomes a default only where
     tokens-to-target improves with p < 0.01 and time-to-target does not get worse (not higher with p < 0.05).
