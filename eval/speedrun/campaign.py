@@ -5,6 +5,7 @@
     python -m eval.speedrun --out runs/abl --campaign eval/speedrun/campaigns/ablations-cpu.yaml  # every arm
     python -m eval.speedrun --out runs/abl --report [--probes]           # tables (and probes) from what has run
     python -m eval.speedrun --short --out /tmp/speedrun                  # tiny models, 1 seed, ~1 minute (tests)
+    python -m eval.speedrun --campaign FILE --out runs/abl --confirm len-30   # kept arm + ESM2 again, seeds 5-9
 
 Arms. An arm is a recipe plus overrides; `--variant NAME key=value ...` (repeatable) adds one:
     SpeedPLM arms take any run-config override (`optim.normuon=true`, `data.mask_rate=0.3`, `model.mlm_head=...`)
@@ -23,8 +24,8 @@ Arms. An arm is a recipe plus overrides; `--variant NAME key=value ...` (repeata
     `budget=F` (0 < F <= 1, the judge's own key, kept among the overrides so it is part of the arm's identity) runs
         the arm for that share of the campaign budget, its whole schedule (warmup, decay) fitted to the shorter run:
         a speedrun's recipe includes its length, sized so that the run ends at the target rather than crossing it
-        mid-schedule (modded-nanogpt's records fix the step count the same way). The tuned baseline and so the target
-        come only from ESM2 arms on the full budget.
+        mid-schedule (modded-nanogpt's records fix the step count the same way). The target comes only from the tuned
+        full-budget ESM2 arm; ESM2 arms with `budget=F` compete for the ESM2 tokens / time to it (the same fitting).
     The report compares every SpeedPLM arm with the control arm (`--control`, default "control") and with the
     tuned baseline: the ESM2 arm of lowest mean final validation loss.
 Budget: the step times of both recipes are measured once per campaign (the fastest of 8 steps each, so a passing
@@ -44,8 +45,14 @@ Clocks: training time only (evaluation and checkpoints excluded): the trainer's 
     input tokens. Timings are only comparable between runs made on the same machine with the same --lanes/--threads.
 Target: the tuned ESM2 arm's mean final validation loss (`--target LOSS` to fix one). Its runs reach it at about the
     end of their budget, where the loss still falls (linear decay to 0); a SpeedPLM run's tokens / time to target
-    is the first crossing of its piecewise-linear validation curve. Speedup = the baseline's mean final time (or
-    tokens) / the arm's mean time (or tokens) to target, with a 95% CI from Welch's test on the logs.
+    is the first crossing of its piecewise-linear validation curve. Speedup = the ESM2 side's mean time (or tokens)
+    to target (the best of the target arm's end and every ESM2 arm, any budget share, whose runs all reach it) / the
+    arm's, with a 95% interval from a bootstrap over the seeds of both sides that redraws the target too
+    (eval/speedrun/stats.py says why and how).
+Confirmation: arms are chosen after seeing seeds 0-4, so a kept arm's numbers are a claim only once they hold on
+    fresh seeds: `--confirm ARM [ARM ...]` (with the campaign's settings) runs those arms and the ESM2 side again on
+    `--confirm-seeds` (default 5-9) as `<arm>-confirm` arms, and the report judges them apart (fresh target) and
+    labels every other number "selected on seeds 0-4, not confirmed".
 Statistics (eval/speedrun/stats.py): per arm vs control, tokens- and time-to-target (mean, std, Welch p, CI), the
     loss gap at equal tokens and at equal time (CI), and the decision: a switch becomes a default only where
     tokens-to-target improves with p < 0.01 and time-to-target does not get worse (not higher with p < 0.05).
@@ -71,7 +78,7 @@ import torch
 
 from eval.benchmark import build_batches, resolve_split
 from eval.checkpoints import esm_twin  # ESM2's shape and recipe (no dropout)
-from eval.speedrun.stats import BUDGET, baseline_arm, budget_share
+from eval.speedrun.stats import BUDGET, baseline_arm, budget_share, current_runs, esm2_sides
 from eval.tables import hardware
 from training.data.collator import EVAL_MASK_RATE
 from training.metrics import IGNORE_INDEX
@@ -166,6 +173,7 @@ class Arm:
     overrides: list = field(default_factory=list)  # "section.key=value" (SpeedPLM) or "esm.key=value" (ESM2)
     seeds: list | None = None  # None: the campaign's seeds
     template: list | None = None  # the overrides as written, where "esm.lr=best" was resolved into `overrides`
+    confirms: str | None = None  # a confirmation arm (--confirm): the selected arm it repeats on fresh seeds
 
     @property
     def key(self) -> str:
@@ -668,6 +676,8 @@ def run_one(s: Settings, out: Path, arm: Arm, seed: int) -> dict:
     runner = run_esm if arm.recipe == "esm2" else run_speedplm
     record = dict(arm=arm.name, key=arm.key, recipe=arm.recipe, overrides=arm.overrides, seed=seed)
     record["template"] = arm.template or arm.overrides
+    if arm.confirms:
+        record["confirms"] = arm.confirms  # kept out of the selection's tables, reported on its own
     record.update(runner(s, state, arm, seed, batches, run_dir))
     record.update(wall_s=time.time() - started, lanes=s.lanes, threads=s.threads, model_dir=str(run_dir / "final"))
     append_record(out / RESULTS, record)
@@ -701,6 +711,37 @@ def resolve_best(arm: Arm, records: list[dict]) -> Arm:
     lr = Arm(best["arm"], "esm2", best["overrides"]).esm()["esm.lr"]
     resolved = [f"esm.lr={lr:g}" if o == "esm.lr=best" else o for o in arm.overrides]
     return Arm(arm.name, arm.recipe, resolved, arm.seeds, template=arm.overrides)
+
+
+CONFIRM_SEEDS = [5, 6, 7, 8, 9]
+CONFIRM_SUFFIX = "-confirm"
+
+
+def confirmation_arms(records: list[dict], kept: list[str], seeds: list[int]) -> list[Arm]:
+    """--confirm: a choice made after seeing results on seeds 0-4 is a claim only once it holds on fresh seeds.
+    Arms `<name>-confirm` that repeat each kept SpeedPLM arm and the ESM2 side of the comparison (the tuned
+    full-budget arm that sets the target, and the ESM2 arm that sets the tokens / time to it, where another) with
+    their exact definitions (a resolved `esm.lr=best` included) on `seeds`, which none of them may have used.
+    Their records carry `confirms`: the report keeps them out of the selection and judges them on their own (the
+    target too is re-measured on the fresh seeds)."""
+    selection = [r for r in records if not r.get("confirms")]
+    runs = current_runs(selection)
+    base, sides = baseline_arm(selection), esm2_sides(selection, draws=2)
+    if base is None or sides is None:
+        raise SpeedrunError("--confirm needs the selection's finished runs: a full-budget ESM2 arm (the target)")
+    names = list(dict.fromkeys([*kept, base["arm"], sides["tokens"]["setter"], sides["time"]["setter"]]))
+    arms = []
+    for name in names:
+        if name not in runs:
+            raise SpeedrunError(f"--confirm {name}: no finished runs of that arm (arms: {sorted(runs)})")
+        first = runs[name][0]
+        if name in kept and first["recipe"] != "speedplm":
+            raise SpeedrunError(f"--confirm {name}: a SpeedPLM arm (the ESM2 side is confirmed with it)")
+        used = sorted({r["seed"] for r in runs[name]} & set(seeds))
+        if used:
+            raise SpeedrunError(f"--confirm: {name} already ran seeds {used}: confirm on fresh ones (--confirm-seeds)")
+        arms.append(Arm(name + CONFIRM_SUFFIX, first["recipe"], list(first["overrides"]), list(seeds), confirms=name))
+    return arms
 
 
 def run_campaign(s: Settings, arms: list[Arm], out: Path, log=print) -> bool:

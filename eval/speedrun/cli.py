@@ -12,12 +12,15 @@ from pathlib import Path
 
 from eval.checkpoints import EvalError
 from eval.speedrun.campaign import (
+    CONFIRM_SEEDS,
     MODES,
     SHAPES,
     Arm,
     Settings,
     SpeedrunError,
     check_arm,
+    confirmation_arms,
+    load_records,
     parse_variant,
     run_campaign,
     run_one,
@@ -64,6 +67,14 @@ def main(argv=None) -> int:
     p.add_argument("--target", type=float, help="target validation loss (default: the tuned ESM2 mean final loss)")
     p.add_argument("--report", action="store_true", help="only rebuild the report from results.jsonl")
     p.add_argument("--probes", action="store_true", help="also probe the control's and the baseline's models")
+    p.add_argument(
+        "--confirm",
+        nargs="+",
+        metavar="ARM",
+        help="run these kept SpeedPLM arms and the ESM2 baseline again on fresh seeds (--confirm-seeds) and report "
+        "the confirmation apart from the selection (the same settings as the campaign; nothing else runs)",
+    )
+    p.add_argument("--confirm-seeds", type=int, nargs="+", default=CONFIRM_SEEDS, help="default 5 6 7 8 9")
     p.add_argument("--short", action="store_true", help="tiny models, 1 seed, a few seconds per run (tests)")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds of every arm without its own (default 0 1 2 3 4)")
     p.add_argument("--budget-s", type=float, help="training seconds per run (default 300; --short 5)")
@@ -100,6 +111,8 @@ def main(argv=None) -> int:
         if s.shape not in SHAPES:
             raise SpeedrunError(f"shape {s.shape!r}: choose one of {sorted(SHAPES)}")
         arms += [parse_variant(v) for v in args.variant or []]
+        if args.confirm:  # only the confirmation arms run: the campaign's own arms were the selection
+            arms = confirmation_arms(load_records(out), args.confirm, args.confirm_seeds)
         if not arms and not args.report:
             arms = [Arm("esm2", "esm2"), Arm("control")]
         names = [a.name for a in arms]

@@ -39,11 +39,13 @@ def throughput(runs: list[dict]) -> float:
 
 
 def build_report(records: list[dict], control: str, target: float | None = None) -> dict:
-    """Every number of the report, from the run records."""
-    runs = current_runs(records)
+    """Every number of the report, from the run records (those of `--confirm` arms judged apart: `confirmation`)."""
+    selection = [r for r in records if not r.get("confirms")]
+    runs = current_runs(selection)
     if control not in runs or runs[control][0]["recipe"] != "speedplm":
         raise ReportNotReady(f"--control {control}: no finished SpeedPLM runs of that arm (arms: {sorted(runs)})")
-    base = baseline_arm(records)
+    base = baseline_arm(selection)
+    sides = st.esm2_sides(selection, target)  # the ESM2 side of every speedup (the target redrawn with its seeds)
     source = "given (--target)"
     if target is None:
         if base is None:
@@ -63,6 +65,8 @@ def build_report(records: list[dict], control: str, target: float | None = None)
                     time=statistics.mean(final(rs, "time")),
                     throughput=throughput(rs),
                     chosen=base is not None and name == base["arm"],
+                    budget=st.budget_share(rs[0]["overrides"]),
+                    sets=[k for k in ("tokens", "time") if sides and sides[k]["setter"] == name],
                 )
             )
     arms = {}
@@ -76,9 +80,7 @@ def build_report(records: list[dict], control: str, target: float | None = None)
             entry[f"{key}_reached"] = len(got)
             entry[f"{key}_mean"] = statistics.mean(got) if got else None
             entry[f"{key}_std"] = statistics.stdev(got) if len(got) > 1 else None
-            entry[f"speedup_{key}"] = None
-            if base is not None and len(got) > 1 and len(runs[base["arm"]]) > 1:
-                entry[f"speedup_{key}"] = st.log_ratio(final(runs[base["arm"]], key), got)
+            entry[f"speedup_{key}"] = st.speedup(rs, sides[key], key) if sides else None
         entry["final_loss"] = statistics.mean(final(rs))
         entry["throughput"] = throughput(rs)
         if name != control:
@@ -103,15 +105,71 @@ def build_report(records: list[dict], control: str, target: float | None = None)
     if noise["difference"] and slope and arms[control]["tokens_mean"]:
         # how far eval noise alone moves a crossing: noise of a loss difference / |d loss / d tokens| there
         noise["crossing_tokens_pct"] = 100 * noise["difference"] / slope / arms[control]["tokens_mean"]
+    confirming = [r for r in records if r.get("confirms")]
+    confirmed = confirmation(confirming, arms) if confirming else None
+    for name, entry in arms.items():
+        entry["claim"] = claim_label(name, entry["seeds"], confirmed)
     return dict(
         target=target,
         target_source=source,
         baseline=base["arm"] if base else None,
+        baseline_setters={k: sides[k]["setter"] for k in sides} if sides else None,
         baseline_rows=baseline_rows,
         control=control,
         eval_noise=noise,
         arms=arms,
+        confirmation=confirmed,
     )
+
+
+def seed_text(seeds: list[int]) -> str:
+    """[0, 1, 2, 3, 4] -> '0-4'; [0, 2] -> '0, 2'."""
+    seeds = sorted(seeds)
+    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ", ".join(map(str, seeds))
+
+
+def confirmation(records: list[dict], selected: dict) -> dict:
+    """The `--confirm` runs judged on their own, as the selection was: the target is the confirming ESM2 arm's mean
+    final loss on the fresh seeds, the ESM2 side the best confirming ESM2 arm, each kept arm's speedup with the
+    two-sided interval. `holds`: every fresh run reaches the fresh target and the tokens and time intervals both
+    lie above 1 (faster than the ESM2 recipe); `consistent`: the selection's estimate lies inside the fresh
+    interval (no sign that selecting on seeds 0-4 flattered it)."""
+    runs = current_runs(records)
+    sides = st.esm2_sides(records)
+    out = dict(target=sides["tokens"]["target"] if sides else None, arms={}, esm2={})
+    for name, rs in runs.items():
+        seeds = [r["seed"] for r in rs]
+        if rs[0]["recipe"] == "esm2":
+            out["esm2"][name] = dict(confirms=rs[0]["confirms"], seeds=seeds, loss=st.mean_ci(final(rs)))
+            continue
+        entry = dict(confirms=rs[0]["confirms"], seeds=seeds, runs=len(rs), final_loss=statistics.mean(final(rs)))
+        for key in ("tokens", "time"):
+            got = [c[key] for c in (st.crossing(r, out["target"]) for r in rs) if c[key] is not None] if sides else []
+            entry[f"{key}_reached"], entry[f"{key}_mean"] = len(got), statistics.mean(got) if got else None
+            entry[f"speedup_{key}"] = st.speedup(rs, sides[key], key) if sides else None
+            entry[f"selected_{key}"] = (selected.get(rs[0]["confirms"]) or {}).get(f"speedup_{key}")
+        sp = [entry["speedup_tokens"], entry["speedup_time"]]
+        entry["holds"] = all(d and d["low"] is not None and d["low"] > 1 for d in sp)
+        entry["consistent"] = all(
+            d and s and s["ratio"] is not None and d["high"] is not None and (d["low"] or 0) <= s["ratio"] <= d["high"]
+            for d, s in zip(sp, [entry["selected_tokens"], entry["selected_time"]], strict=True)
+        )
+        out["arms"][name] = entry
+    return out
+
+
+def claim_label(name: str, seeds: list[int], confirmed: dict | None) -> str:
+    """What an arm's numbers are: measured on the seeds it was selected on, or confirmed on fresh ones."""
+    selected = f"selected on seeds {seed_text(seeds)}"
+    for entry in (confirmed or {}).get("arms", {}).values():
+        if entry["confirms"] == name:
+            fresh = seed_text(entry["seeds"])
+            return (
+                f"{selected}; confirmed on seeds {fresh}" if entry["holds"] else f"{selected}; NOT confirmed on {fresh}"
+            )
+    return f"{selected}, not confirmed"
 
 
 def fmt(v, digits=2, pct=False):
@@ -128,6 +186,16 @@ def ci(d: dict | None, digits=2, pct=False, key="ratio") -> str:
     return f"{fmt(d[key], digits, pct)} [{fmt(d['low'], digits, pct)}, {fmt(d['high'], digits, pct)}]"
 
 
+def speed_ci(d: dict | None) -> str:
+    """A speedup with its two-sided interval; 'unbounded' where redraws of the target the arm misses reach the
+    lower percentile."""
+    if not d or d.get("ratio") is None:
+        return "n/a"
+    if d.get("unbounded"):
+        return f"{fmt(d['ratio'])} [unbounded, {fmt(d['high'])}]†"
+    return ci(d)
+
+
 def pval(d: dict | None) -> str:
     return "n/a" if not d or d.get("p") is None else f"{d['p']:.2g}"
 
@@ -136,7 +204,9 @@ def report_markdown(report: dict, state: dict, settings: Settings, command: str,
     s, noise, arms = settings, report["eval_noise"], report["arms"]
     base_rows = [
         {
-            "ESM2 arm": r["arm"] + (" **(chosen)**" if r["chosen"] else ""),
+            "ESM2 arm": r["arm"]
+            + (" **(target)**" if r["chosen"] else "")
+            + "".join(f" **(sets {k} to target)**" for k in r.get("sets", [])),
             "settings": r["overrides"],
             "runs": r["runs"],
             "final loss [95% CI]": ci(r["loss"], 4, key="mean"),
@@ -157,9 +227,10 @@ def report_markdown(report: dict, state: dict, settings: Settings, command: str,
             "tokens to target (M)": f"{fmt(a['tokens_mean'] and a['tokens_mean'] / 1e6, 3)} ± "
             f"{fmt(a['tokens_std'] and a['tokens_std'] / 1e6, 3)}" + ("*" if _unresolved(a) else ""),
             "time to target (s)": f"{fmt(a['time_mean'], 1)} ± {fmt(a['time_std'], 1)}",
-            "speedup vs ESM2, tokens [95% CI]": ci(a["speedup_tokens"]),
-            "speedup vs ESM2, time [95% CI]": ci(a["speedup_time"]),
+            "speedup vs ESM2, tokens [95% CI]": speed_ci(a["speedup_tokens"]),
+            "speedup vs ESM2, time [95% CI]": speed_ci(a["speedup_time"]),
             "tokens/s": fmt(a["throughput"], 0),
+            "claim": a["claim"],
         }
         for name, a in arms.items()
     ]
@@ -227,14 +298,33 @@ def report_markdown(report: dict, state: dict, settings: Settings, command: str,
             if any(_unresolved(a) for a in arms.values())
             else []
         ),
+        *(
+            [
+                "† In the redraws of the target (the ESM2 arm's seeds) where some of this arm's resampled runs end "
+                "above it, its tokens-to-target is unknown (beyond its end); those redraws reach the lower "
+                "percentile, so the interval has no lower bound.",
+                "",
+            ]
+            if any(a[f"speedup_{k}"] and a[f"speedup_{k}"]["unbounded"] for a in arms.values() for k in KEYS)
+            else []
+        ),
+        "Speedup vs ESM2 = the ESM2 recipe's mean tokens (time) to the target / the arm's. The target is the tuned "
+        "full-budget ESM2 arm's mean final loss; the ESM2 side is the best of that arm's own end and every ESM2 "
+        "arm of any `budget=` share whose runs all reach the target (the same schedule fitting SpeedPLM arms get; "
+        f"this time: {_setters(report)}). 95% interval: bootstrap over the seeds of both sides, the target redrawn "
+        "with the ESM2 seeds, Hesterberg's expanded percentiles for few seeds (eval/speedrun/stats.py). Every number "
+        "here was measured on the seeds it was selected on: the `claim` column says which were confirmed on fresh "
+        "seeds (`--confirm ARM`).",
+        "",
+        *confirmation_markdown(report),
         "## Switches vs the control",
         "",
         markdown_table(switch_rows, list(switch_rows[0])) if switch_rows else "(no arm besides the control)",
         "",
         "Decision rule: a switch becomes a default only where tokens-to-target improves with Welch p < 0.01 and "
         "time-to-target does not get worse (higher with p < 0.05). An A/A arm repeats the control on other seeds: "
-        "its interval must cover 0. Ratios are geometric-mean ratios with Welch 95% intervals on the logs; Δ loss "
-        "at equal tokens / time is arm minus control at the largest horizon every run of both covers.",
+        "its interval must cover 0. Ratios vs the control are geometric-mean ratios with Welch 95% intervals on the "
+        "logs; Δ loss at equal tokens / time is arm minus control at the largest horizon every run of both covers.",
         "",
         "## How well-conditioned the judge is",
         "",
@@ -258,6 +348,49 @@ def report_markdown(report: dict, state: dict, settings: Settings, command: str,
         "",
     ]
     return "\n".join(text)
+
+
+KEYS = ("tokens", "time")
+
+
+def _setters(report: dict) -> str:
+    setters = report.get("baseline_setters")
+    if not setters:
+        return "no ESM2 arm"
+    return "; ".join(f"{k}: {v}" for k, v in setters.items())
+
+
+def confirmation_markdown(report: dict) -> list[str]:
+    """The `--confirm` section: fresh seeds, fresh target, next to what the selection said."""
+    conf = report.get("confirmation")
+    if not conf:
+        return []
+    rows = [
+        {
+            "arm": f"{name} (confirms {c['confirms']})",
+            "seeds": seed_text(c["seeds"]),
+            "reached": f"{c['tokens_reached']}/{c['runs']}",
+            "tokens to target (M)": fmt(c["tokens_mean"] and c["tokens_mean"] / 1e6, 3),
+            "speedup, tokens [95% CI]": speed_ci(c["speedup_tokens"]),
+            "speedup, time [95% CI]": speed_ci(c["speedup_time"]),
+            "selection said (tokens / time)": f"{speed_ci(c['selected_tokens'])} / {speed_ci(c['selected_time'])}",
+            "holds": "yes" if c["holds"] else "NO",
+            "selection inside the fresh interval": "yes" if c["consistent"] else "no",
+        }
+        for name, c in conf["arms"].items()
+    ]
+    esm = ", ".join(f"{n} ({seed_text(e['seeds'])}): {ci(e['loss'], 4, key='mean')}" for n, e in conf["esm2"].items())
+    return [
+        "## Confirmation on fresh seeds (`--confirm`)",
+        "",
+        f"Fresh target **{fmt(conf['target'], 4)}** (the confirming tuned ESM2 arm's mean final loss on its fresh "
+        f"seeds); ESM2 confirmation runs: {esm or 'none yet'}.",
+        "",
+        markdown_table(rows, list(rows[0])) if rows else "(no SpeedPLM confirmation runs yet)",
+        "",
+        "A claim holds when every fresh run reaches the fresh target and both intervals lie above 1.",
+        "",
+    ]
 
 
 def _unresolved(arm: dict) -> bool:
@@ -359,8 +492,26 @@ def run_probes(s: Settings, records: list[dict], report: dict, out: Path, log=pr
             "",
             f"Held-out proteins per task: {n_test} (binomial std of an accuracy near 0.75 on 400: ~0.022). "
             f"Full tables: probes/probes.md.",
+            *twin_check({row["model"]: float(row["mean"]) for row in table}),
         ]
     )
+
+
+def twin_check(means: dict[str, float]) -> list[str]:
+    """Markdown lines flagging every trained model whose mean probe accuracy does not beat EVERY random-init twin
+    (names starting 'random-init'): where one does not, the probes cannot tell trained from untrained here."""
+    twins = {k: v for k, v in means.items() if k.startswith("random-init")}
+    if not twins:
+        return ["", "**No random-init twin was probed: these accuracies cannot be told from an untrained model's.**"]
+    best = max(twins, key=twins.get)
+    losers = [f"{k} {v:.3f}" for k, v in means.items() if k not in twins and v <= twins[best]]
+    if not losers:
+        return ["", f"Every trained model beats every random-init twin (best twin: {best} {twins[best]:.3f})."]
+    return [
+        "",
+        f"**The probes do not tell trained from untrained here**: {', '.join(losers)} do(es) not beat the "
+        f"random-init twin {best} ({twins[best]:.3f}). At this scale the probes read composition, not training.",
+    ]
 
 
 def write_report(s: Settings, out: Path, control: str, target: float | None, command: str, probes=False, log=print):
