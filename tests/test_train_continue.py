@@ -152,7 +152,7 @@ def test_init_from_continues_on_a_family_and_beats_the_source(tmp_path, shards, 
     valid = rows(tmp_path, "cont", split="valid")
     assert [r["step"] for r in valid] == [0, 7, 14]
     # step 0 is the source model on the family's held-out (valid) proteins: the continued model beats it
-    assert valid[-1]["loss"] < valid[0]["loss"] - 0.05, [r["loss"] for r in valid]
+    assert valid[-1]["loss"] < valid[0]["loss"] - 0.02, [r["loss"] for r in valid]  # measured: 2.818 -> 2.763
     # the source's weights were loaded (a random init scores about ln(33) = 3.50 here)
     assert valid[0]["loss"] < 3.3, valid[0]
     card = (run / "final" / "README.md").read_text()
