@@ -166,7 +166,9 @@ def test_init_from_continues_on_a_family_and_beats_the_source(tmp_path, shards, 
 
 @pytest.mark.slow
 def test_init_from_refuses_a_shape_override(tmp_path, shards, source):  # noqa: F811
-    code, out = run_training(tmp_path, shards, f"model.init_from={source}", "model.hidden_size=96", "model.kernels=torch")
+    code, out = run_training(
+        tmp_path, shards, f"model.init_from={source}", "model.hidden_size=96", "model.kernels=torch"
+    )
     assert code == 2, out[-3000:]
     assert "model.hidden_size sets hidden_size=96, the checkpoint has 64" in out and "Traceback" not in out
     assert not (tmp_path / "run").exists()  # nothing written
