@@ -3,6 +3,9 @@
     accelerate launch train_accelerate.py                                   # configs/default.yaml, built-in data
     accelerate launch train_accelerate.py --config configs/speedrun-133m.yaml train.max_steps=2000 hub.push=true ...
 
+    accelerate launch train_accelerate.py model.init_from=runs/default/final data.train=data/mine ...  # continue
+    accelerate launch train_accelerate.py train.target_loss=2.6 ...          # stop once the valid loss reaches 2.6
+
 Overrides are `section.key=value` (sections: model, data, train, eval, hub, tracking). Topology and precision come
 from `accelerate launch --config_file accelerate_configs/<topology>.yaml`. Secrets (HF_TOKEN, WANDB_API_KEY) are
 read from the environment only. Exit codes: 0 done, 2 bad config or refused start (nothing written), 143/130 stopped

@@ -7,7 +7,8 @@ Layout of `<run>/checkpoints/step-000100/`:
         and optimizers as sharded torch.distributed.checkpoint folders (pytorch_model_fsdp_0/, optimizer_*/, one file
         per rank), model.safetensors then holding the gathered full weights
     loader_rank{r}.pt (each rank's data position), trainer_state.json (run_id, step, tokens, counters, world size,
-    the run's recipe and schedule extension),
+    the run's recipe (with model.init_from, the source of its starting weights), schedule extension and reached
+    target),
     MANIFEST.json (sha256 of every file), COMPLETE (written last).
 A save goes to `.tmp-step-*` first and is renamed only once complete, so a crash mid-save leaves no half checkpoint.
 
@@ -63,6 +64,9 @@ class TrainerState:
     recipe: dict | None = None
     # train.extend=true: the schedule from `from_step` on ({"from_step", "lr_factor", "max_steps"}; ScheduleExtension)
     extension: dict | None = None
+    # train.target_loss reached: {"target_loss", "step" (the eval that reached it, where the run stopped),
+    # "time_to_target" (train_seconds), "tokens_to_target"}, interpolated between the two bracketing evals
+    target: dict | None = None
 
     def write(self, directory: Path) -> None:
         (directory / TRAINER_STATE).write_text(json.dumps(dataclasses.asdict(self), indent=1))

@@ -50,36 +50,112 @@ def _not_empty(value: str) -> str | None:
     return "must not be empty" if not value.strip() else None
 
 
+def _parameter_shapes(config: SpeedPLMConfig) -> dict:
+    """{parameter name: shape} of the model a config builds, on the meta device (no memory, no initialisation)."""
+    import torch
+
+    from modeling_speedplm import SpeedPLMForMaskedLM
+
+    with torch.device("meta"):
+        model = SpeedPLMForMaskedLM(config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def _source_config(init_from: str) -> SpeedPLMConfig:
+    """The model config of a speedplm checkpoint folder (final/, checkpoints/step-*) or Hub repo, or ConfigError
+    naming model.init_from."""
+    key = f"model.init_from={init_from}"
+    if Path(init_from).exists() and not (Path(init_from) / "config.json").is_file():
+        raise ConfigError(f"{key}: not a model folder (no config.json); give a run's final/ or checkpoints/step-*")
+    try:
+        raw, _ = SpeedPLMConfig.get_config_dict(init_from)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{key}: cannot read its config.json ({err})") from None
+    if raw.get("model_type") != SpeedPLMConfig.model_type:
+        raise ConfigError(
+            f"{key}: model_type {raw.get('model_type')!r}, not {SpeedPLMConfig.model_type!r}: model.init_from takes "
+            f"a speedplm checkpoint (final/, checkpoints/step-*, or such a Hub repo)"
+        )
+    try:
+        return SpeedPLMConfig(**{name: raw[name] for name in MODEL_FIELDS if name in raw})
+    except ValueError as err:
+        raise ConfigError(f"{key}: {err}") from None
+
+
 @dataclass
 class ModelSection(Section):
-    """A preset and/or any SpeedPLMConfig field (YAML: flat keys beside `preset`), plus the attention backend."""
+    """A preset and/or any SpeedPLMConfig field (YAML: flat keys beside `preset`), plus the attention backend.
+
+    model.init_from=PATH_OR_HUB_ID: a new run that starts from a speedplm checkpoint's weights. The model is the
+    checkpoint's config; the section's other keys (a preset's fields, explicit fields) are compared with it: a value
+    that would change a parameter's shape is refused (ConfigError naming model.<key>), any other change (kernels,
+    rope_theta, attn_implementation, ...) is applied and listed in `init_changes` (the trainer logs it)."""
 
     NAME: ClassVar[str] = "model"
     preset: Literal[tuple(PRESETS)] | None = None
     attn_implementation: Literal[ATTN_IMPLEMENTATIONS] | None = None  # None: flex_attention on CUDA, sdpa on CPU
+    # a speedplm checkpoint folder (a run's final/ or checkpoints/step-*) or a Hub id: the new run's starting weights
+    init_from: str | None = setting(None, check=_not_empty)
     fields: dict = setting(factory=dict)  # SpeedPLMConfig keyword arguments, typed by its __init__ signature
 
     def check(self) -> None:
         unknown = sorted(set(self.fields) - set(MODEL_FIELDS))
         if unknown:
-            valid = sorted({"preset", "attn_implementation", *MODEL_FIELDS})
+            valid = sorted({"preset", "attn_implementation", "init_from", *MODEL_FIELDS})
             raise ConfigError(f"config section 'model': unknown key(s) {unknown}; valid keys: {valid}")
         for name, value in self.fields.items():
             self.fields[name] = check_value(f"model.{name}", value, MODEL_FIELDS[name])
-        self.build()  # SpeedPLMConfig checks ranges and combinations ("SpeedPLMConfig.num_attention_heads=7: ...")
+        if self.init_from is not None and Path(self.init_from).exists():  # recorded where it is, whatever the cwd
+            self.init_from = str(Path(self.init_from).absolute())
+        self._built, self.init_changes = None, []
+        self._built = self.build()  # SpeedPLMConfig checks ranges and combinations ("num_attention_heads=7: ...")
 
     def build(self) -> SpeedPLMConfig:
+        if getattr(self, "_built", None) is not None:
+            return self._built
+        if self.init_from is not None:
+            return self._continued()
         if self.preset:
             return SpeedPLMConfig.from_preset(self.preset, **self.fields)
         return SpeedPLMConfig(**self.fields)
 
+    def _continued(self) -> SpeedPLMConfig:
+        """The checkpoint's config with the section's non-shape changes; ConfigError naming each shape change."""
+        source = _source_config(self.init_from)
+        base = {name: getattr(source, name) for name in MODEL_FIELDS}
+        origin = dict.fromkeys(PRESETS.get(self.preset, {}), f"model.preset={self.preset}")
+        origin.update({name: f"model.{name}" for name in self.fields})
+        requested = {**PRESETS.get(self.preset, {}), **self.fields}
+        changed = {name: value for name, value in requested.items() if base[name] != value}
+        shapes = _parameter_shapes(source)
+        refused = [
+            f"{origin[name]} sets {name}={value!r}, the checkpoint has {base[name]!r}"
+            for name, value in changed.items()
+            if _parameter_shapes(SpeedPLMConfig(**{**base, name: value})) != shapes
+        ]
+        if refused:
+            raise ConfigError(
+                f"model.init_from={self.init_from}: the model is the checkpoint's, and these keys would change the "
+                f"shape of its weights: {'; '.join(refused)}. Remove them (model.preset=null drops a preset), or "
+                f"train a new model without model.init_from"
+            )
+        config = SpeedPLMConfig(**{**base, **changed})
+        if _parameter_shapes(config) != shapes:  # changes that only together alter a shape
+            raise ConfigError(
+                f"model.init_from={self.init_from}: together, {sorted(origin[n] for n in changed)} change the shape "
+                f"of the checkpoint's weights; remove them"
+            )
+        self.init_changes = [f"{origin[n]}: {base[n]!r} -> {v!r}" for n, v in changed.items()]
+        return config
+
     @classmethod
     def from_dict(cls, raw: dict) -> "ModelSection":
-        rest = {k: v for k, v in raw.items() if k not in ("preset", "attn_implementation")}
-        return cls(preset=raw.get("preset"), attn_implementation=raw.get("attn_implementation"), fields=rest)
+        named = ("preset", "attn_implementation", "init_from")
+        rest = {k: v for k, v in raw.items() if k not in named}
+        return cls(**{k: raw.get(k) for k in named}, fields=rest)
 
     def to_dict(self) -> dict:
-        named = {"preset": self.preset, "attn_implementation": self.attn_implementation}
+        named = {"preset": self.preset, "attn_implementation": self.attn_implementation, "init_from": self.init_from}
         return {**{k: v for k, v in named.items() if v is not None}, **self.fields}
 
 
@@ -142,6 +218,9 @@ class TrainSection(Section):
     extend: bool = False
     # transformers' per-block activation checkpointing (non-reentrant): less memory, one more forward per block
     gradient_checkpointing: bool = False
+    # stop once the validation loss (evaluated every eval.every steps) is <= this: save, final evals, final/, and
+    # time_to_target / tokens_to_target interpolated between the two evals that bracket it (part of the recipe)
+    target_loss: float | None = setting(None, gt=0)
 
 
 @dataclass
@@ -186,6 +265,11 @@ class RunConfig:
     tracking: TrackingSection
 
     def __post_init__(self):
+        if self.train.target_loss is not None and not self.eval.every:
+            raise ConfigError(
+                f"train.target_loss={self.train.target_loss} needs eval.every > 0 (the validation loss is compared "
+                f"with it at every eval.every steps), got eval.every={self.eval.every}"
+            )
         if self.train.micro_batch_tokens < self.data.max_length:
             raise ConfigError(
                 f"train.micro_batch_tokens={self.train.micro_batch_tokens}: must be >= data.max_length="
@@ -209,10 +293,14 @@ class RunConfig:
         records and a resume compares (training/run_start.py). The model is every SpeedPLMConfig field, resolved."""
         model = self.model_config()
         flat = {f"model.{name}": getattr(model, name) for name in MODEL_FIELDS if name not in MODEL_IMPLEMENTATION}
+        flat["model.init_from"] = self.model.init_from
         for section in ("data", "train", "optim", "eval"):
             for key, value in dataclasses.asdict(getattr(self, section)).items():
                 if f"{section}.{key}" not in NOT_RECIPE:
                     flat[f"{section}.{key}"] = value
+        for key in RECORDED_WHEN_SET:  # absent when unset: checkpoints written before these keys existed still match
+            if flat[key] is None:
+                del flat[key]
         return json.loads(json.dumps(flat))  # tuples -> lists: equal to what a checkpoint reads back
 
 
@@ -228,6 +316,8 @@ NOT_RECIPE = {
     "eval.every",
     "eval.test_at_end",
 }
+# Recipe keys recorded only when set (newer than the recipe record itself).
+RECORDED_WHEN_SET = ("model.init_from", "train.target_loss")
 MODEL_IMPLEMENTATION = ("kernels",)  # the model's implementation choice (also free on resume: training/checkpoint.py)
 
 
@@ -329,7 +419,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
         _check_keys("<top level>", {section: None}, SECTIONS)
         raw[section][key] = value
 
-    _check_keys("model", raw["model"], {"preset", "attn_implementation", *MODEL_FIELDS})
+    _check_keys("model", raw["model"], {"preset", "attn_implementation", "init_from", *MODEL_FIELDS})
     sections = {"model": ModelSection.from_dict(raw["model"])}
     for name, cls in SECTIONS.items():
         if name != "model":

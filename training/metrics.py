@@ -24,6 +24,20 @@ from modeling_speedplm import ESM2_VOCAB
 from .data.collator import IGNORE_INDEX  # noqa: F401  (re-exported: its home is where labels are made)
 
 
+def reach(points: list[dict], target: float, key: str) -> float | None:
+    """First `key` (time or tokens) at which the piecewise-linear loss curve through `points` ({key, "loss"}, in
+    order) is <= target; None if never. Between the two points that bracket the target it interpolates linearly;
+    a curve already at or below it at its first point reaches it there. The one home of the crossing: the trainer's
+    train.target_loss and the recipe judge (eval/speedrun/stats.py) both use it."""
+    for prev, cur in zip([None] + points[:-1], points):
+        if cur["loss"] <= target:
+            if prev is None:
+                return float(cur[key])
+            frac = (prev["loss"] - target) / (prev["loss"] - cur["loss"])
+            return float(prev[key] + frac * (cur[key] - prev[key]))
+    return None
+
+
 def classification_metrics(y_true, y_pred, sample_weight=None):
     """Accuracy, P/R/F1 (weighted, macro), MCC, per-class accuracy. `sample_weight`: counts, e.g. of confusion cells."""
     # scikit-learn only here: the training step (and a GPU node's image) must not need it (issue #23)

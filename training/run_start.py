@@ -16,8 +16,11 @@ trainer_state.json and every metrics.jsonl row. The rules:
   trainer_state.json) must equal the checkpoint's, or the start is refused naming each changed key, old and new
   value. The one explicit change is train.extend=true with a larger train.max_steps: the run goes on with a fresh
   schedule that starts at the checkpoint's learning rate (ScheduleExtension), recorded in its later checkpoints.
-- A finished run (its newest checkpoint at train.max_steps, final/ written) started again with its recipe does
-  nothing (StartPlan.finished).
+- A finished run (its newest checkpoint at train.max_steps, or at the step where it reached train.target_loss, and
+  final/ written) started again with its recipe does nothing (StartPlan.finished). train.target_loss is part of the
+  recipe: a run that stopped at its target is finished for that target; another target is another run.
+- model.init_from is part of the recipe too (the source of the starting weights); a resume restores the run's own
+  checkpoint and never loads the source again.
 """
 
 import math
@@ -45,10 +48,15 @@ class StartPlan:
     finished: bool = False  # the run is complete with this recipe: nothing to do, nothing written
     extension: dict | None = None  # the checkpoint's schedule extension, carried on (TrainerState.extension)
     extend_to: int | None = None  # train.extend=true: a new extension to this train.max_steps, from the checkpoint
+    target: dict | None = None  # the checkpoint's TrainerState.target: the run reached train.target_loss there
 
     def describe(self) -> str:
         if self.finished:
-            return f"run {self.run_id} finished at step {self.step} ({self.checkpoint}; final/ written): nothing to do"
+            why = f" (train.target_loss={self.target['target_loss']} reached)" if self.target else ""
+            return (
+                f"run {self.run_id} finished at step {self.step}{why} ({self.checkpoint}; final/ written): nothing "
+                f"to do"
+            )
         if self.extend_to is not None:
             return (
                 f"extending run {self.run_id} from {self.checkpoint} at step {self.step} to train.max_steps="
@@ -92,7 +100,7 @@ class ScheduleExtension:
 def recipe_difference(saved: dict, current: dict) -> list[str]:
     """'key: old -> new' for every recipe key that differs (the model is compared by model_config_difference)."""
     unset = "<not recorded>"
-    keys = sorted(k for k in set(saved) | set(current) if not k.startswith("model."))
+    keys = sorted(k for k in set(saved) | set(current) if not k.startswith("model.") or k == "model.init_from")
     return [
         f"{k}: {saved.get(k, unset)!r} -> {current.get(k, unset)!r}"
         for k in keys
@@ -208,14 +216,14 @@ def plan_start(config: RunConfig, checkpoints: CheckpointManager, world: int) ->
     if torn:
         plan.warnings.append(f"{metrics_path}:{torn}: torn last line (a write cut short by a crash) dropped")
     newest = directory.resolve() == checkpoints.step_dirs()[-1].resolve()
-    if plan.step == train.max_steps and newest and not plan.delete and (run_dir / "final").is_dir():
+    # the run's last step: train.max_steps, or the step at which it reached train.target_loss (TrainerState.target)
+    plan.target, ended = state.target, plan.step == train.max_steps or state.target is not None
+    if ended and newest and not plan.delete and (run_dir / "final").is_dir():
         plan.finished = True
         return plan
-    # the history up to the checkpoint; at train.max_steps without final/ the final evals run again: theirs go
+    # the history up to the checkpoint; at the last step without final/ the final evals (and the summary) run again:
+    # theirs go
     plan.metrics_rows = [
-        r
-        for r in rows
-        if r.get("step", 0) < plan.step
-        or (r.get("step") == plan.step and not (plan.step == train.max_steps and "split" in r))
+        r for r in rows if r.get("step", 0) < plan.step or (r.get("step") == plan.step and not (ended and "split" in r))
     ]
     return plan

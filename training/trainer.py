@@ -29,7 +29,7 @@ from .accelerate_compat import enable_cpu_fsdp2, fsdp_requested, local_world_siz
 from .checkpoint import CheckpointError, CheckpointManager, TrainerState, save_pretrained
 from .config import ConfigError, RunConfig, resolve_batch
 from .data_setup import build_eval_loader, build_train_loader, resolve_splits
-from .metrics import evaluate
+from .metrics import evaluate, reach
 from .optim.build import build_optimizers, build_schedulers, muon_momentum, set_muon_momentum
 from .publish.hub import HubPushError
 from .publish.publisher import ModelPublisher, check_hub
@@ -111,10 +111,34 @@ def check_topology(config: RunConfig, accelerator: Accelerator) -> None:
         )
 
 
-def build_model(config: RunConfig) -> SpeedPLMForMaskedLM:
+def build_model(config: RunConfig, init_weights: bool = False) -> SpeedPLMForMaskedLM:
+    """A freshly initialised model; with init_weights, the weights of model.init_from (a new run continuing a
+    checkpoint: its config with the section's non-shape changes, training/config.py)."""
     requested = config.model.attn_implementation
     attn_implementation = requested or ("flex_attention" if torch.cuda.is_available() else "sdpa")
-    return AutoModelForMaskedLM.from_config(config.model_config(), attn_implementation=attn_implementation)
+    if not init_weights:
+        return AutoModelForMaskedLM.from_config(config.model_config(), attn_implementation=attn_implementation)
+    source = config.model.init_from
+    try:
+        model, info = SpeedPLMForMaskedLM.from_pretrained(
+            source,
+            config=config.model_config(),
+            attn_implementation=attn_implementation,
+            dtype=torch.float32,  # the training copy: fp32 (bf16 is autocast's)
+            output_loading_info=True,
+        )
+    except (OSError, ValueError) as err:
+        raise RunRefused(f"model.init_from={source}: cannot load its weights ({err})") from None
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    missing = sorted(set(info.get("missing_keys", ())) - tied)
+    mismatched = info.get("mismatched_keys") or []
+    if missing or info.get("unexpected_keys") or mismatched:
+        raise RunRefused(
+            f"model.init_from={source}: its weights do not fit the model (missing {missing}, unexpected "
+            f"{sorted(info.get('unexpected_keys') or [])}, mismatched {mismatched})"
+        )
+    logger.info("model.init_from=%s: starting from its weights (fresh optimizer and schedule)", source)
+    return model
 
 
 class Trainer:
@@ -159,6 +183,12 @@ class Trainer:
             torch.set_num_threads(t.cpu_threads or max(1, cores // local_world_size(acc.num_processes)))
 
         splits = resolve_splits(config.data, acc)  # the directories exist ("builtin": prepared once, data cache)
+        if t.target_loss is not None and not splits.get("valid"):
+            raise ConfigError(
+                f"train.target_loss={t.target_loss} needs a validation split: data.valid=<prepared directory>, or "
+                f"data.train=<a directory prepared with --split-fractions> (it holds valid/); data.train="
+                f"{config.data.train} has none"
+            )
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", t.keep_checkpoints, acc)
         start = self._plan_start()  # fresh or resume, from the files: refused here, nothing is built or written
         self.start, self.finished = start, start.finished
@@ -166,7 +196,10 @@ class Trainer:
             return  # train() says so and returns: nothing is built or written
         self._decide(self._external_problems)  # every outside precondition, before the first write
         set_seed(t.seed)  # right before the model's initialisation, whatever the data preparation drew
-        model = build_model(config)
+        for change in config.model.init_changes:
+            logger.info("model.init_from: the checkpoint's model with %s", change)
+        # a resume restores the run's own checkpoint: the source's weights are loaded only by a fresh start
+        model = build_model(config, init_weights=config.model.init_from is not None and start.checkpoint is None)
         if t.gradient_checkpointing:  # the model's own (transformers') mechanism; under FSDP2 too (check_topology)
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             logger.info("gradient checkpointing: each block's activations are recomputed in the backward")
@@ -203,6 +236,13 @@ class Trainer:
         self.flops_per_token = None  # from the first step's real protein lengths and mask rate
         self.peak = peak_flops(acc.device, t.peak_tflops)
         self.bad_in_row, self._step_started, self.bar = 0, 0.0, None
+        # the validation curve for train.target_loss: {loss, time (train_seconds), tokens} of each valid eval so far
+        self.valid_points = [
+            {"loss": r["loss"], "time": r["train_seconds"], "tokens": r["tokens"]}
+            for r in start.metrics_rows or []
+            if r.get("split") == "valid" and "train_seconds" in r
+        ]
+        self._valid_at = None  # the step of this process's last valid eval (finish() does not repeat it)
         self.stop = SignalFlag()
         self.window = {"time": time.perf_counter(), "tokens": 0, "data_wait": 0.0}
 
@@ -307,7 +347,8 @@ class Trainer:
                 else:
                     path.unlink()
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            header = f"# run {start.run_id}: {start.describe()}; {self.batch.describe()}\n"
+            source = f"; continued from {self.config.model.init_from}" if self.config.model.init_from else ""
+            header = f"# run {start.run_id}: {start.describe()}{source}; {self.batch.describe()}\n"
             (self.run_dir / "config.yaml").write_text(header + yaml.safe_dump(self.config.to_dict(), sort_keys=False))
             if start.metrics_rows is not None:
                 MetricsLog(self.run_dir / "metrics.jsonl", True, start.run_id).rewrite(start.metrics_rows)
@@ -376,11 +417,13 @@ class Trainer:
         t = self.config.train
         if self.start.checkpoint is None and "valid" in self.eval_loaders and self.config.eval.every:
             self._inject_sigterm("start_eval")
-            self.evaluate("valid")  # the untrained baseline
+            self.evaluate("valid")  # the untrained baseline (with model.init_from: the source's loss)
             self._stop_if_asked("the step-0 evaluation")
+            if self.progress.target is not None:  # a model.init_from source already at the target
+                self._save_once()
         self.bar = _progress_bar(self.accelerator.is_main_process, self.progress.step, t.max_steps)
         batches = iter(self.train_loader)
-        while self.progress.step < t.max_steps:
+        while self.progress.step < t.max_steps and self.progress.target is None:
             result = self.train_step(self._next_batches(batches))
             self.bar.update(1)
             self.log(result)
@@ -391,7 +434,8 @@ class Trainer:
                 )
             self.maybe_eval()
             stop_code, push_failed = self._signals()
-            saved = self.maybe_save(stop_code or push_failed)
+            reached = self.progress.target is not None  # train.target_loss: save here, then the final evals
+            saved = self.maybe_save(stop_code or push_failed or reached)
             self.maybe_push(saved)
             if stop_code or push_failed:
                 if stop_code and not push_failed and self.publisher is not None:
@@ -511,8 +555,9 @@ class Trainer:
         return self.publisher is not None and bool(every) and self.progress.step % every == 0
 
     def maybe_save(self, stop_code: int = 0) -> Path | None:
-        """A checkpoint every train.save_every steps, at the last step, on a stop signal, and at each step a Hub push
-        is due (the push is staged from it). Returns its directory, or None."""
+        """A checkpoint every train.save_every steps, at the last step, on a stop signal (or the target reached: any
+        truthy `stop_code`), and at each step a Hub push is due (the push is staged from it). Returns its directory,
+        or None."""
         t, step = self.config.train, self.progress.step
         if (t.save_every and step % t.save_every == 0) or stop_code or step == t.max_steps or self._push_due():
             return self.checkpoints.save(self.model, self.train_loader.state_dict(), self.progress, self.summary())
@@ -528,7 +573,8 @@ class Trainer:
         acc, step = self.accelerator, self.progress.step
         result = evaluate(self.model, self.eval_loaders[split], acc, self.config.eval.max_tokens)
         result["scored_tokens"] = result.pop("tokens")
-        self.metrics.write({"step": step, "tokens": self.progress.tokens, "split": split, **result})
+        clock = {"train_seconds": self.progress.train_seconds}  # the training clock at this eval (time-to-loss)
+        self.metrics.write({"step": step, "tokens": self.progress.tokens, "split": split, **result, **clock})
         acc.log({f"{split}/{k}": v for k, v in result.items()}, step=step)
         logger.info(
             "step %d %s loss %.4f perplexity %.3f accuracy %.4f",
@@ -538,7 +584,50 @@ class Trainer:
             result["perplexity"],
             result["accuracy"],
         )
+        if split == "valid":
+            self._valid_at = step
+            self._check_target(result["loss"])
         return result
+
+    def _check_target(self, loss: float) -> None:
+        """Add a valid eval to the curve; at the first one <= train.target_loss, record where the curve crossed it
+        (training/metrics.py `reach`: linear between the two evals that bracket it, as the recipe judge does)."""
+        target = self.config.train.target_loss
+        if target is None or self.progress.target is not None:
+            return
+        self.valid_points.append({"loss": loss, "time": self.progress.train_seconds, "tokens": self.progress.tokens})
+        if loss > target:
+            return
+        self.progress.target = {
+            "target_loss": target,
+            "step": self.progress.step,
+            "time_to_target": reach(self.valid_points, target, "time"),
+            "tokens_to_target": reach(self.valid_points, target, "tokens"),
+        }
+        logger.info(
+            "train.target_loss=%g reached at step %d: time_to_target %.2f s (training clock), tokens_to_target %.0f",
+            target,
+            self.progress.step,
+            self.progress.target["time_to_target"],
+            self.progress.target["tokens_to_target"],
+        )
+
+    def target_summary(self) -> dict:
+        """The run's summary row (train.target_loss set): reached or not, and where."""
+        target, reached = self.progress.target or {}, self.progress.target is not None
+        best = min((p["loss"] for p in self.valid_points), default=None)
+        return {
+            "step": self.progress.step,
+            "tokens": self.progress.tokens,
+            "split": "summary",  # not a train row (no split) nor an eval row: readers of either skip it
+            "target_loss": self.config.train.target_loss,
+            "target_reached": reached,
+            "time_to_target": target.get("time_to_target"),
+            "tokens_to_target": target.get("tokens_to_target"),
+            "target_step": target.get("step"),
+            "best_valid_loss": best,
+            "train_seconds": self.progress.train_seconds,
+        }
 
     def finish(self) -> None:
         """Final evals, then final/ (written as .tmp-final/, renamed once the last push is awaited: final/ exists only
@@ -547,9 +636,21 @@ class Trainer:
         self._stop_if_asked("the last training step")
         self._inject_sigterm("final_eval")
         for split in ("valid", "test"):
+            if split == "valid" and self._valid_at == self.progress.step:
+                continue  # evaluated at this step already (the eval that reached train.target_loss)
             if split in self.eval_loaders and (split == "valid" or self.config.eval.test_at_end):
                 self.evaluate(split)
                 self._stop_if_asked(f"the final {split} evaluation")
+        if self.config.train.target_loss is not None:
+            row = self.target_summary()
+            self.metrics.write(row)
+            if not row["target_reached"]:
+                logger.warning(
+                    "train.target_loss=%g not reached by step %d (best validation loss %s)",
+                    row["target_loss"],
+                    row["step"],
+                    row["best_valid_loss"],
+                )
         acc = self.accelerator
         final, tmp = self.run_dir / "final", self.run_dir / ".tmp-final"
         if acc.is_main_process:
@@ -589,10 +690,26 @@ class Trainer:
         data = self.config.data.train
         if data == "builtin":
             data = "the built-in aaanalysis benchmark proteins (UniProt-derived, BSD-3)"
-        return (
+        text = (
             f"Trained with speedplm for {self.progress.step} steps ({self.progress.tokens:,} tokens) on {data}, "
             f"max length {self.config.data.max_length}."
         )
+        if self.config.model.init_from:
+            text += (
+                f" Continued from {self.config.model.init_from} (its weights; a fresh optimizer and learning-rate "
+                f"schedule, warmup included)."
+            )
+        target, reached = self.config.train.target_loss, self.progress.target
+        if reached:
+            text += (
+                f" Target validation loss {target:g} reached after {reached['time_to_target']:.2f} s of training "
+                f"(time_to_target, without eval and checkpoint time) and {reached['tokens_to_target']:,.0f} tokens "
+                f"(tokens_to_target), interpolated between the two evaluations that bracket it; stopped at step "
+                f"{reached['step']}."
+            )
+        elif target is not None:
+            text += f" Target validation loss {target:g} not reached (by step {self.progress.step})."
+        return text
 
 
 def refuse_silent_fp32(accelerator: Accelerator, allow_fp32: bool) -> None:

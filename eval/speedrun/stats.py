@@ -23,20 +23,11 @@ import warnings
 
 import numpy as np
 
+from training.metrics import reach  # the crossing's one home (the trainer's train.target_loss uses it too)
+
 ALPHA_DEFAULT = 0.01  # tokens-to-target must improve with p below this for a switch to become a default
 ALPHA_WORSE = 0.05  # time-to-target "gets worse" when it is higher with p below this
 BUDGET = "budget"  # an arm's `budget=F` override (eval.speedrun): it runs for share F of the campaign budget
-
-
-def reach(points: list[dict], target: float, key: str) -> float | None:
-    """First `key` (time or tokens) at which the piecewise-linear loss curve is <= target; None if never."""
-    for prev, cur in zip([None] + points[:-1], points):
-        if cur["loss"] <= target:
-            if prev is None:
-                return float(cur[key])
-            frac = (prev["loss"] - target) / (prev["loss"] - cur["loss"])
-            return float(prev[key] + frac * (cur[key] - prev[key]))
-    return None
 
 
 def loss_at(points: list[dict], x: float, key: str) -> float | None:
