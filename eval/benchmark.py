@@ -28,8 +28,9 @@ Outputs (main process): results.csv (one row per model), results.md (table, comm
 Public API (also used by eval.probes and eval.speedrun)
     EvalError(Exception)
     resolve_split(source, split, cache="data", accelerator=None) -> Path
-    build_batches(shard_dir, *, mask_rate=0.15, seed=0, max_length=1024, batch_tokens=16384, max_tokens=None,
-                  replacement="80/10/10") -> list[dict]      # each: input_ids, attention_mask, labels (B, L) long
+    MaskSpec(mask_rate=0.15, seed=0, replacement="80/10/10")   # which positions are masked, and how
+    build_batches(shard_dir, masks=MaskSpec(), *, max_length=1024, batch_tokens=16384, max_tokens=None)
+        -> list[dict]      # each: input_ids, attention_mask, labels (B, L) long
     VocabMap.identity(), vocab_map(name, tokenizer, logits_width) -> VocabMap
     inspect_model(name) -> ModelSpec;  load_model(spec, device) -> model (eval mode)
     score_model(model, vocab, indexed_batches, accelerator=None, desc=None) -> dict (metrics, tokens, sha256)
@@ -43,6 +44,7 @@ import hashlib
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -95,20 +97,29 @@ def resolve_split(source: str, split: str, cache: str = "data", accelerator=None
     )
 
 
+@dataclass(frozen=True, kw_only=True)
+class MaskSpec:
+    """Which positions the eval batches mask, and how: --mask-rate of the residues, fixed by --seed (and the batch
+    index), replaced as --replacement says (80/10/10: <mask>, random residue, unchanged; mask: all <mask>)."""
+
+    mask_rate: float = EVAL_MASK_RATE
+    seed: int = 0
+    replacement: str = "80/10/10"
+
+
 def build_batches(
     shard_dir,
+    masks: MaskSpec = MaskSpec(),
     *,
-    mask_rate: float = EVAL_MASK_RATE,
-    seed: int = 0,
     max_length: int = 1024,
     batch_tokens: int = 16384,
     max_tokens: int | None = None,
-    replacement: str = "80/10/10",
 ) -> list[dict]:
     """The fixed masked eval batches, one protein per row (padded), in stored order: a pure function of the args."""
     from training.data.collator import MLMCollator
     from training.data.loader import LoaderOptions, build_eval_loader
 
+    mask_rate, seed, replacement = masks.mask_rate, masks.seed, masks.replacement
     if not 0.0 < mask_rate < 1.0:
         raise EvalError(f"--mask-rate {mask_rate}: must be in (0, 1)")
     if batch_tokens < max_length:
@@ -263,12 +274,10 @@ def main(argv=None) -> int:
         shard_dir = resolve_split(args.data, args.split, args.cache, accelerator)
         batches = build_batches(
             shard_dir,
-            mask_rate=args.mask_rate,
-            seed=args.seed,
+            MaskSpec(mask_rate=args.mask_rate, seed=args.seed, replacement=args.replacement),
             max_length=max_length,
             batch_tokens=args.batch_tokens,
             max_tokens=args.max_tokens,
-            replacement=args.replacement,
         )
         if not batches:
             raise EvalError(f"{shard_dir}: no proteins")

@@ -56,8 +56,9 @@ naming the problem and exit 1 with no OUT file; argparse errors (unknown --pool)
 
 Public API
     load_embedder(name, *, layer=None, device=None, dtype="auto") -> Embedder   # EmbedError on a bad model/layer
-    embed_to_parquet(embedder, inputs, out, *, pool="mean", layer=None, batch_tokens=16384, policy=None,
-                     crop=False, chunk_proteins=16384, ...) -> report dict
+    EmbedOptions(pool="mean", layer=None, batch_tokens=16384, policy=None, crop=False, chunk_proteins=16384,
+                 row_group_mb=128, progress=True)      # what is embedded and how (the command's flags)
+    embed_to_parquet(embedder, inputs, out, options=EmbedOptions(), *, source_kw=None, extra=None) -> report dict
     plan_batches(lengths, *, packed, max_length, batch_tokens, fixed_shape), build_inputs(...), embed_batch(...)
     main(argv=None) -> int
 """
@@ -374,24 +375,36 @@ def check_inputs(inputs) -> None:
             raise EmbedError(f"--input {source}: no such file or directory")
 
 
+@dataclass(frozen=True, kw_only=True)
+class EmbedOptions:
+    """What is embedded and how (the command's flags): pooling, layer (None: last_hidden_state), token slots per
+    forward, validation policy (None: the default one), --crop, proteins per chunk, row-group size, progress bar."""
+
+    pool: str = "mean"
+    layer: int | None = None
+    batch_tokens: int = 16384
+    policy: ValidationPolicy | None = None
+    crop: bool = False
+    chunk_proteins: int = CHUNK_PROTEINS
+    row_group_mb: float = ROW_GROUP_MB
+    progress: bool = True
+
+
 def embed_to_parquet(
     emb: Embedder,
     inputs,
     out,
+    options: EmbedOptions = EmbedOptions(),
     *,
-    pool: str = "mean",
-    layer: int | None = None,
-    batch_tokens: int = 16384,
-    policy: ValidationPolicy | None = None,
-    crop: bool = False,
-    chunk_proteins: int = CHUNK_PROTEINS,
-    row_group_mb: float = ROW_GROUP_MB,
-    progress: bool = True,
     source_kw: dict | None = None,
     extra: dict | None = None,
 ) -> dict:
-    """Validate, embed and write `inputs` to `out` (parquet) and `out`.report.json; returns the report."""
+    """Validate, embed and write `inputs` to `out` (parquet) and `out`.report.json; returns the report.
+    source_kw: the readers' options (split, sequence_column, id_column); extra: more fields for the report."""
     from tqdm.auto import tqdm
+
+    pool, layer, batch_tokens, policy = options.pool, options.layer, options.batch_tokens, options.policy
+    crop, chunk_proteins = options.crop, options.chunk_proteins
 
     if pool not in POOLS:
         raise EmbedError(f"--pool {pool!r}: choose one of {', '.join(POOLS)}")
@@ -404,8 +417,8 @@ def embed_to_parquet(
         policy = dataclasses.replace(policy, reject_longer_than=min(limit, user or limit))
     run = PrepareRun({"": _Collect()}, policy, emb.max_length, dedup=False, fractions=None)
     partial = out.with_name(out.name + ".partial")
-    sink = ParquetSink(partial, emb.hidden_size, pool == "none", int(row_group_mb * 2**20))
-    bar = tqdm(desc="embed", unit=" proteins", disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    sink = ParquetSink(partial, emb.hidden_size, pool == "none", int(options.row_group_mb * 2**20))
+    bar = tqdm(desc="embed", unit=" proteins", disable=not options.progress, dynamic_ncols=True, file=sys.stderr)
     done, residues, slots = False, 0, 0  # slots: token positions computed, padding included
     try:
         for window in accepted_windows(run, inputs, chunk_proteins, **(source_kw or {})):
@@ -519,10 +532,7 @@ def main(argv=None) -> int:
         check_inputs(args.input)
         policy = policy_from_args(args)
         emb = load_embedder(args.model, layer=args.layer, device=args.device, dtype=args.dtype, layout=args.layout)
-        report = embed_to_parquet(
-            emb,
-            args.input,
-            out,
+        options = EmbedOptions(
             pool=args.pool,
             layer=args.layer,
             batch_tokens=args.batch_tokens,
@@ -531,6 +541,12 @@ def main(argv=None) -> int:
             chunk_proteins=args.chunk_proteins,
             row_group_mb=args.row_group_mb,
             progress=not args.no_progress,
+        )
+        report = embed_to_parquet(
+            emb,
+            args.input,
+            out,
+            options,
             source_kw=dict(split=args.split, sequence_column=args.sequence_column, id_column=args.id_column),
         )
     except (EmbedError, ValueError) as err:

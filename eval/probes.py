@@ -157,17 +157,20 @@ def probe(x_train, y_train, x_test, y_test, seed: int = 0) -> tuple[float, float
     return float(accuracy_score(y_test, predicted)), float(matthews_corrcoef(y_test, predicted))
 
 
-def run(
-    model_names,
-    task_names,
-    *,
-    max_per_task=2000,
-    test_fraction=0.2,
-    seed=0,
-    max_length=1024,
-    batch_tokens=8192,
-    log=print,
-) -> tuple[list[dict], list[Task]]:
+@dataclass(frozen=True, kw_only=True)
+class ProbeOptions:
+    """The protocol (the same for every model; see the module docstring) and the padded tokens per forward."""
+
+    max_per_task: int = 2000  # stratified subsample per task (0 = all)
+    test_fraction: float = 0.2
+    seed: int = 0
+    max_length: int = 1024  # upper bound on tokens per protein
+    batch_tokens: int = 8192
+
+
+def run(model_names, task_names, options: ProbeOptions = ProbeOptions(), *, log=print) -> tuple[list[dict], list[Task]]:
+    max_per_task, test_fraction, seed = options.max_per_task, options.test_fraction, options.seed
+    max_length, batch_tokens = options.max_length, options.batch_tokens
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     specs = [inspect_model(name) for name in model_names]  # check every vocabulary before the slow part
     tasks = [load_task(name, max_per_task, test_fraction, seed) for name in task_names]
@@ -310,15 +313,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward")
     args = p.parse_args(argv)
     try:
-        rows, tasks = run(
-            args.models,
-            args.tasks,
+        options = ProbeOptions(
             max_per_task=args.max_per_task,
             test_fraction=args.test_fraction,
             seed=args.seed,
             max_length=args.max_length,
             batch_tokens=args.batch_tokens,
         )
+        rows, tasks = run(args.models, args.tasks, options)
     except (EvalError, ValueError) as err:
         print(f"eval.probes: error: {err}", file=sys.stderr)
         return 1

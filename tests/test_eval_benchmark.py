@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import randomized_tiny_model
 
-from eval.benchmark import build_batches, score_model
+from eval.benchmark import MaskSpec, build_batches, score_model
 from eval.checkpoints import EvalError, VocabMap, inspect_model, load_model
 from modeling_speedplm import ESM2_VOCAB, SpeedPLMConfig, build_tokenizer
 
@@ -132,13 +132,13 @@ def test_benchmark_cli_writes_csv_md_png(prepared, checkpoints, tmp_path):
 
 def test_identical_masked_positions_for_every_model(prepared, checkpoints):
     shard = prepared / "test"
-    first = build_batches(shard, mask_rate=0.15, seed=0, max_length=256, batch_tokens=2048, max_tokens=8000)
-    again = build_batches(shard, mask_rate=0.15, seed=0, max_length=256, batch_tokens=2048, max_tokens=8000)
+    first = build_batches(shard, MaskSpec(mask_rate=0.15, seed=0), max_length=256, batch_tokens=2048, max_tokens=8000)
+    again = build_batches(shard, MaskSpec(mask_rate=0.15, seed=0), max_length=256, batch_tokens=2048, max_tokens=8000)
     assert len(first) == len(again) > 1
     for a, b in zip(first, again):
         for key in ("input_ids", "labels", "attention_mask"):
             assert a[key].numpy().tobytes() == b[key].numpy().tobytes()
-    other = build_batches(shard, mask_rate=0.15, seed=1, max_length=256, batch_tokens=2048, max_tokens=8000)
+    other = build_batches(shard, MaskSpec(mask_rate=0.15, seed=1), max_length=256, batch_tokens=2048, max_tokens=8000)
     assert not torch.equal(first[0]["labels"], other[0]["labels"])  # the seed does pick the positions
 
     results = {}
@@ -266,7 +266,9 @@ def test_probes_give_a_row_per_hidden_state(checkpoints, tmp_path):
     from eval import probes
 
     models = [str(checkpoints["speedplm"]), str(checkpoints["esm"])]
-    rows, tasks = probes.run(models, ["SEQ_DISULFIDE", "SEQ_CAPSID"], max_per_task=60, log=lambda *a: None)
+    rows, tasks = probes.run(
+        models, ["SEQ_DISULFIDE", "SEQ_CAPSID"], probes.ProbeOptions(max_per_task=60), log=lambda *a: None
+    )
     layers = SpeedPLMConfig.from_preset("tiny").num_hidden_layers
     for model in models:
         for task in ("SEQ_DISULFIDE", "SEQ_CAPSID"):

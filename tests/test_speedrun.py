@@ -18,6 +18,7 @@ from eval.speedrun.campaign import (
     CONFIRM_SEEDS,
     MODES,
     Arm,
+    RunPlan,
     Settings,
     SpeedrunError,
     check_arm,
@@ -424,7 +425,8 @@ def test_every_arm_gets_the_same_token_budget(prepared):  # noqa: F811
     odd = Arm("half", overrides=["budget=0.5"])
     assert speedplm_steps(s, odd, 101 * 4096) == share_steps(s, odd, 101 * 4096) == 51
     assert 55 < speedplm_steps(s, Arm("w", overrides=[*warm.overrides, "budget=0.5"]), budget) < 63
-    overrides = speedplm_overrides(s, Arm("half", overrides=["budget=0.5"]), seed=0, steps=50, save_every=5, out=ROOT)
+    half = Arm("half", overrides=["budget=0.5"])
+    overrides = speedplm_overrides(s, half, RunPlan(seed=0, steps=50, out=ROOT), save_every=5)
     assert not any(o.startswith("budget") for o in overrides)
     with pytest.raises(SpeedrunError, match="a percentage of the steps"):
         speedplm_steps(s, Arm("bad", overrides=["train.batch_warmup_steps=x%steps"]), budget)

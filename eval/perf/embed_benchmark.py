@@ -27,13 +27,14 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from eval.checkpoints import esm_twin
-from eval.embed import embed_to_parquet, load_embedder, resolve_dtype
+from eval.embed import EmbedOptions, embed_to_parquet, load_embedder, resolve_dtype
 from eval.tables import hardware, markdown_table
 from modeling_speedplm import SpeedPLMConfig, SpeedPLMForMaskedLM, build_tokenizer
 from training.data.sources import builtin_files, iter_records
@@ -84,14 +85,27 @@ def padded_loop(model, tokenizer, seqs: list[str], batch_tokens: int, sort: bool
     return dict(real=real, slots=slots)
 
 
-def measure(
-    preset: str, n: int, batch_tokens: int, repeats: int, seed: int, device: str, slices: int = 4, log=print
-) -> list[dict]:
+@dataclass(frozen=True, kw_only=True)
+class BenchmarkPlan:
+    """What is timed (the command's flags): the size preset, how many proteins (seed: which ones, and the random
+    weights), token positions per forward, full passes (the median is reported), parts the proteins are cut into."""
+
+    preset: str = "esm2-8m-like"
+    proteins: int = 2000
+    batch_tokens: int = 16384
+    repeats: int = 1
+    seed: int = 0
+    slices: int = 4
+
+
+def measure(plan: BenchmarkPlan, device: str, log=print) -> list[dict]:
     import transformers
     from transformers import AutoModel, AutoTokenizer, EsmTokenizer
 
     transformers.logging.set_verbosity_error()  # the ESM twin's unused LM head is expected
     transformers.logging.disable_progress_bar()
+    preset, n, batch_tokens = plan.preset, plan.proteins, plan.batch_tokens
+    repeats, seed, slices = plan.repeats, plan.seed, plan.slices
     dtype = resolve_dtype("auto", torch.device(device))
     config = SpeedPLMConfig.from_preset(preset)
     seqs = sample_proteins(n, seed, min(MAX_RESIDUES, config.max_position_embeddings - 2))
@@ -118,9 +132,8 @@ def measure(
 
         def command(emb):
             def run(k):
-                report = embed_to_parquet(
-                    emb, [files[k]], tmp / "emb.parquet", batch_tokens=batch_tokens, progress=False
-                )
+                options = EmbedOptions(batch_tokens=batch_tokens, progress=False)
+                report = embed_to_parquet(emb, [files[k]], tmp / "emb.parquet", options)
                 return report["residues"] + 2 * report["accepted"], report["token_slots"]
 
             return run
@@ -214,9 +227,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = measure(
-        args.preset, args.proteins, args.batch_tokens, args.repeats, args.seed, args.device, args.slices, log=print
+    plan = BenchmarkPlan(
+        preset=args.preset,
+        proteins=args.proteins,
+        batch_tokens=args.batch_tokens,
+        repeats=args.repeats,
+        seed=args.seed,
+        slices=args.slices,
     )
+    rows = measure(plan, args.device, log=print)
     dtype = resolve_dtype("auto", torch.device(args.device))
     print(
         f"embedding, {args.device} {str(dtype).removeprefix('torch.')}, {args.preset}, {args.batch_tokens} tokens "

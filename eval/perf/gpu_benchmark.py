@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -361,7 +362,8 @@ def end_to_end_rows(s, variants) -> tuple[list, list[str]]:
             continue
         log(f"end-to-end: kernels={kernels}")
         try:
-            rows.append(train_step_row(preset, kernels, batch, length, (masked_ids, docs, labels), context, peak))
+            step_batch = StepBatch(masked_ids=masked_ids, document_ids=docs, labels=labels, context=context)
+            rows.append(train_step_row(preset, kernels, step_batch, peak))
         except Exception as e:  # e.g. out of memory: keep the other rows and the tables
             traceback.print_exc()
             notes.append(f"end-to-end kernels={kernels}: failed: {e!r}"[:300])
@@ -371,13 +373,29 @@ def end_to_end_rows(s, variants) -> tuple[list, list[str]]:
     return rows, notes
 
 
-def train_step_row(preset, kernels, batch, length, inputs, context, peak):
+@dataclass(frozen=True, kw_only=True)
+class StepBatch:
+    """The packed train-step batch: masked input ids, document ids and labels, each (batch, length) on DEVICE, and
+    the attended context C = sum(doc_len^2) / tokens of its documents (for the FLOPs per token)."""
+
+    masked_ids: torch.Tensor
+    document_ids: torch.Tensor
+    labels: torch.Tensor
+    context: float
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.masked_ids.shape)
+
+
+def train_step_row(preset, kernels, step_batch: StepBatch, peak):
     from modeling_speedplm import SpeedPLMConfig, SpeedPLMForMaskedLM
     from training.config import load_config
     from training.optim.build import build_optimizers
     from training.throughput import flops_per_token
 
-    masked_ids, docs, labels = inputs
+    masked_ids, docs, labels = step_batch.masked_ids, step_batch.document_ids, step_batch.labels
+    batch, length = step_batch.shape
     small = dict(num_hidden_layers=2, value_embeddings=1) if ARGS.dry_run else {}  # the interpreter is slow
     attn_implementation = "flex_attention" if CUDA else "sdpa"
     config = SpeedPLMConfig.from_preset(
@@ -420,7 +438,8 @@ def train_step_row(preset, kernels, batch, length, inputs, context, peak):
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
     tokens_s = batch * length / step_s
-    flops_token = flops_per_token(config, context, scored_fraction=EVAL_MASK_RATE)  # training/throughput.py's formula
+    # training/throughput.py's formula
+    flops_token = flops_per_token(config, step_batch.context, scored_fraction=EVAL_MASK_RATE)
     mfu = f"{100 * tokens_s * flops_token / peak:.1f}%" if peak else "n/a"
     memory = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}" if CUDA else "n/a"
     return [

@@ -76,7 +76,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval.benchmark import build_batches, resolve_split
+from eval.benchmark import MaskSpec, build_batches, resolve_split
 from eval.checkpoints import esm_twin  # ESM2's shape and recipe (no dropout)
 from eval.speedrun.stats import BUDGET, baseline_arm, budget_share, current_runs, esm2_sides
 from eval.tables import hardware
@@ -255,7 +255,7 @@ def check_arm(arm: Arm, s: Settings) -> None:
         if key in JUDGE_KEYS or key.startswith("model.") and key[6:] in (*SHAPES[s.shape], "max_position_embeddings"):
             raise SpeedrunError(f"arm {arm.name}: {key} is set by the judge (shape, data, budget, seed, logging)")
     try:
-        load_config(str(RECIPE), speedplm_overrides(s, arm, seed=0, steps=100, save_every=10, out=Path("/x")))
+        load_config(str(RECIPE), speedplm_overrides(s, arm, RunPlan(seed=0, steps=100, out=Path("/x")), save_every=10))
     except ValueError as err:
         raise SpeedrunError(f"arm {arm.name}: {err}") from None
 
@@ -272,20 +272,28 @@ def relative_steps(text: str, control_steps: int) -> str:
     return text
 
 
+@dataclass(frozen=True, kw_only=True)
+class RunPlan:
+    """One training run of an arm (either recipe): its seed, its optimizer steps and the folder it writes in."""
+
+    seed: int
+    steps: int
+    out: Path
+
+
 def speedplm_overrides(
     s: Settings,
     arm: Arm,
+    plan: RunPlan,
     *,
-    seed: int,
-    steps: int,
     save_every: int,
-    out: Path,
     data: Path | None = None,
     control_steps: int | None = None,
 ) -> list[str]:
     """The judge's settings, then the arm's overrides (which win where both set a key, e.g. warmup_steps).
     data: the prepared directory holding train/ and valid/ (None: a placeholder, for checking a config only);
-    control_steps: what 'N%steps' values are a share of (default: steps)."""
+    control_steps: what 'N%steps' values are a share of (default: plan.steps)."""
+    seed, steps, out = plan.seed, plan.steps, plan.out
     return [
         f"data.train={data or 'unprepared'}",
         f"data.max_length={s.max_length}",
@@ -326,7 +334,8 @@ def speedplm_steps(s: Settings, arm: Arm, budget_tokens: int) -> int:
 
     planned = round(budget_tokens * arm.budget)
     control_steps = share_steps(s, arm, budget_tokens)
-    overrides = speedplm_overrides(s, arm, seed=0, steps=1, save_every=1, out=Path("/x"), control_steps=control_steps)
+    plan = RunPlan(seed=0, steps=1, out=Path("/x"))
+    overrides = speedplm_overrides(s, arm, plan, save_every=1, control_steps=control_steps)
     t = load_config(str(RECIPE), overrides).train
     full = t.tokens_per_step // t.micro_batch_tokens
     steps, tokens = 0, 0
@@ -361,8 +370,7 @@ def esm_batch_size(s: Settings, dataset: list) -> int:
 def eval_batches(s: Settings) -> list[dict]:
     return build_batches(
         resolve_split(s.data, "valid", s.cache),
-        mask_rate=EVAL_MASK_RATE,
-        seed=EVAL_SEED,
+        MaskSpec(mask_rate=EVAL_MASK_RATE, seed=EVAL_SEED),
         max_length=s.max_length,
         batch_tokens=16 * s.max_length,
         max_tokens=s.eval_max_tokens,
@@ -446,7 +454,8 @@ def calibrate_esm(s: Settings, dataset: list, batch_size: int, config, out: Path
             self.stamps.append(time.perf_counter())
 
     timer = StepTimes()
-    trainer = esm_trainer(s, esm_twin(config), dataset, batch_size, 2 + s.calibration_steps, 0, ESM_DEFAULTS, out)
+    plan = RunPlan(seed=0, steps=2 + s.calibration_steps, out=out)
+    trainer = esm_trainer(s, esm_twin(config), dataset, plan, batch_size=batch_size, hyper=ESM_DEFAULTS)
     trainer.add_callback(timer)
     trainer.train()
     shutil.rmtree(out / "esm_trainer", ignore_errors=True)
@@ -498,12 +507,13 @@ def campaign_state(s: Settings, out: Path, log=print) -> dict:
 # ---------------------------------------------------------------------------------------------------- one run
 
 
-def esm_trainer(s: Settings, model, dataset, batch_size: int, steps: int, seed: int, hyper: dict, out: Path):
+def esm_trainer(s: Settings, model, dataset, plan: RunPlan, *, batch_size: int, hyper: dict):
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from modeling_speedplm import build_tokenizer
 
+    seed, steps, out = plan.seed, plan.steps, plan.out
     args = TrainingArguments(
         output_dir=str(out / "esm_trainer"),
         max_steps=steps,
@@ -569,7 +579,8 @@ def run_esm(s: Settings, state: dict, arm: Arm, seed: int, batches, run_dir: Pat
     set_seed(seed)
     model = esm_twin(speedplm_config(s))
     clock = EvalClock()
-    trainer = esm_trainer(s, model, dataset, state["esm_batch_size"], steps, seed, arm.esm(), run_dir)
+    plan = RunPlan(seed=seed, steps=steps, out=run_dir)
+    trainer = esm_trainer(s, model, dataset, plan, batch_size=state["esm_batch_size"], hyper=arm.esm())
     trainer.add_callback(clock)
     trainer.train()
     shutil.rmtree(run_dir / "esm_trainer", ignore_errors=True)
@@ -599,9 +610,8 @@ def run_speedplm(s: Settings, state: dict, arm: Arm, seed: int, batches, run_dir
     shutil.rmtree(run_dir, ignore_errors=True)
     data = resolve_split(s.data, "train", s.cache).parent
     control_steps = share_steps(s, arm, state["budget_tokens"])
-    overrides = speedplm_overrides(
-        s, arm, seed=seed, steps=steps, save_every=every, out=run_dir, data=data, control_steps=control_steps
-    )
+    plan = RunPlan(seed=seed, steps=steps, out=run_dir)
+    overrides = speedplm_overrides(s, arm, plan, save_every=every, data=data, control_steps=control_steps)
     cmd = [sys.executable, str(ROOT / "train_accelerate.py"), "--config", str(RECIPE), *overrides]
     env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
     env["PYTHONUNBUFFERED"] = "1"

@@ -26,7 +26,7 @@ from eval.speedrun.campaign import (
     run_one,
 )
 from eval.speedrun.campaign import __doc__ as campaign_doc
-from eval.speedrun.report import ReportNotReady, write_report
+from eval.speedrun.report import ReportNotReady, ReportOptions, write_report
 
 
 def load_campaign(path: str) -> tuple[dict, list[Arm], str | None]:
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
         if arms and not args.report:
             ok = run_campaign(s, arms, out)
         try:
-            write_report(s, out, control, args.target, command, probes=args.probes)
+            write_report(s, out, command, ReportOptions(control=control, target=args.target, probes=args.probes))
         except ReportNotReady as why:
             if args.report:
                 raise

@@ -2,12 +2,13 @@
 
 build_report(records, control, target=None) -> dict      every number (eval/speedrun/stats.py does the statistics)
 report_markdown(report, state, settings, command) -> str
-write_report(settings, out, control, target, command, probes=False)   speedrun.md / .json / .png (+ probes/)
+ReportOptions(control="control", target=None, probes=False)   what the report compares, and whether it probes
+write_report(settings, out, command, options=ReportOptions())   speedrun.md / .json / .png (+ probes/)
 """
 
 import json
 import statistics
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -472,7 +473,7 @@ def run_probes(s: Settings, records: list[dict], report: dict, out: Path, log=pr
         models[f"{name} ({'ESM2' if first['recipe'] == 'esm2' else 'SpeedPLM'}, seed {first['seed']})"] = first
     paths = {name: r["model_dir"] for name, r in models.items()}
     paths["random-init SpeedPLM"], paths["random-init ESM2"] = random_init_twins(s, out / "random-init")
-    rows, tasks = probes.run(list(paths.values()), list(probes.TASKS), max_per_task=2000, log=log)
+    rows, tasks = probes.run(list(paths.values()), list(probes.TASKS), probes.ProbeOptions(max_per_task=2000), log=log)
     names = {v: k for k, v in paths.items()}
     for row in rows:
         row["model"] = names[row["model"]]
@@ -514,7 +515,18 @@ def twin_check(means: dict[str, float]) -> list[str]:
     ]
 
 
-def write_report(s: Settings, out: Path, control: str, target: float | None, command: str, probes=False, log=print):
+@dataclass(frozen=True, kw_only=True)
+class ReportOptions:
+    """What a report compares: the control arm (--control), the target loss (--target; None: the tuned ESM2 arm's
+    mean final loss); probes: also run eval.probes on the kept arms' models (--probes)."""
+
+    control: str = "control"
+    target: float | None = None
+    probes: bool = False
+
+
+def write_report(s: Settings, out: Path, command: str, options: ReportOptions = ReportOptions(), log=print):
+    control, target, probes = options.control, options.target, options.probes
     records = load_records(out)
     if not (out / "campaign.json").exists():
         raise SpeedrunError(f"{out}: no campaign.json: nothing has run there yet")
