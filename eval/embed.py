@@ -434,9 +434,9 @@ def embed_to_parquet(
             ):
                 rows = [order[row] for row in rows]  # positions among the accepted records of the chunk
                 n_rows = max(1, batch_tokens // L) if emb.fixed_shape else None
-                inputs = build_inputs(tokens, rows, L, n_rows)
-                vectors = embed_batch(emb, inputs, pool, layer)
-                slots += inputs["input_ids"].size
+                batch = build_inputs(tokens, rows, L, n_rows)  # (B, L) tensors; `inputs` stays the input files
+                vectors = embed_batch(emb, batch, pool, layer)
+                slots += batch["input_ids"].size
                 which = np.concatenate(rows)  # (P,) in row order, as the vectors
                 sink.add(
                     window.index[which],

@@ -211,6 +211,7 @@ def test_pools_layers_layouts_equal_one_protein_at_a_time(
     assert main(argv) == 0
     report = json.loads((tmp_path / "emb.report.json").read_text())
     assert report["layout"] == ("packed" if layout == "packed" else "padded")  # auto on CPU (SDPA): padded
+    assert report["inputs"] == [str(fasta)]  # the input files (a loop variable once replaced them by batch keys)
     check_against_reference(out, reference, 0, seqs, pool, None if layer is None else layer % 5)
 
 
