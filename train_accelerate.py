@@ -14,6 +14,7 @@ checkpoint, with a message naming the push). A finished run started again with i
 """
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -55,5 +56,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_now(code: int) -> None:
+    """Exit without tearing down torch's objects. With several gloo ranks, freeing the DDP reducer at interpreter exit
+    joins the process group's worker thread while this thread holds the GIL, and that worker may be finishing the last
+    collective's work, whose Python-owned tensors need the GIL to be released: a deadlock that left one rank of a
+    finished run waiting forever (seen in tests, py-spy: ~ProcessGroupGloo -> thread::join vs ~AsyncWork -> GIL).
+    Everything the run writes is closed by then (checkpoints, final/, metrics.jsonl per line, trackers finished by
+    end_training), so only the streams need flushing."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
