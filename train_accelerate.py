@@ -27,6 +27,7 @@ from training.run_start import RunRefused
 from training.trainer import Trainer, TrainingStopped
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+ALIVE = []  # the trainer outlives main(): exit_now ends the process before its torch objects are freed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     die_with_launcher()  # a SIGTERM to `accelerate launch` reaches us (it does not forward it)
     try:
         trainer = Trainer(config)
+        ALIVE.append(trainer)  # freed by exit_now, never by Python: see exit_now
     except (ConfigError, RunRefused, ShardError) as err:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"train_accelerate.py: error: {err}", file=sys.stderr)
@@ -57,12 +59,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def exit_now(code: int) -> None:
-    """Exit without tearing down torch's objects. With several gloo ranks, freeing the DDP reducer at interpreter exit
-    joins the process group's worker thread while this thread holds the GIL, and that worker may be finishing the last
-    collective's work, whose Python-owned tensors need the GIL to be released: a deadlock that left one rank of a
-    finished run waiting forever (seen in tests, py-spy: ~ProcessGroupGloo -> thread::join vs ~AsyncWork -> GIL).
-    Everything the run writes is closed by then (checkpoints, final/, metrics.jsonl per line, trackers finished by
-    end_training), so only the streams need flushing."""
+    """Exit without tearing down torch's objects. With several gloo ranks, freeing the DDP reducer (when main()
+    returns and its trainer goes out of scope, or at interpreter exit) joins the process group's worker thread while
+    this thread holds the GIL; that worker may be finishing the last collective, whose Python-owned tensors need the
+    GIL: a deadlock that left one rank of a finished run waiting forever (seen in tests; py-spy: ~ProcessGroupGloo
+    -> thread::join vs ~AsyncWork -> GIL). Everything the run writes is closed by then (checkpoints, final/,
+    metrics.jsonl per line, trackers finished by end_training), so only the streams need flushing."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -238,7 +238,7 @@ def test_cli_end_to_end_on_a_saved_checkpoint(checkpoint, tmp_path):
     assert [round(r["P@L/5 mean"], 6) for r in again] == [round(float(r["P@L/5 mean"]), 6) for r in rows]
     markdown = (tmp_path / "o" / "contacts.md").read_text()
     assert "| model | method | range | P@L | P@L/2 | P@L/5 |" in markdown
-    assert "Commit: " in markdown and "machine: " in markdown
+    assert "Commit: " in markdown and "Machine: " in markdown and "Command: `" in markdown
     assert f"Command: `python -m eval.quality.contacts --model {directory}" in markdown
 
 

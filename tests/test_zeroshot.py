@@ -269,6 +269,6 @@ def test_cli_speedplm_and_esm_on_fixture_slice(tmp_path, checkpoints):
     text = (out / "zeroshot.md").read_text()
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
     assert f"Commit: `{head.strip()}" in text and "Date: 20" in text and "Machine: CPU" in text
-    assert f"- command: `python -m eval.zeroshot --model {models[0]} {models[1]} --dms" in text
+    assert f"Command: `python -m eval.zeroshot --model {models[0]} {models[1]} --dms" in text
     positions = len({p for m in abeta.mutations for p, *_ in m})
     assert f"| amyloid | 32 | {positions} |" in text
