@@ -345,3 +345,49 @@ def test_mask_clock_is_the_optimizer_step_during_a_batch_warmup(small_shards):
         fresh = build_loader(small_shards, MLMCollator(mask_rate=rate, seed=3), options)
         fresh.set_optimizer_step(start)
         assert rates(fresh, 3, start) == [[rate(s)] * plan.at(s) for s in range(start, start + 3)]
+
+
+@pytest.mark.parametrize("after_world, after_rows", [(1, 4), (4, 1), (1, 2), (4, 2)])
+def test_resharded_position_continues_the_epoch_without_repeats_or_gaps(small_shards, after_world, after_rows):
+    """2 ranks x 2 rows stop at batch 12 of the epoch (row 48); the position resharded for another world size and
+    rows per micro-batch continues at row 48: the proteins before plus after are the uninterrupted 2-rank epoch's,
+    each once."""
+    options = replace(LoaderOptions(max_length=MAX_LEN, tokens_per_micro_batch=ROWS * MAX_LEN, seed=7), **WINDOWED)
+    collator = MLMCollator(seed=3)  # proteins_of restores the masked residues from the labels
+    before = [build_loader(small_shards, collator, replace(options, rank=r, world_size=2)) for r in (0, 1)]
+    per_epoch = before[0].batches_per_epoch()  # 2-rank rounds of 4 rows
+    seen = [p for ld in before for p in proteins_of_rest(ld, 12)]
+    state = before[0].state_dict()  # at batch 12: row 12 x 2 x 2 = 48
+    uninterrupted = seen + [p for ld in before for p in proteins_of_rest(ld, per_epoch - 12)]
+    tokens = after_rows * MAX_LEN
+    after = [
+        build_loader(
+            small_shards, collator, replace(options, rank=r, world_size=after_world, tokens_per_micro_batch=tokens)
+        )
+        for r in range(after_world)
+    ]
+    for ld in after:
+        ld.load_state_dict(ld.resharded(state))
+    rounds_left = (per_epoch * 2 * ROWS - 48) // (after_world * after_rows)  # the same rows, in this topology's rounds
+    rest = [p for ld in after for p in proteins_of_rest(ld, rounds_left)]
+    assert after[0].epoch == 0 and len(set(seen + rest)) == len(seen + rest)  # no protein twice in the epoch
+    assert sorted(seen + rest) == sorted(uninterrupted)  # and none skipped
+
+
+def proteins_of_rest(ld, batches: int) -> list[tuple]:
+    return [p for batch in take(iter(ld), batches) for p in proteins_of(batch)]
+
+
+def test_resharding_refuses_a_position_inside_a_round_or_another_layout(small_shards):
+    ld = loader(small_shards, 0)  # 2 ranks x 2 rows: rounds of 4 rows
+    it = iter(ld)
+    take(it, 3)
+    state = ld.state_dict()  # row 12
+    eight = loader(small_shards, 0, world_size=4)  # rounds of 8 rows: row 12 is inside one
+    with pytest.raises(ValueError, match="row 12 of epoch 0 .* is not the start of a round of 4 rank"):
+        eight.resharded(state)
+    with pytest.raises(ValueError, match="another data layout.*seed"):
+        loader(small_shards, 0, world_size=1, seed=8).resharded(state)
+    resumed = loader(small_shards, 0, world_size=1)
+    resumed.load_state_dict(resumed.resharded(state))
+    assert resumed.batch == 6  # 12 rows / 2 rows per round

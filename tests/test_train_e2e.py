@@ -63,8 +63,10 @@ def run_training(
     wait=True,
     name="run",
     accelerate_config=None,
+    launch_args=(),
 ):
-    """`accelerate_config`: launch with `accelerate launch --config_file accelerate_configs/<it>` (its own ranks)."""
+    """`accelerate_config`: launch with `accelerate launch --config_file accelerate_configs/<it>` (its own ranks),
+    `launch_args` added to that launch (e.g. ("--num_processes", "1"))."""
     args = [
         "--config",
         str(ROOT / config),
@@ -82,6 +84,7 @@ def run_training(
             "accelerate.commands.launch",
             "--config_file",
             str(ROOT / "accelerate_configs" / accelerate_config),
+            *launch_args,
             "--main_process_port",
             str(port),
             str(ROOT / "train_accelerate.py"),

@@ -1,5 +1,5 @@
 """Signals and refused starts of real train_accelerate.py runs: SIGINT saves and exits 130; SIGTERM to one of 2 gloo
-ranks stops both at the same step with one checkpoint; a checkpoint from another number of ranks, or another run
+ranks stops both at the same step with one checkpoint; a DDP checkpoint resumed under FSDP2, or another run
 directory's checkpoint without train.overwrite, is refused with exit 2 and nothing changed."""
 
 import json
@@ -94,14 +94,18 @@ def test_sigterm_to_one_of_two_ranks_stops_both_with_one_checkpoint(two_rank_sig
     assert not (run / "final").exists()
 
 
-def test_checkpoint_from_another_number_of_ranks_is_refused(two_rank_sigterm, tmp_path, shards):  # noqa: F811
+def test_checkpoint_of_another_state_layout_is_refused(two_rank_sigterm, tmp_path, shards):  # noqa: F811
+    """Another number of ranks resumes (tests/test_train_elastic.py); DDP's whole optimizer files into an FSDP2 run
+    (sharded torch.distributed.checkpoint folders) do not: exit 2 naming both layouts and the way forward."""
     run, _, _ = two_rank_sigterm
     checkpoint = only_checkpoint(run)
     before = snapshot(run)
-    code, out = run_training(tmp_path, shards, *LONG, f"train.resume={checkpoint}", name="one_rank")
-    assert code == 2, out[-3000:]
-    assert f"{checkpoint} was written by 2 rank(s), this run has 1: resume with the same number of ranks" in out
-    assert "Traceback" not in out and not (tmp_path / "one_rank").exists()
+    fsdp2_one_rank = dict(accelerate_config="fsdp2_cpu_2ranks.yaml", launch_args=("--num_processes", "1"))
+    code, out = run_training(tmp_path, shards, *LONG, f"train.resume={checkpoint}", name="fsdp2", **fsdp2_one_rank)
+    assert code != 0 and "exitcode  : 2" in out, out[-3000:]  # the launcher reports the rank's exit 2
+    assert f"{checkpoint} was saved without FSDP2 and this run is under FSDP2" in out, out[-3000:]
+    assert f"model.init_from={checkpoint}" in out
+    assert not (tmp_path / "fsdp2").exists()  # exit 2 is the refusal, not a crash (1); nothing written
     assert snapshot(run) == before
 
 

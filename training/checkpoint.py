@@ -89,6 +89,11 @@ class TrainerState:
         return state
 
 
+def is_sharded(directory: Path) -> bool:
+    """True if the checkpoint's model and optimizer were saved as FSDP2 (torch.distributed.checkpoint) folders."""
+    return any(Path(directory).glob("pytorch_model_fsdp_*"))
+
+
 def step_of(directory: Path) -> int:
     """step-000100 -> 100 (-1 for a name that is not a checkpoint's)."""
     digits = directory.name.removeprefix("step-")
@@ -258,13 +263,20 @@ class CheckpointManager:
         return None, problems
 
     def load(self, directory: Path, model) -> tuple[dict, TrainerState]:
-        """Restore accelerate state in place; return (this rank's loader state, trainer state). The checkpoint
-        was verified and its model compared before (training/run_start.py)."""
+        """Restore accelerate state in place; return (this rank's loader state, trainer state): rank 0's loader state
+        when the checkpoint was written by another number of ranks. The checkpoint was verified and its model and
+        layout compared before (training/run_start.py). Weights and optimizer state load on any number of ranks:
+        without FSDP2 they are saved whole (model.safetensors, optimizer*.bin); under FSDP2 as
+        torch.distributed.checkpoint folders, which DCP reshards to this run's ranks on load. The RNG files are
+        per rank; a rank without its file keeps its seeded RNG (accelerate logs it): the data, masks and
+        initialisation draw nothing from it."""
         acc = self.accelerator
         with one_model_for_every_optimizer(acc):
             acc.load_state(str(directory))
-        rank_file = directory / f"loader_rank{acc.process_index}.pt"
+        state = TrainerState.read(directory)
+        # another number of ranks: rank 0's position, which the loader converts (PackedLoader.resharded)
+        rank = acc.process_index if state.world_size == acc.num_processes else 0
+        rank_file = directory / f"loader_rank{rank}.pt"
         if not rank_file.exists():
-            raise CheckpointError(f"{rank_file} missing: the checkpoint was written with a different world size")
-        loader_state = torch.load(rank_file, weights_only=False)
-        return loader_state, TrainerState.read(directory)
+            raise CheckpointError(f"{rank_file} missing: the checkpoint holds no data position for rank {rank}")
+        return torch.load(rank_file, weights_only=False), state

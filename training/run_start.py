@@ -9,9 +9,11 @@ trainer_state.json and every metrics.jsonl row. The rules:
   one already (checkpoints or metrics) unless train.overwrite=true, which deletes them first.
 - train.resume=<one of this run's own checkpoints>: newer checkpoints of the run are refused unless
   train.overwrite=true (they would be a second future of the same history).
-- Resume refuses a checkpoint of a different model (any SpeedPLMConfig field but the implementation choices), of
-  another world size, of an older speedplm without a run id, and a metrics.jsonl with another run's rows; a torn
-  last metrics line (a write cut short by a crash) is dropped with a warning.
+- Resume refuses a checkpoint of a different model (any SpeedPLMConfig field but the implementation choices), saved
+  with or without FSDP2 when this run is the other (the optimizer state's layout), of an older speedplm without a
+  run id, and a metrics.jsonl with another run's rows; a torn last metrics line (a write cut short by a crash) is
+  dropped with a warning. Another number of ranks resumes: weights and optimizer state resharded on load, the data
+  at the same row of the epoch (training/checkpoint.py CheckpointManager.load, PackedLoader.resharded).
 - Resume never changes the recipe: every trajectory-relevant key (RunConfig.recipe(), recorded in each checkpoint's
   trainer_state.json) must equal the checkpoint's, or the start is refused naming each changed key, old and new
   value. The one explicit change is train.extend=true with a larger train.max_steps: the run goes on with a fresh
@@ -28,7 +30,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import CheckpointManager, TrainerState, model_config_difference, step_of
+from .checkpoint import CheckpointManager, TrainerState, is_sharded, model_config_difference, step_of
 from .config import RunConfig
 from .tracking import MetricsLog
 
@@ -123,8 +125,8 @@ def _recipe_refusal(directory: Path, step: int, changed: list[str], run_dir: Pat
     )
 
 
-def plan_start(config: RunConfig, checkpoints: CheckpointManager, world: int) -> "StartPlan":
-    """The StartPlan for this run directory, or RunRefused. Reads files only."""
+def plan_start(config: RunConfig, checkpoints: CheckpointManager, world: int, fsdp2: bool = False) -> "StartPlan":
+    """The StartPlan for this run directory (`world` ranks, FSDP2 or not), or RunRefused. Reads files only."""
     train, run_dir, model = config.train, config.run_dir, config.model_config()
     metrics_path = run_dir / "metrics.jsonl"
     try:
@@ -169,12 +171,20 @@ def plan_start(config: RunConfig, checkpoints: CheckpointManager, world: int) ->
             f"{directory} holds a different model: {'; '.join(changed)}. Use the checkpoint's model section, or "
             f"start a new run (train.resume=none with another train.run_name)"
         )
-    if state.world_size != world:
+    if is_sharded(directory) != fsdp2:
+        saved, now = ("FSDP2", "without FSDP2") if not fsdp2 else ("without FSDP2", "under FSDP2")
         raise RunRefused(
-            f"{directory} was written by {state.world_size} rank(s), this run has {world}: resume with the same "
-            f"number of ranks (the data position and sharded state are per rank)"
+            f"{directory} was saved {saved} and this run is {now}: the optimizer state is saved in another layout "
+            f"(sharded torch.distributed.checkpoint folders vs whole files), so it does not resume across that change. "
+            f"Resume with the launch config that wrote it, or start a new run from its weights (fresh optimizer): "
+            f"model.init_from={directory} train.run_name=<a new name>"
         )
     plan = StartPlan(state.run_id, directory, state.step, warnings=warnings, extension=state.extension)
+    if state.world_size != world:  # resharded on load (CheckpointManager.load, PackedLoader.resharded)
+        plan.warnings.append(
+            f"{directory} was written by {state.world_size} rank(s), this run has {world}: weights and optimizer "
+            f"state are resharded, the data continues at the same row of the epoch"
+        )
     if state.recipe is None:
         plan.warnings.append(f"{directory} records no recipe (an older speedplm): the recipe is not compared")
         changed = []

@@ -88,7 +88,7 @@ def build_accelerator(config: RunConfig) -> Accelerator:
         log_with=tracker_names(config.tracking) or None,
         project_config=ProjectConfiguration(project_dir=str(config.run_dir)),
     )
-    if cpu and accelerator.num_processes > 1 and fsdp_requested():
+    if cpu and fsdp_requested():  # 1 rank too (a world of one: the sharded layout, e.g. to resume 2 ranks on 1)
         enable_cpu_fsdp2(accelerator)
     return accelerator
 
@@ -264,7 +264,8 @@ class Trainer:
 
     def _plan_start(self) -> StartPlan:
         """The main process decides from the files; every rank gets the same plan or the same refusal."""
-        plan = self._decide(lambda: plan_start(self.config, self.checkpoints, self.accelerator.num_processes))
+        acc = self.accelerator
+        plan = self._decide(lambda: plan_start(self.config, self.checkpoints, acc.num_processes, acc.is_fsdp2))
         for warning in plan.warnings:
             logger.warning("%s", warning)
         logger.info("%s", plan.describe())
@@ -293,6 +294,8 @@ class Trainer:
         try:
             loader_state, state = self.checkpoints.load(start.checkpoint, self.model)
             if self.config.train.resume_data_state:
+                if state.world_size != self.accelerator.num_processes:  # rank 0's position, converted
+                    loader_state = self.train_loader.resharded(loader_state)
                 self.train_loader.load_state_dict(loader_state)
             self.train_loader.set_optimizer_step(state.step)  # the mask-rate clock, data restored or not
             if start.extend_to is not None:  # the checkpoint's LR: where its (restored) schedule stands

@@ -9,6 +9,7 @@ Public API
     WorkerOptions(num_workers=0, prefetch_factor=4, pin_memory=None)   # how batches are built, never which
     PackedLoader(shards, collator, options, workers=WorkerOptions())
         iter(loader) -> batch dicts (see training.data.collator); state_dict() / load_state_dict(state) / restart()
+        resharded(state) -> state: a position saved by another world size / rows per micro-batch, as this loader's
         set_optimizer_step(step): the optimizer step the next micro-batch belongs to (the mask-rate clock)
         last_mask_rate: the mask rate the last batch handed out was built with
         batches_per_epoch(epoch=None), packing_stats(epoch=0) -> dict, grad_accum_steps, rows_per_micro_batch
@@ -45,7 +46,8 @@ micro_offset; set_optimizer_step(step) sets the offset, so the clock is the trai
 data position is not restored (train.resume_data_state=false).
 State: {epoch, batch (next batch index within the epoch), micro_step, micro_offset, window and its first row (where
 the rows of the last batch begin: a resume packs from there, not from the epoch's start), ...}; restoring it
-resumes exactly.
+resumes exactly. Another number of ranks continues at the same row of the epoch (resharded): same proteins, same
+order.
 """
 
 import itertools
@@ -440,6 +442,33 @@ class PackedLoader:
             raise ValueError(f"loader state does not match this loader (saved, current): {diff}")
         for key in ("epoch", "batch", "micro_step", "micro_offset", "window", "window_row"):
             setattr(self, key, int(state[key]))
+
+    def resharded(self, state: dict) -> dict:
+        """Rank 0's state saved by another topology (world size, rows per micro-batch) as this loader's state.
+
+        An epoch's rows are laid out from (seed, epoch) alone, whatever the topology (module docstring), and every
+        rank of a round is at the same batch index: the saved position is row batch x world x rows of the epoch, the
+        first row no rank has taken. This loader continues at that row, so the rest of the epoch's proteins come in
+        the same order, each once. Exact: the proteins and their order. Not kept: the masks when the rows per
+        micro-batch change (they are drawn per micro-batch slot), and the end of the epoch (each topology drops its
+        own last incomplete round). The mask-rate clock is set by set_optimizer_step afterwards. ValueError when
+        the layout differs (seed, max_length, packing, corpus, ...) or the row is not the start of one of this
+        loader's rounds."""
+        mine = self.state_dict()
+        layout = [k for k in _MATCH_KEYS if k not in ("rank", "world_size", "rows")]
+        diff = {k: (state.get(k), mine[k]) for k in layout if state.get(k) != mine[k]}
+        if diff:
+            raise ValueError(f"the saved data position is of another data layout (saved, current): {diff}")
+        row, per_round = int(state["batch"]) * int(state["world_size"]) * int(state["rows"]), self.spec.rows_per_round
+        if row % per_round:
+            raise ValueError(
+                f"the saved data position, row {row} of epoch {state['epoch']} ({state['world_size']} rank(s) x "
+                f"{state['rows']} rows per micro-batch), is not the start of a round of {self.spec.world_size} rank(s) "
+                f"x {self.spec.rows} rows: resume on a topology whose rows per round divide {row}, or without the data "
+                f"position (train.resume_data_state=false)"
+            )
+        kept = {k: int(state[k]) for k in ("epoch", "window", "window_row")}  # the window of rank 0's last rows
+        return {**mine, **kept, "batch": row // per_round, "micro_step": 0, "micro_offset": 0}
 
     def _epoch_windows(self, epoch: int):
         """Every packed window of `epoch` in order (O(window) memory: each is dropped once the next is packed)."""
