@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_eval_benchmark import assert_png, prepared  # noqa: F401  (the prepared-shards fixture)
+from test_quality_suite import data as quality_data  # noqa: F401  (the committed yardstick slices, a fixture)
 
 from eval.speedrun import stats as st
 from eval.speedrun.campaign import (
@@ -29,7 +30,7 @@ from eval.speedrun.campaign import (
     speedplm_steps,
 )
 from eval.speedrun.cli import load_campaign
-from eval.speedrun.report import build_report, probed_arms, random_init_twins, twin_check
+from eval.speedrun.report import build_report, probed_arms, quality_check, random_init_twins, twin_check
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -323,6 +324,23 @@ def test_twin_check_flags_models_that_do_not_beat_every_twin():
     assert "No random-init twin" in "\n".join(twin_check({"len-30": 0.7}))
 
 
+def test_quality_check_flags_a_loss_winner_that_loses_here_and_yardsticks_that_cannot_separate():
+    twins = {"random-init SpeedPLM": 0.50, "random-init ESM2": 0.49}
+    metrics = [
+        ("ss: Q3", {"control": 0.60, "esm2": 0.62, "len-30": 0.58, **twins}),
+        (
+            "contacts: P@L/5",
+            {"control": 0.05, "esm2": 0.04, "len-30": 0.06, "random-init SpeedPLM": 0.03, "random-init ESM2": 0.07},
+        ),
+    ]
+    text = "\n".join(quality_check(metrics, ["len-30"], "esm2"))
+    assert "**len-30 wins in loss but scores below the tuned baseline esm2 on**: ss: Q3 (0.580 < 0.620)" in text
+    assert "contacts: P@L/5: control, esm2, len-30 do(es) not beat the best random-init twin (0.070)" in text
+    assert "P@L/5 (0.060" not in text  # len-30 is above the baseline there: not flagged for it
+    clean = [("ss: Q3", {"control": 0.6, "esm2": 0.6, "len-30": 0.61, **twins})]
+    assert quality_check(clean, ["len-30"], "esm2")[-1].startswith("Every model beats every twin")
+
+
 def test_report_needs_a_control_and_a_target():
     records = [synthetic_run("control", 0)]
     with pytest.raises(SpeedrunError, match="no finished ESM2 arm"):
@@ -436,12 +454,13 @@ def test_every_arm_gets_the_same_token_budget(prepared):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_short_campaign_end_to_end_and_resumable(prepared, tmp_path):  # noqa: F811
+def test_short_campaign_end_to_end_and_resumable(prepared, quality_data, tmp_path):  # noqa: F811
     cmd = [sys.executable, "-m", "eval.speedrun", "--short", "--data", str(prepared), "--out", str(tmp_path)]
     cmd += ["--lanes", "2", "--variant", "control", "--variant", "pe", "optim.muon_ns=polar_express"]
     cmd += ["--variant", "esm2", "recipe=esm2", "--variant", "half", "budget=0.5"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    quiet = dict(capture_output=True, text=True, timeout=900)
+    first = subprocess.run(cmd, cwd=ROOT, env=env, **quiet)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert sorted(r["arm"] for r in records) == ["control", "esm2", "half", "pe"]
@@ -464,3 +483,11 @@ def test_short_campaign_end_to_end_and_resumable(prepared, tmp_path):  # noqa: F
     # a changed setting is refused, naming it, before anything runs
     third = subprocess.run(cmd + ["--budget-s", "7"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert third.returncode == 1 and "budget_s" in third.stderr
+    # the quality yardsticks on the models the judge keeps (committed data slices): a section of the report
+    missing = subprocess.run(cmd + ["--report", "--quality", str(tmp_path / "nowhere")], cwd=ROOT, env=env, **quiet)
+    assert missing.returncode == 1 and "not prepared" in missing.stderr and "eval.quality fetch" in missing.stderr
+    fourth = subprocess.run(cmd + ["--report", "--quality", str(quality_data)], cwd=ROOT, env=env, **quiet)
+    assert fourth.returncode == 0, fourth.stdout[-3000:] + fourth.stderr[-3000:]
+    md = (tmp_path / "speedrun.md").read_text()
+    assert "## Quality yardsticks" in md and "| secondary structure: Q3" in md and "random-init SpeedPLM |" in md
+    assert all((tmp_path / "quality" / y).is_dir() for y in ("zeroshot", "ss", "fold", "contacts"))

@@ -105,11 +105,16 @@ def _commands(models: list[str], data: Path, train_chains: int) -> dict:
     }
 
 
-def run_yardsticks(models: list[str], data: Path, out: Path, only: tuple, train_chains: int = 20) -> dict[str, float]:
-    """Run the chosen yardsticks; returns their wall seconds. Every one's data is checked before any starts."""
+def check_data(data: Path, only: tuple = YARDSTICKS) -> None:
+    """QualityError naming every yardstick whose prepared data is missing under `data`, and the fix."""
     missing = [f"{data / DATA[y]} (for {y})" for y in only if not (data / DATA[y] / "manifest.json").exists()]
     if missing:
         raise QualityError(f"not prepared: {', '.join(missing)}; run `python -m eval.quality fetch --data {data}`")
+
+
+def run_yardsticks(models: list[str], data: Path, out: Path, only: tuple, train_chains: int = 20) -> dict[str, float]:
+    """Run the chosen yardsticks; returns their wall seconds. Every one's data is checked before any starts."""
+    check_data(data, only)
     seconds = {}
     for name, (main, argv) in _commands(models, data, train_chains).items():
         if name not in only:
@@ -131,20 +136,15 @@ def _read(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def summary_rows(out: Path, model: str, twin: str | None) -> list[dict]:
-    """One row per yardstick x metric: model, twin, baselines, model - twin (from each yardstick's CSV)."""
-    rows = []
-
-    def add(yardstick, metric, values: dict, baselines: str):
-        m, t = values.get(model), values.get(twin) if twin else None
-        diff = m - t if m is not None and t is not None else None
-        rows.append(dict(yardstick=yardstick, metric=metric, model=m, twin=t, baselines=baselines, diff=diff))
-
+def metric_values(out: Path) -> list[tuple[str, str, dict[str, float], str]]:
+    """(yardstick, metric, {model: value}, baselines text) for every metric the yardsticks wrote under `out` (one
+    home of reading their CSVs: the suite's summary and the recipe judge's quality table both use it)."""
+    found = []
     if (out / "zeroshot" / "zeroshot.csv").exists():
         table = _read(out / "zeroshot" / "zeroshot.csv")
         for assay in dict.fromkeys(r["assay"] for r in table):
             values = {r["model"]: float(r["spearman"]) for r in table if r["assay"] == assay}
-            add("variant effects (DMS)", f"Spearman, {assay}", values, "—")
+            found.append(("variant effects (DMS)", f"Spearman, {assay}", values, "—"))
     for name, csv_name, yardstick in (
         ("ss", "secondary_structure.csv", "secondary structure"),
         ("fold", "fold.csv", "fold"),
@@ -156,7 +156,7 @@ def summary_rows(out: Path, model: str, twin: str | None) -> list[dict]:
             picked = [r for r in table if r["metric"] == metric]
             values = {r["model"]: float(r["mean"]) for r in picked if r["model"] != "baseline"}
             base = "; ".join(f"{r['features']} {float(r['mean']):.3f}" for r in picked if r["model"] == "baseline")
-            add(yardstick, f"{metric} ({picked[-1]['features']})", values, base)
+            found.append((yardstick, f"{metric} ({picked[-1]['features']})", values, base))
     if (out / "contacts" / "contacts.csv").exists():
         table = [r for r in _read(out / "contacts" / "contacts.csv") if r["range"] == "long"]
         for metric in ("P@L", "P@L/5"):
@@ -166,7 +166,17 @@ def summary_rows(out: Path, model: str, twin: str | None) -> list[dict]:
                 for r in table
                 if not r["method"].startswith("attention")
             )
-            add("contacts (long range)", metric, values, base)
+            found.append(("contacts (long range)", metric, values, base))
+    return found
+
+
+def summary_rows(out: Path, model: str, twin: str | None) -> list[dict]:
+    """One row per yardstick x metric: model, twin, baselines, model - twin (from each yardstick's CSV)."""
+    rows = []
+    for yardstick, metric, values, baselines in metric_values(out):
+        m, t = values.get(model), values.get(twin) if twin else None
+        diff = m - t if m is not None and t is not None else None
+        rows.append(dict(yardstick=yardstick, metric=metric, model=m, twin=t, baselines=baselines, diff=diff))
     return rows
 
 

@@ -68,6 +68,13 @@ def main(argv=None) -> int:
     p.add_argument("--report", action="store_true", help="only rebuild the report from results.jsonl")
     p.add_argument("--probes", action="store_true", help="also probe the control's and the baseline's models")
     p.add_argument(
+        "--quality",
+        metavar="DATA",
+        type=Path,
+        help="also run the quality yardsticks (eval.quality; DATA from `python -m eval.quality fetch`, e.g. "
+        "data/quality) on the models the judge keeps, the control, the baseline and random-init twins",
+    )
+    p.add_argument(
         "--confirm",
         nargs="+",
         metavar="ARM",
@@ -120,13 +127,21 @@ def main(argv=None) -> int:
             raise SpeedrunError(f"arm names must be unique, got {names}")
         for arm in arms:
             check_arm(arm, s)
+        if args.quality is not None:  # before hours of runs, not after them
+            from eval.quality.suite import QualityError, check_data
+
+            try:
+                check_data(args.quality)
+            except QualityError as err:
+                raise SpeedrunError(f"--quality {args.quality}: {err}") from None
         control = args.control or file_control or "control"
         command = "python -m eval.speedrun " + shlex.join(argv)
         ok = True
         if arms and not args.report:
             ok = run_campaign(s, arms, out)
         try:
-            write_report(s, out, command, ReportOptions(control=control, target=args.target, probes=args.probes))
+            options = ReportOptions(control=control, target=args.target, probes=args.probes, quality=args.quality)
+            write_report(s, out, command, options)
         except ReportNotReady as why:
             if args.report:
                 raise

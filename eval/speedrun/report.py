@@ -2,7 +2,8 @@
 
 build_report(records, control, target=None) -> dict      every number (eval/speedrun/stats.py does the statistics)
 report_markdown(report, state, settings, command) -> str
-ReportOptions(control="control", target=None, probes=False)   what the report compares, and whether it probes
+ReportOptions(control="control", target=None, probes=False, quality=None)   what the report compares, whether it
+    probes, and where the eval.quality data is (None: no quality yardsticks)
 write_report(settings, out, command, options=ReportOptions())   speedrun.md / .json / .png (+ probes/)
 """
 
@@ -515,14 +516,61 @@ def twin_check(means: dict[str, float]) -> list[str]:
     ]
 
 
+def run_quality(s: Settings, records: list[dict], report: dict, out: Path, data: Path) -> str:
+    """The quality yardsticks (eval.quality: variant effects, secondary structure, fold, contacts) on the first-seed
+    final models of `probed_arms` and the random-init twins, in out/quality/; returns the markdown section, with
+    quality_check's flags: a kept recipe that wins in loss but scores below the tuned baseline here is named."""
+    from eval.quality.suite import YARDSTICKS, metric_values, run_yardsticks
+
+    runs = current_runs(records)
+    paths = {name: runs[name][0]["model_dir"] for name in probed_arms(report)}
+    paths["random-init SpeedPLM"], paths["random-init ESM2"] = random_init_twins(s, out / "random-init")
+    run_yardsticks(list(paths.values()), data, out / "quality", YARDSTICKS)
+    label = {v: k for k, v in paths.items()}
+    metrics = [
+        (f"{y}: {m}", {label[k]: v for k, v in values.items()}) for y, m, values, _ in metric_values(out / "quality")
+    ]
+    table = [{"metric": name, **{k: f"{v:.3f}" for k, v in values.items()}} for name, values in metrics]
+    kept = [n for n in probed_arms(report) if n not in (report["control"], report["baseline"])]
+    return "\n".join(
+        [
+            "## Quality yardsticks (eval.quality on each arm's seed-0 model; spread in quality/<yardstick>/)",
+            "",
+            markdown_table(table, ["metric", *paths]),
+            *quality_check(metrics, kept, report["baseline"]),
+        ]
+    )
+
+
+def quality_check(metrics: list[tuple[str, dict[str, float]]], kept: list[str], baseline: str | None) -> list[str]:
+    """Markdown lines: per metric, the trained models that do not beat every random-init twin (the yardstick cannot
+    tell them from untrained at this scale); per kept arm, the metrics where it scores below the tuned baseline (a
+    recipe that wins in loss and loses here)."""
+    lines = []
+    for name, values in metrics:
+        twins = [v for k, v in values.items() if k.startswith("random-init")]
+        losers = [k for k, v in values.items() if not k.startswith("random-init") and twins and v <= max(twins)]
+        if losers:
+            lines.append(f"- {name}: {', '.join(losers)} do(es) not beat the best random-init twin ({max(twins):.3f})")
+    for arm in kept:
+        below = [f"{n} ({v[arm]:.3f} < {v[baseline]:.3f})" for n, v in metrics if baseline and v[arm] < v[baseline]]
+        if below:
+            lines.append(
+                f"- **{arm} wins in loss but scores below the tuned baseline {baseline} on**: {'; '.join(below)}"
+            )
+    return ["", *lines] if lines else ["", "Every model beats every twin, and no kept arm scores below the baseline."]
+
+
 @dataclass(frozen=True, kw_only=True)
 class ReportOptions:
     """What a report compares: the control arm (--control), the target loss (--target; None: the tuned ESM2 arm's
-    mean final loss); probes: also run eval.probes on the kept arms' models (--probes)."""
+    mean final loss); probes: also run eval.probes on the kept arms' models (--probes); quality: the prepared
+    eval.quality data folder, to run the quality yardsticks on them too (--quality DATA)."""
 
     control: str = "control"
     target: float | None = None
     probes: bool = False
+    quality: Path | None = None
 
 
 def write_report(s: Settings, out: Path, command: str, options: ReportOptions = ReportOptions(), log=print):
@@ -538,6 +586,11 @@ def write_report(s: Settings, out: Path, command: str, options: ReportOptions = 
         probe_text = (out / "probes" / "summary.md").read_text()
     if probes:
         (out / "probes" / "summary.md").write_text(probe_text)
+    if options.quality is not None:
+        (out / "quality").mkdir(exist_ok=True)
+        (out / "quality" / "summary.md").write_text(run_quality(s, records, report, out, options.quality))
+    if (out / "quality" / "summary.md").exists():
+        probe_text = "\n\n".join(t for t in (probe_text, (out / "quality" / "summary.md").read_text()) if t)
     text = report_markdown(report, state, s, command, probe_text)
     (out / "speedrun.md").write_text(text)
     (out / "speedrun.json").write_text(json.dumps(dict(report=report, campaign=state, command=command), indent=1))
