@@ -30,7 +30,14 @@ from eval.speedrun.campaign import (
     speedplm_steps,
 )
 from eval.speedrun.cli import load_campaign
-from eval.speedrun.report import build_report, probed_arms, quality_check, random_init_twins, twin_check
+from eval.speedrun.report import (
+    build_report,
+    claim_label,
+    probed_arms,
+    quality_check,
+    random_init_twins,
+    twin_check,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -399,12 +406,12 @@ def test_campaign_file_errors(tmp_path):
     with pytest.raises(SpeedrunError, match=r"arms\[1\]"):
         load_campaign(str(path))
     path.write_text("settings: {budget_s: 60}\ncontrol: control\narms:\n  - name: control\n")
-    settings, arms, control = load_campaign(str(path))
+    settings, arms, control, _ = load_campaign(str(path))
     assert settings == {"budget_s": 60} and [a.name for a in arms] == ["control"] and control == "control"
 
 
 def test_the_shipped_campaign_is_valid():
-    settings, arms, control = load_campaign(str(ROOT / "eval" / "speedrun" / "campaigns" / "ablations-cpu.yaml"))
+    settings, arms, control, _ = load_campaign(str(ROOT / "eval" / "speedrun" / "campaigns" / "ablations-cpu.yaml"))
     s = Settings(**{**MODES["full"], **settings})
     for arm in arms:
         check_arm(arm, s)
@@ -491,3 +498,25 @@ def test_short_campaign_end_to_end_and_resumable(prepared, quality_data, tmp_pat
     md = (tmp_path / "speedrun.md").read_text()
     assert "## Quality yardsticks" in md and "| secondary structure: Q3" in md and "random-init SpeedPLM |" in md
     assert all((tmp_path / "quality" / y).is_dir() for y in ("zeroshot", "ss", "fold", "contacts"))
+
+
+def test_the_confirmation_campaign_runs_only_fresh_seeds_and_says_so():
+    """confirm-len30-cpu.yaml repeats the ablation campaign's settings on seeds none of its choices saw; its report
+    labels every arm as chosen beforehand, never as 'selected on' the seeds it reports."""
+    path = ROOT / "eval" / "speedrun" / "campaigns"
+    settings, arms, control, fixed_on = load_campaign(str(path / "confirm-len30-cpu.yaml"))
+    selection, _, _, none = load_campaign(str(path / "ablations-cpu.yaml"))
+    assert none is None and fixed_on == "eval/speedrun/campaigns/ablations-cpu.yaml, seeds 0-4"
+    assert not set(settings["seeds"]) & set(selection["seeds"])
+    assert {k: v for k, v in settings.items() if k != "seeds"} == {k: v for k, v in selection.items() if k != "seeds"}
+    s = Settings(**{**MODES["full"], **settings})
+    for arm in arms:
+        check_arm(arm, s)
+    assert {a.name for a in arms if a.recipe == "esm2"} == {"esm2-tuned", "esm2-tuned-len-50", "esm2-tuned-len-30"}
+    assert control == "len-30"
+    label = claim_label("len-30", [5, 6, 7, 8, 9], None, fixed_on)
+    assert (
+        label
+        == "chosen beforehand (eval/speedrun/campaigns/ablations-cpu.yaml, seeds 0-4); measured on fresh seeds 5-9"
+    )
+    assert claim_label("len-30", [0, 1, 2, 3, 4], None) == "selected on seeds 0-4, not confirmed"

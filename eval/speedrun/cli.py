@@ -29,18 +29,20 @@ from eval.speedrun.campaign import __doc__ as campaign_doc
 from eval.speedrun.report import ReportNotReady, ReportOptions, write_report
 
 
-def load_campaign(path: str) -> tuple[dict, list[Arm], str | None]:
-    """A campaign file: {settings: {...}, control: NAME, arms: [{name, recipe?, overrides?: [...], seeds?}]}."""
+def load_campaign(path: str) -> tuple[dict, list[Arm], str | None, str | None]:
+    """A campaign file: {settings: {...}, control: NAME, arms: [{name, recipe?, overrides?: [...], seeds?}],
+    fixed_on: TEXT?} -> (settings, arms, control, fixed_on). `fixed_on` says where every arm's definition was chosen
+    before these runs (a confirmation campaign on fresh seeds): the report labels its numbers with it."""
     import yaml
 
     try:
         raw = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
         raise SpeedrunError(f"--campaign {path}: {err}") from None
-    unknown = set(raw) - {"settings", "control", "arms"}
+    unknown = set(raw) - {"settings", "control", "arms", "fixed_on"}
     if unknown or not isinstance(raw.get("arms"), list):
         raise SpeedrunError(
-            f"--campaign {path}: needs 'arms' (a list), optional 'settings', 'control'; got {sorted(raw)}"
+            f"--campaign {path}: needs 'arms' (a list), optional 'settings', 'control', 'fixed_on'; got {sorted(raw)}"
         )
     arms = []
     for i, item in enumerate(raw["arms"]):
@@ -49,7 +51,8 @@ def load_campaign(path: str) -> tuple[dict, list[Arm], str | None]:
         arms.append(
             Arm(str(item["name"]), item.get("recipe", "speedplm"), list(item.get("overrides") or []), item.get("seeds"))
         )
-    return raw.get("settings") or {}, arms, raw.get("control")
+    fixed_on = raw.get("fixed_on")
+    return raw.get("settings") or {}, arms, raw.get("control"), str(fixed_on) if fixed_on else None
 
 
 def main(argv=None) -> int:
@@ -104,7 +107,9 @@ def main(argv=None) -> int:
             run_one(Settings(**json.loads(args.settings)), out, Arm(**json.loads(args.worker)), args.seed)
             return 0
         mode = dict(MODES["short" if args.short else "full"])
-        file_settings, arms, file_control = load_campaign(args.campaign) if args.campaign else ({}, [], None)
+        file_settings, arms, file_control, fixed_on = (
+            load_campaign(args.campaign) if args.campaign else ({}, [], None, None)
+        )
         unknown = set(file_settings) - set(mode)
         if unknown:
             raise SpeedrunError(
@@ -140,7 +145,9 @@ def main(argv=None) -> int:
         if arms and not args.report:
             ok = run_campaign(s, arms, out)
         try:
-            options = ReportOptions(control=control, target=args.target, probes=args.probes, quality=args.quality)
+            options = ReportOptions(
+                control=control, target=args.target, probes=args.probes, quality=args.quality, fixed_on=fixed_on
+            )
             write_report(s, out, command, options)
         except ReportNotReady as why:
             if args.report:

@@ -40,8 +40,9 @@ def throughput(runs: list[dict]) -> float:
     return statistics.mean(t / s for t, s in zip(final(runs, "tokens"), final(runs, "time"), strict=True))
 
 
-def build_report(records: list[dict], control: str, target: float | None = None) -> dict:
-    """Every number of the report, from the run records (those of `--confirm` arms judged apart: `confirmation`)."""
+def build_report(records: list[dict], control: str, target: float | None = None, fixed_on: str | None = None) -> dict:
+    """Every number of the report, from the run records (those of `--confirm` arms judged apart: `confirmation`).
+    fixed_on: where the arms were chosen before these runs (a confirmation campaign's `fixed_on`), for the labels."""
     selection = [r for r in records if not r.get("confirms")]
     runs = current_runs(selection)
     if control not in runs or runs[control][0]["recipe"] != "speedplm":
@@ -110,7 +111,7 @@ def build_report(records: list[dict], control: str, target: float | None = None)
     confirming = [r for r in records if r.get("confirms")]
     confirmed = confirmation(confirming, arms) if confirming else None
     for name, entry in arms.items():
-        entry["claim"] = claim_label(name, entry["seeds"], confirmed)
+        entry["claim"] = claim_label(name, entry["seeds"], confirmed, fixed_on)
     return dict(
         target=target,
         target_source=source,
@@ -162,8 +163,11 @@ def confirmation(records: list[dict], selected: dict) -> dict:
     return out
 
 
-def claim_label(name: str, seeds: list[int], confirmed: dict | None) -> str:
-    """What an arm's numbers are: measured on the seeds it was selected on, or confirmed on fresh ones."""
+def claim_label(name: str, seeds: list[int], confirmed: dict | None, fixed_on: str | None = None) -> str:
+    """What an arm's numbers are: measured on the seeds it was selected on, or confirmed on fresh ones; in a
+    confirmation campaign (`fixed_on`), measured on seeds its choice never saw."""
+    if fixed_on:
+        return f"chosen beforehand ({fixed_on}); measured on fresh seeds {seed_text(seeds)}"
     selected = f"selected on seeds {seed_text(seeds)}"
     for entry in (confirmed or {}).get("arms", {}).values():
         if entry["confirms"] == name:
@@ -571,6 +575,7 @@ class ReportOptions:
     target: float | None = None
     probes: bool = False
     quality: Path | None = None
+    fixed_on: str | None = None  # a confirmation campaign: where its arms were chosen (build_report)
 
 
 def write_report(s: Settings, out: Path, command: str, options: ReportOptions = ReportOptions(), log=print):
@@ -580,7 +585,7 @@ def write_report(s: Settings, out: Path, command: str, options: ReportOptions = 
         raise SpeedrunError(f"{out}: no campaign.json: nothing has run there yet")
     state = json.loads((out / "campaign.json").read_text())
     s = Settings(**{**asdict(s), **state["settings"]})  # a report describes the runs as they were made
-    report = build_report(records, control, target)
+    report = build_report(records, control, target, options.fixed_on)
     probe_text = run_probes(s, records, report, out, log) if probes else ""
     if not probes and (out / "probes" / "summary.md").exists():
         probe_text = (out / "probes" / "summary.md").read_text()
