@@ -84,6 +84,9 @@ class SpeedPLMConfig(PretrainedConfig):
         kernels: "auto" (Triton for CUDA tensors where triton exists, else torch), "triton", "torch", or the Triton
             kernels to use joined by "+" (e.g. "linear_relu2+newton_schulz"; torch for the others). Resolved once,
             when the model is built (kernels_speedplm.select_kernels; SpeedPLMModel.kernels).
+        fp8: "none" or "mlp": in training, the MLP's two projections run as FP8 matmuls (e4m3 activations and weights,
+            e5m2 gradients, tensorwise dynamic scales; fp8_speedplm.py); attention, embeddings and the LM head stay
+            in the working precision, and inference never uses FP8.
     Base-class fields used here: num_labels and problem_type (task heads), attn_implementation (constructor
     argument; "sdpa", "flex_attention" or "eager").
     """
@@ -112,6 +115,7 @@ class SpeedPLMConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         rms_norm_eps: float = 1e-6,
         kernels: str = "auto",
+        fp8: str = "none",
         cls_token_id: int = 0,
         pad_token_id: int = 1,
         eos_token_id: int = 2,
@@ -138,6 +142,7 @@ class SpeedPLMConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.rms_norm_eps = rms_norm_eps
         self.kernels = kernels
+        self.fp8 = fp8
         self.cls_token_id = cls_token_id
         self.mask_token_id = mask_token_id
         super().__init__(pad_token_id=pad_token_id, eos_token_id=eos_token_id, **kwargs)
@@ -201,6 +206,11 @@ class SpeedPLMConfig(PretrainedConfig):
             parse_kernels(self.kernels)
         except ValueError as e:
             fail("kernels", str(e))
+        if self.fp8 not in ("none", "mlp"):
+            fail(
+                "fp8",
+                "choose 'none' or 'mlp' (FP8 MLP projections in training; 'off' would be YAML's false)",
+            )
         if not 0 < self.initializer_range < 1:
             fail("initializer_range", "must be in (0, 1)")
         for field in ("cls_token_id", "pad_token_id", "eos_token_id", "mask_token_id"):

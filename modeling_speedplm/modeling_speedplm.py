@@ -39,6 +39,7 @@ from .attention_speedplm import (
     eager_attention_forward,
 )
 from .configuration_speedplm import SpeedPLMConfig
+from .fp8_speedplm import fp8_linear
 from .kernels_speedplm import Kernels, apply_rotary, select_kernels
 
 logger = logging.get_logger(__name__)
@@ -125,12 +126,16 @@ class SpeedPLMMLP(nn.Module):
     def __init__(self, config: SpeedPLMConfig, kernels: Kernels):
         super().__init__()
         self.kernels = kernels
+        self.fp8 = config.fp8 == "mlp"
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.down_proj.zero_init = True
 
     def forward(self, x):
         # ReLU^2 (So et al. 2021, Primer; used by modded-nanogpt): as good as GELU-gated MLPs with two matrices.
+        plain = isinstance(self.up_proj, nn.Linear) and isinstance(self.down_proj, nn.Linear)
+        if self.fp8 and plain and self.training and torch.is_grad_enabled():  # config.fp8="mlp": training only
+            return fp8_linear(F.relu(fp8_linear(x, self.up_proj.weight)).square(), self.down_proj.weight)
         if isinstance(self.up_proj, nn.Linear):
             return self.down_proj(self.kernels.linear_relu2(x, self.up_proj.weight))  # fused up-projection + ReLU^2
         # A wrapped projection (a PEFT LoRA layer, a quantized linear) must run as a module, or it would be bypassed.

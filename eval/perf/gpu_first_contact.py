@@ -51,7 +51,8 @@ PARTS = {
 DEFAULT_BUDGET = {"a": 60, "b": 60, "c": 240, "d": 120, "e": 60}  # e gets what --total leaves
 # The decision needs each kernel alone against torch first; newton_schulz leaves the model graph as torch compiled it
 # (inductor's on-disk cache hits); "triton" (all on) last.
-VARIANTS = ("torch", "linear_relu2", "newton_schulz", "qk_norm_rotary", "triton")
+# kernel settings of part c; "+fp8" adds model.fp8=mlp (the MLP projections in FP8) to a setting
+VARIANTS = ("torch", "torch+fp8", "linear_relu2", "newton_schulz", "qk_norm_rotary", "triton")
 KERNELS = ("linear_relu2", "qk_norm_rotary", "newton_schulz")  # configuration_speedplm.TRITON_KERNELS (no torch here)
 PAYS = 1.02  # a kernel "pays" at >= 2% more tokens/s than kernels=torch in the same run (and parity ok)
 MIN_PART_S = 5.0
@@ -90,7 +91,8 @@ DRY_MODEL = [
     "train.compile=false",
     "optim.muon_ns_steps=1",  # Newton-Schulz in the interpreter is the slow part; the rehearsal needs the path only
 ]
-DRY_VARIANTS = ("torch", "linear_relu2", "newton_schulz")  # off, a model kernel, the optimizer kernel (qk: slow here)
+# off, FP8 (the twin), a model kernel, the optimizer kernel (qk: slow here)
+DRY_VARIANTS = ("torch", "torch+fp8", "linear_relu2", "newton_schulz")
 
 
 def parse_budget(text: str) -> dict[str, float]:
@@ -435,7 +437,7 @@ class Runner:
             lines += ["kernels=torch was not measured in part c: no decision (keep AUTO_KERNELS = (), i.e. torch)."]
             return lines + self.fp8_lines()
         table, paying = [], []
-        for variant in ("triton", *[v for v in VARIANTS if v not in ("torch", "triton")]):
+        for variant in ("triton", *[v for v in VARIANTS if v not in ("torch", "triton") and "fp8" not in v]):
             row = rows.get(variant)
             names = KERNELS if variant == "triton" else [n for n in variant.split("+") if n in KERNELS]
             ok = all(parity.get(n) for n in names) if parity else None
@@ -470,10 +472,27 @@ class Runner:
         return lines + self.fp8_lines()
 
     def fp8_lines(self) -> list[str]:
-        fp8 = [r for r in read_jsonl(self.out / "c.jsonl") if "fp8" in r.get("variant", "")]
+        """Whether FP8 pays: its tokens/s against the same kernel setting without it, its loss beside that run's
+        (the quality floor of the speed claim), and the CUDA path's parity with the twin."""
+        rows = {r["variant"]: r for r in read_jsonl(self.out / "c.jsonl") if r.get("tokens_per_s")}
+        fp8 = [v for v in rows if "fp8" in v.split("+")]
         if not fp8:
-            return ["", "FP8: not measured (no FP8 switch in this build: `model.fp8` is not implemented yet)."]
-        return ["", "FP8: " + "; ".join(f"{r['variant']}: {r['tokens_per_s']:,.0f} tokens/s" for r in fp8)]
+            return ["", "FP8: not measured (no `+fp8` variant ran in part c)."]
+        lines = ["", "## FP8 (`model.fp8=mlp`; quality floor: its loss beside the same run without FP8)", ""]
+        lines += [
+            "| variant | tokens/s | vs without FP8 | last loss (without) | parity vs twin | verdict |",
+            "|---|---|---|---|---|---|",
+        ]
+        for variant in fp8:
+            row, base = rows[variant], rows.get("+".join(p for p in variant.split("+") if p != "fp8") or "torch")
+            ratio = row["tokens_per_s"] / base["tokens_per_s"] if base else None
+            loss = f"{row['loss_last']:.4f} ({base['loss_last']:.4f})" if base else f"{row['loss_last']:.4f}"
+            parity = row.get("fp8_parity")
+            pays = ratio is not None and ratio >= PAYS and parity is not None and parity < 0.05
+            verdict = "pays: consider model.fp8=mlp" if pays else "does not pay here: keep model.fp8=none"
+            shown = [f"{ratio:.3f}x" if ratio else "?", f"{parity:.4f}" if parity is not None else "?"]
+            lines.append(f"| {variant} | {row['tokens_per_s']:,.0f} | {shown[0]} | {loss} | {shown[1]} | {verdict} |")
+        return lines
 
 
 def _yes(ok) -> str:
@@ -668,6 +687,27 @@ def part_b(args) -> int:
     return 0 if all(v == "ok" for v in verdicts) else 1
 
 
+def fp8_parity() -> float:
+    """Relative difference of the FP8 matmul as it runs here (torch._scaled_mm on an sm_89+ GPU) from its twin (the
+    same FP8 roundings, fp32 matmuls): the speedrun-133m MLP's shape, forward and both gradients."""
+    import torch
+
+    from modeling_speedplm.fp8_speedplm import fp8_linear, fp8_linear_reference
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device).manual_seed(0)
+    x = torch.randn(4096, 768, device=device, generator=gen, dtype=torch.bfloat16)
+    w = torch.randn(3072, 768, device=device, generator=gen, dtype=torch.bfloat16) * 0.02
+    g = torch.randn(4096, 3072, device=device, generator=gen, dtype=torch.bfloat16)
+    outs = []
+    for fn in (fp8_linear, fp8_linear_reference):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fn(xi, wi)
+        y.backward(g)
+        outs.append([y.float(), xi.grad.float(), wi.grad.float()])
+    return max(((a - b).norm() / b.norm()).item() for a, b in zip(*outs))
+
+
 def part_c(args) -> int:
     """One kernel setting: the trainer built from the speedrun recipe, its own train_step on its own batches."""
     import torch
@@ -676,6 +716,8 @@ def part_c(args) -> int:
     from training.trainer import Trainer
 
     variant, cuda = args.variant, torch.cuda.is_available()
+    fp8 = "fp8" in variant.split("+")
+    kernels = "+".join(p for p in variant.split("+") if p != "fp8") or "torch"
     overrides = [
         f"data.train={args.data}",
         f"train.output_dir={args.work / 'c'}",
@@ -686,7 +728,8 @@ def part_c(args) -> int:
         f"train.tokens_per_step={args.tokens_per_step}",
         "eval.every=0",
         "tracking.wandb=disabled",
-        f"model.kernels={variant}",
+        f"model.kernels={kernels}",
+        f"model.fp8={'mlp' if fp8 else 'none'}",
     ]
     overrides += DRY_MODEL if args.dry_run else ["train.compile=true"]
     if args.peak_tflops:
@@ -729,6 +772,7 @@ def part_c(args) -> int:
     model = trainer.accelerator.unwrap_model(trainer.model)
     row = {
         "variant": variant,
+        "fp8_parity": fp8_parity() if fp8 else None,
         "kernels": model.model.kernels.name,
         "precision": trainer.accelerator.mixed_precision,
         "attention": model.config._attn_implementation,
