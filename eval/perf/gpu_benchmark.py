@@ -265,15 +265,17 @@ def kernel_timing_rows(s):
 def newton_schulz_rows(s):
     """Muon's orthogonalisation per matrix shape, one matrix at a time and as a stack of the model's 24 blocks."""
     rows = []
-    compiled_ref = compiled(K.newton_schulz_reference)
     depth = 3 if ARGS.dry_run else 24  # speedrun-133m: 24 blocks, each with o, up, down, qkv
     for stack in (None, depth):
         for shape in s["ns"]:
             log(f"newton-schulz {shape} stack {stack}")
+            # one compiled function per shape: a single one would recompile per shape (dynamic=False) and reach
+            # dynamo's recompile limit (8 by default), past which the "torch.compile" column would silently be eager
+            compiled_ref = compiled(K.newton_schulz_reference)
             g = torch.randn(*(() if stack is None else (stack,)), *shape, device=DEVICE)
             t_tri = bench_ms(lambda g=g: K.newton_schulz(g, use_triton=True))
             t_ref = bench_ms(lambda g=g: K.newton_schulz_reference(g))
-            t_cmp = bench_ms(lambda g=g: compiled_ref(g))
+            t_cmp = bench_ms(lambda g=g, f=compiled_ref: f(g))
             name = f"{shape[0]}x{shape[1]}" if stack is None else f"{stack} x {shape[0]}x{shape[1]} stacked"
             rows.append([name, t_tri, t_ref, t_cmp, t_ref / t_tri, t_cmp / t_tri])
     n = len(s["ns"])
