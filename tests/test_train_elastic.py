@@ -1,7 +1,8 @@
 """Resume on another number of ranks (issue #24): a run killed with SIGKILL on 2 gloo ranks resumes on 1, and the
 reverse, under DDP and under FSDP2. Every logged loss stays within 2e-5 (relative) of an uninterrupted 1-rank run
-(measured on the 2-core CPU: 0 under DDP, 7.9e-8 under FSDP2), and the data position at the end is the uninterrupted run's row of the epoch: no
-protein repeated or skipped. Control: the same resume without the data position misses that tolerance."""
+(measured on the 2-core CPU: 0 under DDP, 7.9e-8 under FSDP2), and the data position at the end is the
+uninterrupted run's row of the epoch: no protein repeated or skipped. Control: the same resume without the data
+position misses that tolerance."""
 
 import os
 import re
