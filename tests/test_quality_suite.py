@@ -90,17 +90,19 @@ def test_missing_data_is_refused_naming_the_fetch(tmp_path):
     assert "not prepared" in proc.stderr and "python -m eval.quality fetch" in proc.stderr
 
 
-def _quality_csv(folder: Path, models: list, twins: list) -> None:
+def _quality_csv(folder: Path, models: list, twins: list, std: str = "") -> None:
     folder.mkdir(parents=True)
+    columns = ["yardstick", "metric", "model", "twin", "baselines", "diff", "model_std", "twin_std"]
     with open(folder / "quality.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["yardstick", "metric", "model", "twin", "baselines", "diff"])
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for metric, m, t in zip(("Q3 (last layer)", "P@L/5"), models, twins):
-            writer.writerow(dict(yardstick="ss", metric=metric, model=m, twin=t, baselines="one-hot 0.5", diff=""))
+            row = dict(yardstick="ss", metric=metric, model=m, twin=t, baselines="one-hot 0.5", diff="")
+            writer.writerow({**row, "model_std": std, "twin_std": std if t != "" else ""})
 
 
 def test_compare_puts_several_runs_in_one_table_and_refuses_unlike_ones(tmp_path):
-    _quality_csv(tmp_path / "swissprot", [0.61, 0.08], [0.50, 0.03])
+    _quality_csv(tmp_path / "swissprot", [0.61, 0.08], [0.50, 0.03], std="0.004")  # spread over probe seeds
     _quality_csv(tmp_path / "builtin", [0.55, 0.05], ["", ""])  # run with --twin none
     out = tmp_path / "table.md"
     args = ["compare", tmp_path / "swissprot", tmp_path / "builtin", "--names", "Swiss-Prot", "built-in", "--out", out]
@@ -108,7 +110,8 @@ def test_compare_puts_several_runs_in_one_table_and_refuses_unlike_ones(tmp_path
     assert proc.returncode == 0, proc.stderr
     text = out.read_text()
     assert "| yardstick | metric | Swiss-Prot | built-in | twin | baselines |" in text
-    assert "| ss | Q3 (last layer) | 0.6100 | 0.5500 | 0.5000 | one-hot 0.5 |" in text and "Commit: `" in text
+    assert "| ss | Q3 (last layer) | 0.6100 ± 0.0040 | 0.5500 | 0.5000 ± 0.0040 | one-hot 0.5 |" in text
+    assert "P@L/5 | 0.0800 ± 0.0040 | 0.0500 | 0.0300 ± 0.0040 |" in text and "Commit: `" in text
     _quality_csv(tmp_path / "other", [0.6, 0.07], [0.45, 0.03])  # another config: its twin scores differently
     proc = run(["compare", tmp_path / "swissprot", tmp_path / "other", "--out", tmp_path / "x.md"], tmp_path)
     assert proc.returncode == 2 and "twins score differently" in proc.stderr

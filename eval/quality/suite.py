@@ -137,15 +137,16 @@ def _read(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def metric_values(out: Path) -> list[tuple[str, str, dict[str, float], str]]:
-    """(yardstick, metric, {model: value}, baselines text) for every metric the yardsticks wrote under `out` (one
-    home of reading their CSVs: the suite's summary and the recipe judge's quality table both use it)."""
+def metric_values(out: Path) -> list[tuple[str, str, dict[str, float], str, dict[str, float]]]:
+    """(yardstick, metric, {model: value}, baselines text, {model: std over probe seeds}) for every metric the
+    yardsticks wrote under `out` (one home of reading their CSVs: the suite's summary, `compare` and the recipe
+    judge's quality table use it). Zero-shot Spearman has no probe and no spread ({})."""
     found = []
     if (out / "zeroshot" / "zeroshot.csv").exists():
         table = _read(out / "zeroshot" / "zeroshot.csv")
         for assay in dict.fromkeys(r["assay"] for r in table):
             values = {r["model"]: float(r["spearman"]) for r in table if r["assay"] == assay}
-            found.append(("variant effects (DMS)", f"Spearman, {assay}", values, "—"))
+            found.append(("variant effects (DMS)", f"Spearman, {assay}", values, "—", {}))
     for name, csv_name, yardstick in (
         ("ss", "secondary_structure.csv", "secondary structure"),
         ("fold", "fold.csv", "fold"),
@@ -156,29 +157,40 @@ def metric_values(out: Path) -> list[tuple[str, str, dict[str, float], str]]:
         for metric in dict.fromkeys(r["metric"] for r in table):
             picked = [r for r in table if r["metric"] == metric]
             values = {r["model"]: float(r["mean"]) for r in picked if r["model"] != "baseline"}
+            spread = {r["model"]: float(r["std"]) for r in picked if r["model"] != "baseline"}
             base = "; ".join(f"{r['features']} {float(r['mean']):.3f}" for r in picked if r["model"] == "baseline")
-            found.append((yardstick, f"{metric} ({picked[-1]['features']})", values, base))
+            found.append((yardstick, f"{metric} ({picked[-1]['features']})", values, base, spread))
     if (out / "contacts" / "contacts.csv").exists():
         table = [r for r in _read(out / "contacts" / "contacts.csv") if r["range"] == "long"]
         for metric in ("P@L", "P@L/5"):
             values = {r["model"]: float(r[f"{metric} mean"]) for r in table if r["method"].startswith("attention")}
+            spread = {r["model"]: float(r[f"{metric} std"]) for r in table if r["method"].startswith("attention")}
             base = "; ".join(
                 f"{r['method']} {float(r[f'{metric} mean']):.3f}"
                 for r in table
                 if not r["method"].startswith("attention")
             )
-            found.append(("contacts (long range)", metric, values, base))
+            found.append(("contacts (long range)", metric, values, base, spread))
     return found
 
 
 def summary_rows(out: Path, model: str, twin: str | None) -> list[dict]:
-    """One row per yardstick x metric: model, twin, baselines, model - twin (from each yardstick's CSV)."""
+    """One row per yardstick x metric: model, twin, baselines, model - twin, and the model's and twin's std over probe
+    seeds (empty for zero-shot) (from each yardstick's CSV)."""
     rows = []
-    for yardstick, metric, values, baselines in metric_values(out):
+    for yardstick, metric, values, baselines, spread in metric_values(out):
         m, t = values.get(model), values.get(twin) if twin else None
         diff = m - t if m is not None and t is not None else None
-        rows.append(dict(yardstick=yardstick, metric=metric, model=m, twin=t, baselines=baselines, diff=diff))
+        row = dict(yardstick=yardstick, metric=metric, model=m, twin=t, baselines=baselines, diff=diff)
+        rows.append({**row, "model_std": spread.get(model), "twin_std": spread.get(twin) if twin else None})
     return rows
+
+
+def pm(mean, std) -> str:
+    """'0.6123 ± 0.0040' (std over probe seeds), or the mean alone where there is no spread; '' for no value."""
+    if mean is None or mean == "":
+        return ""
+    return f"{float(mean):.4f} ± {float(std):.4f}" if std not in (None, "") else f"{float(mean):.4f}"
 
 
 def write_summary(out: Path, rows: list[dict], seconds: dict, command: str) -> str:
@@ -186,7 +198,10 @@ def write_summary(out: Path, rows: list[dict], seconds: dict, command: str) -> s
         writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-    shown = [{**r, "model - twin": r.pop("diff")} for r in (dict(r) for r in rows)]
+    shown = [
+        {**r, "model": pm(r["model"], r["model_std"]), "twin": pm(r["twin"], r["twin_std"]), "model - twin": r["diff"]}
+        for r in rows
+    ]
     text = "\n".join(
         [
             "# Quality yardsticks",
@@ -223,9 +238,10 @@ def compare(runs: list[Path], names: list[str]) -> list[dict]:
     rows = []
     for i, (yardstick, metric) in enumerate(keys[0]):
         row = dict(yardstick=yardstick, metric=metric)
-        row.update({name: float(t[i]["model"]) for name, t in zip(names, tables)})
-        twin = twins[0][i] if twins else ""
-        row.update(twin=float(twin) if twin else None, baselines=tables[0][i]["baselines"])
+        row.update({name: pm(t[i]["model"], t[i].get("model_std")) for name, t in zip(names, tables)})
+        with_twin = next((t for t in tables if t[i]["twin"]), None)
+        twin = pm(with_twin[i]["twin"], with_twin[i].get("twin_std")) if with_twin else ""
+        row.update(twin=twin, baselines=tables[0][i]["baselines"])
         rows.append(row)
     return rows
 

@@ -532,7 +532,7 @@ def run_quality(s: Settings, records: list[dict], report: dict, out: Path, data:
     run_yardsticks(list(paths.values()), data, out / "quality", YARDSTICKS)
     label = {v: k for k, v in paths.items()}
     metrics = [
-        (f"{y}: {m}", {label[k]: v for k, v in values.items()}) for y, m, values, _ in metric_values(out / "quality")
+        (f"{y}: {m}", {label[k]: v for k, v in values.items()}) for y, m, values, *_ in metric_values(out / "quality")
     ]
     table = [{"metric": name, **{k: f"{v:.3f}" for k, v in values.items()}} for name, values in metrics]
     kept = [n for n in probed_arms(report) if n not in (report["control"], report["baseline"])]
