@@ -493,7 +493,8 @@ def test_short_campaign_end_to_end_and_resumable(prepared, quality_data, tmp_pat
     # the quality yardsticks on the models the judge keeps (committed data slices): a section of the report
     missing = subprocess.run(cmd + ["--report", "--quality", str(tmp_path / "nowhere")], cwd=ROOT, env=env, **quiet)
     assert missing.returncode == 1 and "not prepared" in missing.stderr and "eval.quality fetch" in missing.stderr
-    fourth = subprocess.run(cmd + ["--report", "--quality", str(quality_data)], cwd=ROOT, env=env, **quiet)
+    slices = ["--quality", str(quality_data), "--quality-train-chains", "4"]  # the committed slice's pool: 4 chains
+    fourth = subprocess.run(cmd + ["--report", *slices], cwd=ROOT, env=env, **quiet)
     assert fourth.returncode == 0, fourth.stdout[-3000:] + fourth.stderr[-3000:]
     md = (tmp_path / "speedrun.md").read_text()
     assert "## Quality yardsticks" in md and "| secondary structure: Q3" in md and "random-init SpeedPLM |" in md

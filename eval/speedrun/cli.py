@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from eval.checkpoints import EvalError
+from eval.quality.suite import QualityError, check_data
 from eval.speedrun.campaign import (
     CONFIRM_SEEDS,
     MODES,
@@ -77,6 +78,7 @@ def main(argv=None) -> int:
         help="also run the quality yardsticks (eval.quality; DATA from `python -m eval.quality fetch`, e.g. "
         "data/quality) on the models the judge keeps, the control, the baseline and random-init twins",
     )
+    p.add_argument("--quality-train-chains", type=int, default=20, help="structures the contact regression fits on")
     p.add_argument(
         "--confirm",
         nargs="+",
@@ -133,8 +135,6 @@ def main(argv=None) -> int:
         for arm in arms:
             check_arm(arm, s)
         if args.quality is not None:  # before hours of runs, not after them
-            from eval.quality.suite import QualityError, check_data
-
             try:
                 check_data(args.quality)
             except QualityError as err:
@@ -146,7 +146,12 @@ def main(argv=None) -> int:
             ok = run_campaign(s, arms, out)
         try:
             options = ReportOptions(
-                control=control, target=args.target, probes=args.probes, quality=args.quality, fixed_on=fixed_on
+                control=control,
+                target=args.target,
+                probes=args.probes,
+                quality=args.quality,
+                contacts_train_chains=args.quality_train_chains,
+                fixed_on=fixed_on,
             )
             write_report(s, out, command, options)
         except ReportNotReady as why:
@@ -154,7 +159,7 @@ def main(argv=None) -> int:
                 raise
             print(f"eval.speedrun: no report yet: {why}")
         return 0 if ok else 1
-    except (SpeedrunError, EvalError, ValueError) as err:
+    except (SpeedrunError, EvalError, QualityError, ValueError) as err:
         print(f"eval.speedrun: error: {err}", file=sys.stderr)
         return 1
 

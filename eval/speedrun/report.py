@@ -520,7 +520,7 @@ def twin_check(means: dict[str, float]) -> list[str]:
     ]
 
 
-def run_quality(s: Settings, records: list[dict], report: dict, out: Path, data: Path) -> str:
+def run_quality(s: Settings, records: list[dict], report: dict, out: Path, options: "ReportOptions") -> str:
     """The quality yardsticks (eval.quality: variant effects, secondary structure, fold, contacts) on the first-seed
     final models of `probed_arms` and the random-init twins, in out/quality/; returns the markdown section, with
     quality_check's flags: a kept recipe that wins in loss but scores below the tuned baseline here is named."""
@@ -529,7 +529,7 @@ def run_quality(s: Settings, records: list[dict], report: dict, out: Path, data:
     runs = current_runs(records)
     paths = {name: runs[name][0]["model_dir"] for name in probed_arms(report)}
     paths["random-init SpeedPLM"], paths["random-init ESM2"] = random_init_twins(s, out / "random-init")
-    run_yardsticks(list(paths.values()), data, out / "quality", YARDSTICKS)
+    run_yardsticks(list(paths.values()), options.quality, out / "quality", YARDSTICKS, options.contacts_train_chains)
     label = {v: k for k, v in paths.items()}
     metrics = [
         (f"{y}: {m}", {label[k]: v for k, v in values.items()}) for y, m, values, *_ in metric_values(out / "quality")
@@ -575,6 +575,7 @@ class ReportOptions:
     target: float | None = None
     probes: bool = False
     quality: Path | None = None
+    contacts_train_chains: int = 20  # structures the contact regression fits on (--quality-train-chains)
     fixed_on: str | None = None  # a confirmation campaign: where its arms were chosen (build_report)
 
 
@@ -593,7 +594,7 @@ def write_report(s: Settings, out: Path, command: str, options: ReportOptions = 
         (out / "probes" / "summary.md").write_text(probe_text)
     if options.quality is not None:
         (out / "quality").mkdir(exist_ok=True)
-        (out / "quality" / "summary.md").write_text(run_quality(s, records, report, out, options.quality))
+        (out / "quality" / "summary.md").write_text(run_quality(s, records, report, out, options))
     if (out / "quality" / "summary.md").exists():
         probe_text = "\n\n".join(t for t in (probe_text, (out / "quality" / "summary.md").read_text()) if t)
     text = report_markdown(report, state, s, command, probe_text)
