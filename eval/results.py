@@ -174,7 +174,7 @@ def section_text(name: str, work: Path, out: Path) -> tuple[str, list[str]]:
     if name == "probes":
         return probes(work, out)
     if name == "throughput":
-        return simple([*py, "eval.perf.throughput", "--cache", str(work / "data")])
+        return simple([*py, "eval.perf.throughput"])  # the built-in proteins from data/ (prepared once)
     if name == "data":
         return simple([*py, "eval.perf.data_throughput"])
     if name == "scale":
