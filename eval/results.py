@@ -57,6 +57,11 @@ def run(cmd: list[str]) -> str:
     return proc.stdout
 
 
+def rel(path: Path) -> str:
+    """`path` as the commands show it: relative to the repository root (where they run) when inside it."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def tables_in(text: str) -> str:
     """The markdown tables of a command's output, each with the line just above it (its caption), blank-separated."""
     lines, out = text.splitlines(), []
@@ -130,18 +135,18 @@ def esm_floor(work: Path) -> Path:
 
 
 def benchmark(work: Path, out: Path) -> tuple[str, list[str]]:
-    models = [str(quickstart_model(work)), str(esm_floor(work))]
+    models = [rel(quickstart_model(work)), rel(esm_floor(work))]
     cmd = ["python", "-m", "eval.benchmark", "--models", *models, "--data", "builtin", "--split", "test"]
-    cmd += ["--mask-rate", "0.15", "--seed", "0", "--out", str(out / "benchmark")]
+    cmd += ["--mask-rate", "0.15", "--seed", "0", "--out", rel(out / "benchmark")]
     return tables_in(run(cmd)), [shlex.join(cmd)]
 
 
 def probes(work: Path, out: Path) -> tuple[str, list[str]]:
-    models = [str(quickstart_model(work)), str(esm_floor(work))]
-    cmd = ["python", "-m", "eval.probes", "--models", *models, "--out", str(out / "probes")]
+    models = [rel(quickstart_model(work)), rel(esm_floor(work))]
+    cmd = ["python", "-m", "eval.probes", "--models", *models, "--out", rel(out / "probes")]
     run(cmd)
     text = (out / "probes" / "probes.md").read_text()
-    return tables_in(text.split("\n## ")[0] if "\n## " in text else text), [shlex.join(cmd)]
+    return tables_in(text).split("\n\n")[0], [shlex.join(cmd)]  # the best-layer table (probes.md: every layer)
 
 
 def simple(cmd: list[str]) -> tuple[str, list[str]]:
@@ -152,14 +157,14 @@ def speedrun(work: Path) -> tuple[str, list[str]]:
     parts, commands = [], []
     for name, campaign in CAMPAIGNS.items():
         folder = work.parent / name
-        run_cmd = f"python -m eval.speedrun --campaign {campaign} --out {folder}"
+        run_cmd = f"python -m eval.speedrun --campaign {campaign} --out {rel(folder)}"
         if not (folder / "results.jsonl").exists():
-            parts.append(f"**{name}**: no runs in {folder} on this machine; `{run_cmd}` makes them (CPU hours).")
+            parts.append(f"**{name}**: no runs in {rel(folder)} on this machine; `{run_cmd}` makes them (CPU hours).")
             continue
-        cmd = ["python", "-m", "eval.speedrun", "--campaign", campaign, "--out", str(folder), "--report"]
+        cmd = ["python", "-m", "eval.speedrun", "--campaign", campaign, "--out", rel(folder), "--report"]
         run(cmd)
         report = (folder / "speedrun.md").read_text()
-        parts.append(f"**{name}** ({folder / 'speedrun.md'}):\n\n" + tables_in(report.split("## Switches")[0]))
+        parts.append(f"**{name}** ({rel(folder / 'speedrun.md')}):\n\n" + tables_in(report.split("## Switches")[0]))
         commands.append(shlex.join(cmd))
     return "\n\n".join(parts), commands
 

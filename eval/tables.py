@@ -52,7 +52,7 @@ def short_name(name: str) -> str:
 
 
 def git_commit() -> str:
-    """HEAD of the checkout that ran ("+dirty" when tracked files differ from it), or "unknown (not a git checkout)"."""
+    """HEAD of the checkout that ran ("+dirty" when tracked code differs from it), or "unknown (not a git checkout)"."""
 
     def git(*args):
         try:
@@ -62,7 +62,9 @@ def git_commit() -> str:
         return done.stdout.strip() if done.returncode == 0 else ""
 
     commit = git("rev-parse", "HEAD") or "unknown (not a git checkout)"
-    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    # the published outputs (README.md, docs/) are what a regeneration writes: only code makes a checkout "+dirty"
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)README.md", ":(exclude)docs")
+    return commit + ("+dirty" if changed else "")
 
 
 def stamp(command: str) -> list[str]:

@@ -40,7 +40,7 @@ def test_a_section_replaces_its_block_and_writes_its_stamped_file(tmp_path):
     text = readme.read_text()
     assert "old numbers" not in text and text.endswith("<!-- /results:speedrun -->\n\nafter\n")
     # no campaign ran on this machine: the block says so and names the command that makes the runs
-    assert f"no runs in {tmp_path / 'runs' / 'ablations-cpu'}" in text
+    assert "no runs in " in text and "ablations-cpu on this machine" in text
     assert "python -m eval.speedrun --campaign eval/speedrun/campaigns/confirm-len30-cpu.yaml" in text
     doc = (out / "speedrun.md").read_text()
     assert "Commit: `" in doc and "Command: `python -m eval.results --only speedrun`" in doc and "Machine: " in doc
