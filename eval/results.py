@@ -83,7 +83,7 @@ def quickstart(work: Path) -> tuple[str, list[str]]:
         "accelerate",
         "launch",
         "train_accelerate.py",
-        f"train.output_dir={work / 'runs'}",
+        f"train.output_dir={rel(work / 'runs')}",
         "train.run_name=quickstart",
     ]
     cmd += ["train.resume=none", "train.overwrite=true"]  # each regeneration is a fresh run
