@@ -131,10 +131,14 @@ class SpeedPLMMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.down_proj.zero_init = True
 
+    def _plain_linears(self) -> bool:
+        return isinstance(self.up_proj, nn.Linear) and isinstance(self.down_proj, nn.Linear)
+
     def forward(self, x):
         # ReLU^2 (So et al. 2021, Primer; used by modded-nanogpt): as good as GELU-gated MLPs with two matrices.
-        plain = isinstance(self.up_proj, nn.Linear) and isinstance(self.down_proj, nn.Linear)
-        if self.fp8 and plain and self.training and torch.is_grad_enabled():  # config.fp8="mlp": training only
+        # config.fp8="mlp", training only (checked first: off costs one attribute read); a wrapped projection (PEFT,
+        # quantized) runs as a module below
+        if self.fp8 and self.training and torch.is_grad_enabled() and self._plain_linears():
             return fp8_linear(F.relu(fp8_linear(x, self.up_proj.weight)).square(), self.down_proj.weight)
         if isinstance(self.up_proj, nn.Linear):
             return self.down_proj(self.kernels.linear_relu2(x, self.up_proj.weight))  # fused up-projection + ReLU^2
