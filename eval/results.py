@@ -38,6 +38,7 @@ SECTIONS = ("quickstart", "benchmark", "probes", "throughput", "data", "scale", 
 CAMPAIGNS = {
     "ablations-cpu": "eval/speedrun/campaigns/ablations-cpu.yaml",
     "confirm-len30-cpu": "eval/speedrun/campaigns/confirm-len30-cpu.yaml",
+    "confirm-len40-cpu": "eval/speedrun/campaigns/confirm-len40-cpu.yaml",
 }
 
 

@@ -1,7 +1,20 @@
+import atexit
 import os
+import shutil
 import socket
+import tempfile
 
 import torch
+
+# transformers copies a remote-code checkpoint's modules into HF_MODULES_CACHE under the checkpoint folder's name
+# (`final`, `step-4`, ...): each test session (each xdist worker) gets its own, so two workers loading two
+# checkpoints named `final` at once never read each other's half-copied files. Set before transformers is imported
+# (it reads the variable once); the subprocesses the tests start inherit it.
+_worker = os.environ.get("PYTEST_XDIST_WORKER", "main")  # workers inherit the controller's environment
+if os.environ.get("SPEEDPLM_TEST_MODULES_OF") != _worker:
+    os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix=f"speedplm-test-modules-{_worker}-")
+    os.environ["SPEEDPLM_TEST_MODULES_OF"] = _worker
+    atexit.register(shutil.rmtree, os.environ["HF_MODULES_CACHE"], ignore_errors=True)
 
 # Triton kernels run on CPU under the interpreter, which must be chosen before triton is first imported (importing
 # the model's flex-attention path pulls triton in through torch._dynamo).

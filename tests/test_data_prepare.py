@@ -274,3 +274,29 @@ def test_fasta_edge_cases(tmp_path):
     report = prepare([str(fasta)], tmp_path / "out", log=lambda *a: None)
     assert [(r["line"], r["reason"].split(":")[0]) for r in report["rejected"]] == [(1, "sequence_before_header")]
     assert all_docs(tmp_path / "out") == [F.UBIQUITIN, F.KCNE1]  # an empty id is kept (nothing to compare)
+
+
+CONCURRENT = """
+import sys
+from training.data_setup import builtin_root
+print("ready", flush=True)
+sys.stdin.readline()  # both go on together once both have imported torch
+print(builtin_root(sys.argv[1]))
+"""
+
+
+def test_two_runs_starting_at_once_prepare_the_builtin_set_once(tmp_path):
+    """Two trainings started together on a fresh machine share data.cache_dir: one prepares, the other waits for it
+    (without the lock both stage shards in the same folder and one deletes the other's)."""
+    cmd = [sys.executable, "-c", CONCURRENT, str(tmp_path)]
+    pipes = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen(cmd, cwd=Path(__file__).parents[1], **pipes) for _ in range(2)]
+    assert [p.stdout.readline() for p in procs] == ["ready\n"] * 2, [p.stderr.read()[-2000:] for p in procs]
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    for name, sequences in (("train", 33287), ("valid", 322), ("test", 334)):
+        shards = ShardSet(tmp_path / "builtin" / name, verify="sha256")
+        assert len(shards) == sequences

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import randomized_tiny_model
+from conftest import free_port, randomized_tiny_model
 
 from eval.benchmark import MaskSpec, build_batches, score_model
 from eval.checkpoints import EvalError, VocabMap, inspect_model, load_model
@@ -235,7 +235,7 @@ def test_benchmark_two_ranks_match_one_rank(prepared, checkpoints, tmp_path):
     ]
     code, out = run_cli("-m", "eval.benchmark", *common, "--out", tmp_path / "one")
     assert code == 0, out
-    port = str(29500 + os.getpid() % 400)
+    port = str(free_port())
     code, out = run_cli(
         "-m",
         "accelerate.commands.launch",

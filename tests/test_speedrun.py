@@ -501,23 +501,34 @@ def test_short_campaign_end_to_end_and_resumable(prepared, quality_data, tmp_pat
     assert all((tmp_path / "quality" / y).is_dir() for y in ("zeroshot", "ss", "fold", "contacts"))
 
 
-def test_the_confirmation_campaign_runs_only_fresh_seeds_and_says_so():
-    """confirm-len30-cpu.yaml repeats the ablation campaign's settings on seeds none of its choices saw; its report
+CONFIRMATIONS = {  # campaign file -> (its control, the seeds every earlier choice saw, where its arms were fixed)
+    "confirm-len30-cpu.yaml": ("len-30", {0, 1, 2, 3, 4}, "eval/speedrun/campaigns/ablations-cpu.yaml, seeds 0-4"),
+    "confirm-len40-cpu.yaml": (
+        "len-40",
+        {0, 1, 2, 3, 4, 5, 6, 7, 8, 9},  # len-40 was named after the len-30 confirmation's seeds 5-9
+        "eval/speedrun/campaigns/ablations-cpu.yaml, seeds 0-4; named by confirm-len30-cpu.yaml, seeds 5-9",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIRMATIONS))
+def test_the_confirmation_campaign_runs_only_fresh_seeds_and_says_so(name):
+    """A confirmation campaign repeats the ablation campaign's settings on seeds none of the choices saw; its report
     labels every arm as chosen beforehand, never as 'selected on' the seeds it reports."""
+    control_arm, seen, where = CONFIRMATIONS[name]
     path = ROOT / "eval" / "speedrun" / "campaigns"
-    settings, arms, control, fixed_on = load_campaign(str(path / "confirm-len30-cpu.yaml"))
+    settings, arms, control, fixed_on = load_campaign(str(path / name))
     selection, _, _, none = load_campaign(str(path / "ablations-cpu.yaml"))
-    assert none is None and fixed_on == "eval/speedrun/campaigns/ablations-cpu.yaml, seeds 0-4"
-    assert not set(settings["seeds"]) & set(selection["seeds"])
+    assert none is None and fixed_on == where
+    assert not set(settings["seeds"]) & seen and len(settings["seeds"]) == 5
     assert {k: v for k, v in settings.items() if k != "seeds"} == {k: v for k, v in selection.items() if k != "seeds"}
     s = Settings(**{**MODES["full"], **settings})
     for arm in arms:
         check_arm(arm, s)
+    # the ESM2 side: the tuned recipe and its own schedule fitting, as in every confirmation
     assert {a.name for a in arms if a.recipe == "esm2"} == {"esm2-tuned", "esm2-tuned-len-50", "esm2-tuned-len-30"}
-    assert control == "len-30"
-    label = claim_label("len-30", [5, 6, 7, 8, 9], None, fixed_on)
-    assert (
-        label
-        == "chosen beforehand (eval/speedrun/campaigns/ablations-cpu.yaml, seeds 0-4); measured on fresh seeds 5-9"
-    )
+    assert control == control_arm and {a.name for a in arms if a.recipe != "esm2"} == {control_arm}
+    seeds = "-".join(map(str, (settings["seeds"][0], settings["seeds"][-1])))
+    label = claim_label(control_arm, settings["seeds"], None, fixed_on)
+    assert label == f"chosen beforehand ({where}); measured on fresh seeds {seeds}"
     assert claim_label("len-30", [0, 1, 2, 3, 4], None) == "selected on seeds 0-4, not confirmed"

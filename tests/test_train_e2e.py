@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +77,7 @@ def run_training(
         *SMALL,
         *overrides,
     ]
-    port = 29600 + os.getpid() % 300
+    port = free_port()
     if accelerate_config is not None:
         cmd = [
             sys.executable,

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 from test_train_e2e import ROOT, SMALL, rows, run_training, shards, train_losses, wait_for_step  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -262,7 +263,7 @@ def test_readme_two_rank_line_with_the_default_recipe(tmp_path, shards):  # noqa
     overrides = [f"data.train={shards}", f"train.output_dir={tmp_path}", "train.max_steps=2", "train.save_every=1"]
     overrides += ["eval.every=0", "eval.max_tokens=4000", "eval.test_at_end=false", "train.cpu_threads=1"]
     overrides += ["train.log_every=1", "train.keep_checkpoints=2"]
-    port = 29900 + os.getpid() % 90
+    port = free_port()
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
     cmd += [str(ROOT / "accelerate_configs/cpu_2ranks.yaml"), "--main_process_port", str(port)]
     cmd += [str(ROOT / "train_accelerate.py"), *overrides]

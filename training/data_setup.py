@@ -1,5 +1,6 @@
 """From the run config's data section to this rank's loaders: prepare the built-in set once, then build loaders."""
 
+import fcntl
 import logging
 from pathlib import Path
 
@@ -18,8 +19,14 @@ def builtin_root(cache_dir, accelerator=None) -> Path:
     the main process (every process waits for it when an accelerator is given), then reused."""
     root = Path(cache_dir) / "builtin"
     if (accelerator is None or accelerator.is_main_process) and not (root / "test" / SHARD_MANIFEST).exists():
-        logger.info("preparing the built-in proteins into %s (once)", root)
-        prepare_builtin(root, overwrite=True, log=logger.info)
+        # Two runs started at once on a fresh machine share this folder: the first prepares, the other waits on the
+        # lock and then finds the manifest (prepare's staging folder is fixed, so two writers would corrupt it).
+        root.parent.mkdir(parents=True, exist_ok=True)
+        with open(root.parent / ".builtin.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (root / "test" / SHARD_MANIFEST).exists():
+                logger.info("preparing the built-in proteins into %s (once)", root)
+                prepare_builtin(root, overwrite=True, log=logger.info)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return root

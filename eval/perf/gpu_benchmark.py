@@ -63,7 +63,8 @@ def log(msg):
 
 def shapes(dry: bool) -> dict:
     if dry:
-        return dict(batch=2, length=16, hidden=32, mlp=48, heads=2, head_dim=16, ns=[(32, 32), (32, 48), (48, 32)])
+        # one wide and one tall matrix: both Newton-Schulz orientations (the interpreter makes each cost seconds)
+        return dict(batch=2, length=16, hidden=32, mlp=48, heads=2, head_dim=16, ns=[(32, 48), (48, 32)])
     # speedrun-133m; Muon matrices per block: o (768x768), up (2048x768), down (768x2048), qkv (2304x768)
     return dict(
         batch=64,
@@ -398,7 +399,8 @@ def train_step_row(preset, kernels, step_batch: StepBatch, peak):
 
     masked_ids, docs, labels = step_batch.masked_ids, step_batch.document_ids, step_batch.labels
     batch, length = step_batch.shape
-    small = dict(num_hidden_layers=2, value_embeddings=1) if ARGS.dry_run else {}  # the interpreter is slow
+    # the interpreter is slow: the dry run needs the path only (gpu_first_contact's DRY_MODEL, same reasons)
+    small = dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=2, value_embeddings=1) if ARGS.dry_run else {}
     attn_implementation = "flex_attention" if CUDA else "sdpa"
     config = SpeedPLMConfig.from_preset(
         preset, kernels=kernels, max_position_embeddings=1024, attn_implementation=attn_implementation, **small
@@ -409,7 +411,8 @@ def train_step_row(preset, kernels, step_batch: StepBatch, peak):
         for block in model.model.layers:
             block.compile()
     # the speedrun recipe's optimizer section, read through the trainer's typed config path
-    optimizers = build_optimizers(model, load_config(str(RECIPE)).optim)
+    ns_steps = ["optim.muon_ns_steps=1"] if ARGS.dry_run else []  # Newton-Schulz under the interpreter: the slow part
+    optimizers = build_optimizers(model, load_config(str(RECIPE), ns_steps).optim)
     sync = torch.cuda.synchronize if CUDA else (lambda: None)
     optimizer_s = []
 
