@@ -194,8 +194,16 @@ def curve_run(arm, seed, scale, jitter=0.03, recipe="speedplm", points=16, end_s
     ]
     counts = rng.integers(20, 60, 30)
     per_protein = dict(loss_sum=(counts * pts[-1]["loss"]).tolist(), count=counts.tolist())
-    return dict(arm=arm, key=arm, recipe=recipe, overrides=list(overrides), template=list(overrides), seed=seed,
-                points=pts, final_per_protein=per_protein)  # fmt: skip
+    return dict(
+        arm=arm,
+        key=arm,
+        recipe=recipe,
+        overrides=list(overrides),
+        template=list(overrides),
+        seed=seed,
+        points=pts,
+        final_per_protein=per_protein,
+    )
 
 
 def speedup_of(arm_scale, rival_jitter=0.03, target_sd=0.0, arm_points=8, rival=True):
@@ -309,8 +317,8 @@ def test_confirm_cli_runs_only_the_confirmation_and_labels_the_report(tmp_path, 
         with open(out / "results.jsonl", "a") as f:
             for a in arms:
                 for seed in a.seeds:
-                    r = curve_run(a.name, seed, {"esm2": 3.0, "len-30": 0.5}[a.confirms], recipe=a.recipe,
-                                  points=16 if a.recipe == "esm2" else 8, overrides=a.overrides)  # fmt: skip
+                    scale, points = {"esm2": (3.0, 16), "len-30": (0.5, 8)}[a.confirms]
+                    r = curve_run(a.name, seed, scale, recipe=a.recipe, points=points, overrides=a.overrides)
                     f.write(json.dumps(dict(r, confirms=a.confirms)) + "\n")
         return True
 
@@ -320,6 +328,36 @@ def test_confirm_cli_runs_only_the_confirmation_and_labels_the_report(tmp_path, 
     md = (tmp_path / "speedrun.md").read_text()
     assert "## Confirmation on fresh seeds" in md and "len-30-confirm (confirms len-30)" in md
     assert "selected on seeds 0-4; confirmed on seeds 5-9" in md and "selected on seeds 0-4, not confirmed" in md
+
+
+def test_a_confirmation_campaigns_report_says_its_seeds_are_fresh(tmp_path):
+    """`--campaign` with `fixed_on` + `--report` (the real CLI): the claim column and the note under the speedup table
+    both say the arms were chosen before these runs; neither says 'selected on'."""
+    fixed_on = "ablations-cpu.yaml, seeds 0-4"
+    campaign = tmp_path / "confirm.yaml"
+    campaign.write_text(
+        f'fixed_on: "{fixed_on}"\ncontrol: len-40\narms:\n'
+        "  - {name: esm2-tuned, recipe: esm2}\n  - {name: len-40, overrides: [budget=0.4]}\n"
+    )
+    runs = [curve_run("esm2-tuned", s, 3.0, recipe="esm2") for s in range(10, 15)]
+    runs += [curve_run("len-40", s, 0.5, points=8, overrides=["budget=0.4"]) for s in range(10, 15)]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    keys = ("shape", "max_length", "tokens_per_step", "budget_s", "evals")
+    state = dict(
+        settings={k: MODES["short"][k] for k in keys},
+        calibration=dict(speedplm_step_s=0.1, esm_step_s=0.1),
+        steps=dict(speedplm=16, esm=16),
+        hardware="test",
+        eval_proteins=50,
+    )
+    (tmp_path / "campaign.json").write_text(json.dumps(state))
+    cmd = [sys.executable, "-m", "eval.speedrun", "--short", "--campaign", str(campaign), "--out", str(tmp_path)]
+    proc = subprocess.run([*cmd, "--report"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    md = (tmp_path / "speedrun.md").read_text()
+    assert f"chosen beforehand ({fixed_on}); measured on fresh seeds 10-14" in md
+    assert f"Every arm here was chosen before these runs ({fixed_on}): the seeds are fresh." in md
+    assert "selected on" not in md
 
 
 def test_twin_check_flags_models_that_do_not_beat_every_twin():

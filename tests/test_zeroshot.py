@@ -116,8 +116,15 @@ def test_long_protein_is_scored_in_windows(tiny):
 def test_parse_mutant():
     assert parse_mutant("A24C") == ((23, "A", "C"),)
     assert parse_mutant("A24C:G30T") == ((23, "A", "C"), (29, "G", "T"))
-    for bad, reason in [("A24", "cannot parse"), ("A0C", "cannot parse"), ("a24c", "cannot parse"),
-                        ("A24A", "names no change"), ("A24C:A24D", "named twice"), ("", "empty")]:  # fmt: skip
+    bad_inputs = {
+        "A24": "cannot parse",
+        "A0C": "cannot parse",
+        "a24c": "cannot parse",
+        "A24A": "names no change",
+        "A24C:A24D": "named twice",
+        "": "empty",
+    }
+    for bad, reason in bad_inputs.items():
         with pytest.raises(ValueError, match=reason):
             parse_mutant(bad)
 
@@ -147,7 +154,7 @@ BAD_ROWS = {
     "mut_not_in_sequence": (
         lambda r: {**r, "mutated_sequence": _mutate(r, int(r["mutant"][1:-1]) - 1, "W")},
         "the mutant says",
-    ),  # fmt: skip
+    ),
     "beyond_sequence": (lambda r: {**r, "mutant": "A99C"}, "position 99 is beyond the mutated_sequence's 42"),
     "unnamed_change": (lambda r: {**r, "mutated_sequence": _mutate(r, 41, "W")}, "the mutant names no change"),
     "score": (lambda r: {**r, "DMS_score": "n/a"}, "DMS_score 'n/a' is not a finite number"),

@@ -122,6 +122,7 @@ def build_report(records: list[dict], control: str, target: float | None = None,
         eval_noise=noise,
         arms=arms,
         confirmation=confirmed,
+        fixed_on=fixed_on,
     )
 
 
@@ -318,9 +319,13 @@ def report_markdown(report: dict, state: dict, settings: Settings, command: str,
         "full-budget ESM2 arm's mean final loss; the ESM2 side is the best of that arm's own end and every ESM2 "
         "arm of any `budget=` share whose runs all reach the target (the same schedule fitting SpeedPLM arms get; "
         f"this time: {_setters(report)}). 95% interval: bootstrap over the seeds of both sides, the target redrawn "
-        "with the ESM2 seeds, Hesterberg's expanded percentiles for few seeds (eval/speedrun/stats.py). Every number "
-        "here was measured on the seeds it was selected on: the `claim` column says which were confirmed on fresh "
-        "seeds (`--confirm ARM`).",
+        "with the ESM2 seeds, Hesterberg's expanded percentiles for few seeds (eval/speedrun/stats.py). "
+        + (
+            f"Every arm here was chosen before these runs ({report['fixed_on']}): the seeds are fresh."
+            if report.get("fixed_on")
+            else "Every number here was measured on the seeds it was selected on: the `claim` column says which were "
+            "confirmed on fresh seeds (`--confirm ARM`)."
+        ),
         "",
         *confirmation_markdown(report),
         "## Switches vs the control",
