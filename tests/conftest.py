@@ -15,6 +15,10 @@ if os.environ.get("SPEEDPLM_TEST_MODULES_OF") != _worker:
     os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix=f"speedplm-test-modules-{_worker}-")
     os.environ["SPEEDPLM_TEST_MODULES_OF"] = _worker
     atexit.register(shutil.rmtree, os.environ["HF_MODULES_CACHE"], ignore_errors=True)
+if "PYTEST_XDIST_WORKER" in os.environ:  # `-n 2` on 2 cores: one thread per worker, not two workers x all cores
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")  # the subprocesses' torch, numpy and scikit-learn
+    torch.set_num_threads(1)
 
 # Triton kernels run on CPU under the interpreter, which must be chosen before triton is first imported (importing
 # the model's flex-attention path pulls triton in through torch._dynamo).

@@ -22,6 +22,9 @@ from training.data.shards import ShardSet
 from training.data.sources import builtin_files, iter_records
 from training.data.validate import VOCAB, ValidationPolicy, decode, encode
 
+# one xdist worker runs this file: its module fixtures (trained checkpoints) are built once, not per worker
+pytestmark = pytest.mark.xdist_group("test_embed")
+
 ROOT = Path(__file__).resolve().parents[1]
 FIX = Path(__file__).parent / "fixtures"
 TINY_LIMIT = 254  # residues: the tiny preset's max_position_embeddings 256 minus <cls> and <eos>

@@ -21,6 +21,9 @@ GOLDEN = Path(__file__).resolve().parent / "fixtures" / "golden"
 sys.path.insert(0, str(GOLDEN))
 import make_golden  # noqa: E402
 
+# one xdist worker runs this file: its module fixtures (trained checkpoints) are built once, not per worker
+pytestmark = pytest.mark.xdist_group("test_model_golden")
+
 REGENERATE = "if the change is intended, regenerate in the same commit: python tests/fixtures/golden/make_golden.py"
 
 

@@ -17,7 +17,8 @@ from conftest import PROTEINS, randomized_tiny_model
 SCRIPTS = Path(__file__).parent / "scripts"
 HYDROPHOBIC = set("AVILMFWC")
 
-pytestmark = pytest.mark.slow
+# one xdist worker runs this file: its module fixtures (trained checkpoints) are built once, not per worker
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_model_use")]
 
 
 def run_outside_repo(script: str, tmp: Path, *args) -> dict:

@@ -15,6 +15,9 @@ from eval.quality import fold, secondary_structure, structure_data
 from eval.quality.embeddings import EmbedOptions, length_batches, per_residue
 from eval.quality.structure_data import StructureDataError
 
+# one xdist worker runs this file: its module fixtures (trained checkpoints) are built once, not per worker
+pytestmark = pytest.mark.xdist_group("test_quality_structure")
+
 FIXTURES = Path(__file__).parent / "fixtures" / "quality"
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2)

@@ -10,6 +10,9 @@ from test_train_e2e import SMALL, rows, run_training, shards  # noqa: F401
 from training.config import ConfigError, load_config
 from training.metrics import reach
 
+# one xdist worker runs this file: its module fixtures (trained checkpoints) are built once, not per worker
+pytestmark = pytest.mark.xdist_group("test_train_continue")
+
 
 def summary_row(run_dir: Path) -> dict:
     found = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from test_train_e2e import rows, run_training, shards, wait_for_step  # noqa: F401  (shards: fixture)
 
-pytestmark = pytest.mark.slow
+# one xdist worker runs this file: its module fixtures (trained checkpoints) are built once, not per worker
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_train_signals")]
 
 LONG = ["train.max_steps=500", "train.save_every=1000", "eval.every=0", "eval.test_at_end=false"]
 
