@@ -110,6 +110,20 @@ def test_decision_rule(case, verdict):
 # ---------------------------------------------------------------------------------------------------- the report
 
 
+def run_record(arm, seed, recipe, overrides, points, per_protein) -> dict:
+    """One line of results.jsonl as eval.speedrun writes it (the fields the report reads)."""
+    return dict(
+        arm=arm,
+        key=arm,
+        recipe=recipe,
+        overrides=list(overrides),
+        template=list(overrides),
+        seed=seed,
+        points=points,
+        final_per_protein=per_protein,
+    )
+
+
 def synthetic_run(arm, seed, recipe="speedplm", speed=1.0, overrides=(), tokens_per_s=10_000.0):
     """A falling loss curve: loss = 2.55 + 0.8 exp(-tokens / (speed * 0.6 M)), seed jitter of 2% on `speed`."""
     rng = np.random.default_rng(seed + 1000 * len(arm))
@@ -121,16 +135,7 @@ def synthetic_run(arm, seed, recipe="speedplm", speed=1.0, overrides=(), tokens_
         points.append(dict(step=i * 10, tokens=tokens, time=tokens / tokens_per_s, loss=loss, accuracy=0.2))
     counts = rng.integers(20, 60, 50)
     sums = [c * (points[-1]["loss"] + 0.3 * rng.standard_normal()) for c in counts]
-    return dict(
-        arm=arm,
-        key=arm,
-        recipe=recipe,
-        overrides=list(overrides),
-        template=list(overrides),
-        seed=seed,
-        points=points,
-        final_per_protein=dict(loss_sum=sums, count=counts.tolist()),
-    )
+    return run_record(arm, seed, recipe, overrides, points, dict(loss_sum=sums, count=counts.tolist()))
 
 
 def test_report_on_synthetic_campaign():
@@ -194,16 +199,7 @@ def curve_run(arm, seed, scale, jitter=0.03, recipe="speedplm", points=16, end_s
     ]
     counts = rng.integers(20, 60, 30)
     per_protein = dict(loss_sum=(counts * pts[-1]["loss"]).tolist(), count=counts.tolist())
-    return dict(
-        arm=arm,
-        key=arm,
-        recipe=recipe,
-        overrides=list(overrides),
-        template=list(overrides),
-        seed=seed,
-        points=pts,
-        final_per_protein=per_protein,
-    )
+    return run_record(arm, seed, recipe, overrides, pts, per_protein)
 
 
 def speedup_of(arm_scale, rival_jitter=0.03, target_sd=0.0, arm_points=8, rival=True):
